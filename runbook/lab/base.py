@@ -1,0 +1,49 @@
+"""The lab's Debian 12 base tree: a bare server (debootstrap minbase + systemd, sshd, sudo, python3).
+
+Built once into a cache directory keyed by the recipe's hash and reused; a change of the recipe
+builds a new tree. python3-venv, postgresql and etcd are deliberately absent: the runbook brings them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+CACHE = Path(os.environ.get("RUNBOOK_CACHE", "/var/cache/pg-ha-runbook"))
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "python3", "iproute2",
+           "procps", "ca-certificates")
+RECIPE = f"debootstrap --variant=minbase --include={','.join(INCLUDE)} {SUITE} {MIRROR}"
+
+
+def recipe_hash() -> str:
+    return hashlib.sha256(RECIPE.encode()).hexdigest()[:12]
+
+
+def base_tree_path(cache: Path = CACHE) -> Path:
+    return cache / f"base-{SUITE}-{recipe_hash()}"
+
+
+def ensure_base_tree(cache: Path = CACHE, log=print) -> Path:
+    """Return the cached base tree, building it (about 45 s) when missing or half-built."""
+    root = base_tree_path(cache)
+    done = root.with_name(root.name + ".done")
+    if done.exists() and (root / "usr/lib/systemd/systemd").exists():
+        return root
+    tmp = root.with_name(root.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"building the base tree {root} ({RECIPE})")
+    subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", SUITE, str(tmp),
+                    MIRROR], check=True, stdout=subprocess.DEVNULL)
+    # A bare server's resolver is unreachable from the lab; hosts get an empty resolv.conf.
+    (tmp / "etc/resolv.conf").unlink(missing_ok=True)
+    (tmp / "etc/resolv.conf").write_text("")
+    subprocess.run(["chroot", str(tmp), "apt-get", "clean"], check=False)
+    tmp.rename(root)
+    done.write_text(RECIPE + "\n")
+    return root
