@@ -1,0 +1,120 @@
+"""`inv runbook.*`: status, history, export, mark-done, rollback, forget."""
+from __future__ import annotations
+
+import datetime as dt
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich.table import Table
+
+from . import console as ui
+from .cli import session
+from .context import Options
+from .inventory import InventoryError
+from .ops import export_markdown, find_step, mark_done as _mark_done, rollback as _rollback
+from .sections import all_steps
+
+HOSTS = "comma-separated host names (required; `local` steps ignore it)"
+
+
+def _hosts(ctx, hosts):
+    if not hosts:
+        raise Exit("error: --hosts is required (e.g. --hosts etcd01)", code=2)
+    try:
+        return ctx.inventory.select(hosts)
+    except InventoryError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
+
+
+def _step(name):
+    try:
+        return find_step(all_steps(), name)
+    except InventoryError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
+
+
+@task
+def status(c):
+    """Show the ledger as a steps x hosts table (done, manual, failed, running, rolled_back)."""
+    with session(c, "runbook.status", lock=False) as ctx:
+        recs = {(r.host, r.step): r.status for r in ctx.ledger.all()}
+        hosts = ["local"] + ctx.inventory.names()
+        ui.console.print(ui.status_table(all_steps(), hosts, recs))
+
+
+@task(help={"limit": "how many runs to show (default 10)", "run": "show the events of this run id"})
+def history(c, limit=10, run=None):
+    """Show recent runs (command, operator, outcome) or the events (actions, exit codes) of one run."""
+    with session(c, "runbook.history", lock=False) as ctx:
+        if run:
+            t = Table(title=f"Events of run {run}")
+            for col in ("time", "host", "step", "kind", "action", "rc", "output"):
+                t.add_column(col)
+            for e in reversed(list(ctx.ledger.events(int(run), limit=500))):
+                out = (e["stderr"] or e["stdout"] or "").strip().splitlines()
+                t.add_row(_t(e["at"]), e["host"], e["step"], e["kind"], e["action"][:80], str(e["rc"]),
+                          out[-1][:60] if out else "")
+            ui.console.print(t)
+            return
+        t = Table(title="Runs")
+        for col in ("id", "started", "command", "operator", "outcome", "summary"):
+            t.add_column(col)
+        for r in ctx.ledger.runs(int(limit)):
+            t.add_row(str(r["id"]), _t(r["started"]), r["command"], r["operator"], r["outcome"] or "",
+                      (r["summary"] or "").splitlines()[0][:70] if r["summary"] else "")
+        ui.console.print(t)
+
+
+def _t(ts):
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+@task(help={"output": "write to this file instead of stdout"})
+def export(c, output=None):
+    """Export the whole runbook as Markdown: per section, step and host, the exact commands and files
+    (secrets masked) for a person to run by hand."""
+    with session(c, "runbook.export", lock=False) as ctx:
+        text = export_markdown(ctx, all_steps())
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        ui.console.print(f"wrote {output}")
+    else:
+        print(text)
+
+
+@task(help={"name": "the step, e.g. etcd.config", "hosts": HOSTS, "note": "why / what was done by hand"})
+def mark_done(c, name, hosts=None, note=None):
+    """Record STEP as done by hand on the hosts (mode manual); automation resumes after it."""
+    _step(name)
+    with session(c, "runbook.mark-done") as ctx:
+        selected = ctx.inventory.role("local") if _step(name).role == "local" else _hosts(ctx, hosts)
+        _mark_done(ctx, all_steps(), name, selected, note)
+        ui.console.print(f"[cyan]{name}[/] recorded as done by hand on {', '.join(h.name for h in selected)}")
+
+
+@task(help={"name": "the step to undo, e.g. etcd.config", "hosts": HOSTS,
+            "cascade": "first undo every later step that is done on those hosts, newest first",
+            "destroy_data": "allow deleting a non-empty etcd data dir or PGDATA"})
+def rollback(c, name, hosts=None, cascade=False, destroy_data=False):
+    """Run a step's undo on the hosts; refused while later steps are done there unless --cascade."""
+    step = _step(name)
+    with session(c, "runbook.rollback", options=Options(destroy_data=destroy_data)) as ctx:
+        selected = ctx.inventory.role("local") if step.role == "local" else _hosts(ctx, hosts)
+        undone = _rollback(ctx, all_steps(), name, selected, cascade)
+        for h, s in undone:
+            ui.console.print(f"[blue]rolled back[/] {s} on {h}")
+
+
+@task(help={"name": "the step whose record to drop", "hosts": HOSTS})
+def forget(c, name, hosts=None):
+    """Drop the ledger record of STEP on the hosts; nothing on the hosts is touched."""
+    step = _step(name)
+    with session(c, "runbook.forget") as ctx:
+        selected = ctx.inventory.role("local") if step.role == "local" else _hosts(ctx, hosts)
+        for h in selected:
+            gone = ctx.ledger.forget(h.name, name)
+            ui.console.print(f"{name} on {h.name}: {'forgotten' if gone else 'no record'}")
+
+
+ns = Collection("runbook", status, history, export, mark_done, rollback, forget)

@@ -1,0 +1,239 @@
+"""The bundle's manifest.json: what every file is, its sha256, and which roles need it.
+
+Format (``format: 1``)::
+
+    {"format": 1, "created": "...", "target": {"os": "debian12", "postgres_major": 15, ...},
+     "etcd_version": "3.5.16",
+     "files": [{"path": "debs/debian12/libpq5_15.10-0+deb12u1_amd64.deb", "sha256": "...",
+                "size": 123, "kind": "deb", "name": "libpq5", "version": "15.10-0+deb12u1",
+                "source": "...", "roles": ["postgres"]}, ...]}
+
+``manifest.json`` itself is not listed. Paths are POSIX, relative to the bundle directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+KINDS = ("etcd", "deb", "wheel", "meta")
+ROLES = ("etcd", "postgres")
+REQUIREMENTS = "wheels/requirements.txt"
+REBUILD_HINT = "re-copy the bundle from the build machine, or rebuild it with `inv bundle.build`"
+
+
+class BundleError(Exception):
+    """The bundle is missing, malformed or does not match its manifest; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the bundle."""
+
+    path: str
+    sha256: str
+    size: int
+    kind: str
+    version: str
+    source: str
+    roles: tuple[str, ...]
+    name: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["roles"] = list(self.roles)
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A loaded manifest; ``root`` is the bundle directory it was read from."""
+
+    root: Path
+    files: tuple[Entry, ...]
+    etcd_version: str = ""
+    target: dict = field(default_factory=dict)
+    created: str = ""
+
+    def files_for(self, roles: set[str] | frozenset[str] | tuple[str, ...]) -> list[Entry]:
+        """Every entry needed by at least one of ``roles`` (in manifest order)."""
+        wanted = set(roles)
+        unknown = wanted - set(ROLES)
+        if unknown:
+            raise BundleError(f"unknown role(s) {', '.join(sorted(unknown))}; known: {', '.join(ROLES)}")
+        return [e for e in self.files if wanted & set(e.roles)]
+
+    def of_kind(self, kind: str) -> list[Entry]:
+        return [e for e in self.files if e.kind == kind]
+
+    def etcd_tarball(self) -> Entry:
+        """The etcd release tarball entry (exactly one is expected)."""
+        found = self.of_kind("etcd")
+        if len(found) != 1:
+            raise BundleError(f"{self.root / MANIFEST}: expected exactly one etcd tarball, found {len(found)}; "
+                              "rebuild the bundle with `inv bundle.build`")
+        return found[0]
+
+    def requirements(self) -> Entry:
+        """wheels/requirements.txt (pinned, with --hash for every wheel)."""
+        for e in self.files:
+            if e.path == REQUIREMENTS:
+                return e
+        raise BundleError(f"{self.root / MANIFEST}: no {REQUIREMENTS} entry; rebuild with `inv bundle.build`")
+
+    def debs(self) -> list[Entry]:
+        return self.of_kind("deb")
+
+    def wheels(self) -> list[Entry]:
+        return self.of_kind("wheel")
+
+    def path(self, entry: Entry) -> Path:
+        """Absolute local path of an entry."""
+        return self.root / entry.path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def make_entry(root: Path, rel: str, *, kind: str, version: str, source: str, roles: tuple[str, ...],
+               name: str = "") -> Entry:
+    """Hash the file ``root/rel`` into an Entry."""
+    p = root / rel
+    return Entry(path=rel, sha256=sha256_file(p), size=p.stat().st_size, kind=kind, version=version,
+                 source=source, roles=tuple(roles), name=name)
+
+
+def write_manifest(root: Path, entries: list[Entry], *, etcd_version: str, target: dict, created: str) -> Path:
+    """Write manifest.json atomically (temp file + fsync + rename)."""
+    doc = {"format": FORMAT, "created": created, "target": target, "etcd_version": etcd_version,
+           "files": [e.to_json() for e in sorted(entries, key=lambda e: e.path)]}
+    dest = root / MANIFEST
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=root)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _entry(mpath: Path, i: int, raw: object) -> Entry:
+    where = f"{mpath}: files[{i}]"
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where}: expected an object, got {type(raw).__name__}; rebuild with `inv bundle.build`")
+    missing = [k for k in ("path", "sha256", "size", "kind") if k not in raw]
+    if missing:
+        raise BundleError(f"{where}: missing key(s) {', '.join(missing)}; rebuild with `inv bundle.build`")
+    rel = raw["path"]
+    if not isinstance(rel, str) or not rel:
+        raise BundleError(f"{where}: path must be a non-empty string")
+    pp = PurePosixPath(rel)
+    if pp.is_absolute() or ".." in pp.parts or "\\" in rel or rel == MANIFEST:
+        raise BundleError(f"{where}: unsafe path {rel!r} (must be relative, inside the bundle)")
+    sha, size, kind = raw["sha256"], raw["size"], raw["kind"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise BundleError(f"{where} ({rel}): sha256 is not 64 lowercase hex digits")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BundleError(f"{where} ({rel}): size must be a non-negative integer")
+    if kind not in KINDS:
+        raise BundleError(f"{where} ({rel}): kind {kind!r} is not one of {', '.join(KINDS)}")
+    roles = raw.get("roles", [])
+    if not isinstance(roles, list) or any(r not in ROLES for r in roles):
+        raise BundleError(f"{where} ({rel}): roles must be a list drawn from {', '.join(ROLES)}")
+    return Entry(path=rel, sha256=sha, size=size, kind=kind, version=str(raw.get("version", "")),
+                 source=str(raw.get("source", "")), roles=tuple(roles), name=str(raw.get("name", "")))
+
+
+def load_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and validate ``bundle_dir/manifest.json`` (does not hash the files; see verify_bundle)."""
+    root = Path(bundle_dir)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: no bundle directory; build one with `inv bundle.build` "
+                          "(or copy it here from the build machine)")
+    try:
+        text = mpath.read_text()
+    except FileNotFoundError:
+        raise BundleError(f"{mpath}: missing; {REBUILD_HINT}") from None
+    except OSError as exc:
+        raise BundleError(f"{mpath}: cannot read ({exc.strerror})") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc.msg} at line {exc.lineno}); {REBUILD_HINT}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
+        raise BundleError(f"{mpath}: expected an object with a 'files' list; {REBUILD_HINT}")
+    if doc.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: format {doc.get('format')!r} is not supported (expected {FORMAT}); "
+                          "rebuild the bundle with this version of the runbook")
+    entries = [_entry(mpath, i, raw) for i, raw in enumerate(doc["files"])]
+    seen: set[str] = set()
+    for e in entries:
+        if e.path in seen:
+            raise BundleError(f"{mpath}: {e.path} is listed twice; {REBUILD_HINT}")
+        seen.add(e.path)
+    target = doc.get("target") if isinstance(doc.get("target"), dict) else {}
+    return Manifest(root=root, files=tuple(entries), etcd_version=str(doc.get("etcd_version", "")),
+                    target=target, created=str(doc.get("created", "")))
+
+
+def _walk(root: Path) -> set[str]:
+    found: set[str] = set()
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            rel = Path(dirpath, n).relative_to(root).as_posix()
+            if rel != MANIFEST:
+                found.add(rel)
+    return found
+
+
+def problems(manifest: Manifest) -> list[str]:
+    """Every mismatch between the bundle directory and its manifest, one message per file."""
+    root = manifest.root
+    out: list[str] = []
+    for e in manifest.files:
+        p = root / e.path
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            out.append(f"{p}: not a regular file; {REBUILD_HINT}")
+            continue
+        if not p.exists():
+            out.append(f"{p}: missing (manifest lists {e.size} bytes, {e.kind}); {REBUILD_HINT}")
+            continue
+        size = p.stat().st_size
+        if size != e.size:
+            what = "truncated" if size < e.size else "larger than built"
+            out.append(f"{p}: {what}: {size} bytes, manifest says {e.size}; {REBUILD_HINT}")
+            continue
+        if sha256_file(p) != e.sha256:
+            out.append(f"{p}: sha256 mismatch (altered or corrupt): manifest says {e.sha256[:16]}...; "
+                       f"{REBUILD_HINT}")
+    listed = {e.path for e in manifest.files}
+    for rel in sorted(_walk(root) - listed):
+        out.append(f"{root / rel}: extra file, not in the manifest; remove it, or rebuild with "
+                   "`inv bundle.build` (a bundle is copied as a whole)")
+    return out
+
+
+def verify_bundle(bundle_dir: str | Path) -> Manifest:
+    """Load the manifest and re-hash every file; raise BundleError listing every problem."""
+    manifest = load_manifest(bundle_dir)
+    found = problems(manifest)
+    if found:
+        head = f"bundle {manifest.root} does not match its manifest ({len(found)} problem(s)):"
+        raise BundleError("\n".join([head, *("  " + p for p in found)]))
+    return manifest

@@ -1,0 +1,201 @@
+"""invoke tasks: bundle.build, bundle.verify, bundle.etcd-from-debian.
+
+Config (all optional; the tasks work with no ``runbook`` key at all):
+``runbook.bundle_dir`` (default "bundle", relative to the project), ``runbook.inventory``
+("hosts.yml"), ``runbook.etcd_url`` + ``runbook.etcd_sha256``, ``runbook.wheel_python``
+("/usr/bin/python3"), ``runbook.pip_index`` ("https://pypi.org/simple"), ``runbook.cache``
+($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Context, Exit, task
+from rich.console import Console
+from rich.table import Table
+
+from .build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
+from .etcd import build_from_debian
+from .manifest import BundleError, Manifest, verify_bundle
+
+console = Console(highlight=False)
+
+
+def _setting(c: Context, key: str, default: Any = None) -> Any:
+    try:
+        value = c.config["runbook"][key]
+    except (KeyError, TypeError, AttributeError):
+        return default
+    return default if value in (None, "") else value
+
+
+def _project_dir(c: Context) -> Path:
+    prefix = getattr(c.config, "_project_prefix", None)
+    return Path(prefix) if prefix else Path.cwd()
+
+
+def _path(c: Context, value: str | None, key: str, default: str) -> Path:
+    p = Path(value or _setting(c, key, default)).expanduser()
+    return p if p.is_absolute() else _project_dir(c) / p
+
+
+def _cache(c: Context) -> Path:
+    return Path(_setting(c, "cache", str(DEFAULT_CACHE))).expanduser()
+
+
+class RichReporter(Reporter):
+    """Each phase is a spinner line with elapsed time; log lines print above it."""
+
+    def log(self, msg: str) -> None:
+        console.print(f"   [dim]{msg}[/dim]")
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        import time
+
+        t = time.monotonic()
+        with console.status(f"[bold]{name}[/bold] ..."):
+            try:
+                yield
+            except BaseException:
+                console.print(f"[red]✗[/red] {name} ({time.monotonic() - t:.1f} s)")
+                raise
+        console.print(f"[green]✓[/green] {name} ({time.monotonic() - t:.1f} s)")
+
+
+def _fail(exc: BundleError) -> Exit:
+    console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+    return Exit(code=1)
+
+
+def summary(m: Manifest) -> Table:
+    """Per-kind count and size of a bundle."""
+    t = Table(title=f"bundle {m.root}")
+    for col in ("kind", "files", "MB", "roles"):
+        t.add_column(col, justify="right" if col in ("files", "MB") else "left")
+    for kind in ("etcd", "deb", "wheel", "meta"):
+        es = m.of_kind(kind)
+        if es:
+            roles = ",".join(sorted({r for e in es for r in e.roles}))
+            t.add_row(kind, str(len(es)), f"{sum(e.size for e in es) / 1e6:.1f}", roles)
+    t.add_row("total", str(len(m.files)), f"{sum(e.size for e in m.files) / 1e6:.1f}", "")
+    return t
+
+
+@task(help={
+    "pg_major": "PostgreSQL major version (default: cluster.postgres_major of the inventory, else 15)",
+    "etcd_tarball": "an etcd-vX.Y.Z-linux-amd64.tar.gz you already have (checked against "
+                    "runbook.etcd_sha256 when set)",
+    "etcd_url": "download the etcd tarball from this URL (default runbook.etcd_url; needs runbook.etcd_sha256)",
+    "etcd_sha256": "expected sha256 of the etcd tarball (default runbook.etcd_sha256)",
+    "bundle_dir": "output directory (default runbook.bundle_dir, else 'bundle' in the project)",
+    "inventory": "hosts.yml to read postgres_major/etcd_version/os from (default runbook.inventory)",
+    "os": "target OS: debian12 (built), rhel8/rhel9 (an untested command list only); default: inventory",
+    "wheel_check": "install the wheelhouse offline into a fresh venv and run patroni --version "
+                   "(default on; --no-wheel-check skips it)",
+    "recommends": "include apt Recommends in the .deb closure, as apt does on a host (default on; "
+                  "--no-recommends leaves them out)",
+})
+def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = None, etcd_url: str | None = None,
+          etcd_sha256: str | None = None, bundle_dir: str | None = None, inventory: str | None = None,
+          os: str | None = None, wheel_check: bool = True, recommends: bool = True) -> None:
+    """Build the air-gapped bundle: etcd tarball, .deb closure, wheelhouse and manifest.json.
+
+    Run it on a machine with access to deb.debian.org and PyPI; copy the directory to the hosts'
+    side as a whole and check it there with `inv bundle.verify`.
+    """
+    import time
+
+    cluster = _inventory_cluster(c, inventory)
+    opts = BuildOptions(
+        bundle_dir=_path(c, bundle_dir, "bundle_dir", "bundle"),
+        pg_major=int(pg_major or cluster.get("postgres_major", 15)),
+        os_name=os or cluster.get("os", "debian12"),
+        etcd_version=cluster.get("etcd_version", ""),
+        etcd_url=etcd_url or _setting(c, "etcd_url", ""),
+        etcd_sha256=etcd_sha256 or _setting(c, "etcd_sha256", ""),
+        etcd_tarball=etcd_tarball or "",
+        cache=_cache(c),
+        wheel_python=_setting(c, "wheel_python", "/usr/bin/python3"),
+        index_url=_setting(c, "pip_index", "https://pypi.org/simple"),
+        check_wheels=wheel_check,
+        recommends=recommends,
+    )
+    console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({opts.os_name}, PostgreSQL "
+                  f"{opts.pg_major}, cache {opts.cache})")
+    t = time.monotonic()
+    try:
+        result = build_bundle(opts, RichReporter())
+    except BundleError as exc:
+        raise _fail(exc) from None
+    for note in result.notes:
+        console.print(("[yellow]" if note.startswith("WARNING") else "") + note, soft_wrap=True)
+    console.print(summary(result.manifest))
+    console.print(f"[green]built and verified[/green] {len(result.manifest.files)} files in "
+                  f"{time.monotonic() - t:.1f} s")
+
+
+def _inventory_cluster(c: Context, inventory: str | None) -> dict:
+    from runbook.inventory import InventoryError, load_inventory
+
+    path = _path(c, inventory, "inventory", "hosts.yml")
+    if not path.exists():
+        if inventory:
+            raise _fail(BundleError(f"--inventory {path}: no such file"))
+        console.print(f"[dim]no inventory at {path}: using defaults (PostgreSQL 15, etcd 3.5.16, debian12)[/dim]")
+        return {}
+    try:
+        inv = load_inventory(path)
+    except InventoryError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise Exit(code=1) from None
+    cl = inv.cluster
+    return {"postgres_major": cl.postgres_major, "etcd_version": cl.etcd_version, "os": cl.os}
+
+
+@task(help={"bundle_dir": "bundle directory to check (default runbook.bundle_dir, else 'bundle')"})
+def verify(c: Context, bundle_dir: str | None = None) -> None:
+    """Re-hash every file of the bundle against manifest.json; any missing, extra, truncated or
+    altered file is an error naming it (exit 1)."""
+    root = _path(c, bundle_dir, "bundle_dir", "bundle")
+    with console.status(f"hashing {root} ..."):
+        try:
+            m = verify_bundle(root)
+        except BundleError as exc:
+            raise _fail(exc) from None
+    console.print(summary(m))
+    console.print(f"[green]OK[/green]: {len(m.files)} files match {root / 'manifest.json'} "
+                  f"(etcd {m.etcd_version}, built {m.created})")
+
+
+@task(name="etcd-from-debian", help={
+    "out": "also copy the tarball to this directory (default: only the cache)",
+})
+def etcd_from_debian(c: Context, out: str | None = None) -> None:
+    """Build etcd-vX.Y.Z-linux-amd64.tar.gz (release layout) from Debian trixie's etcd 3.5 packages.
+
+    The GitHub release site is unreachable here; the tarball name carries the version trixie
+    packages, and its sha256 is printed so it can be recorded as runbook.etcd_sha256.
+    """
+    rep = RichReporter()
+    try:
+        with rep.phase("etcd tarball from Debian trixie"):
+            tb = build_from_debian(_cache(c), rep.log)
+    except BundleError as exc:
+        raise _fail(exc) from None
+    path = tb.path
+    if out:
+        import shutil
+
+        dest = Path(out).expanduser()
+        dest.mkdir(parents=True, exist_ok=True)
+        path = Path(shutil.copyfile(tb.path, dest / tb.path.name))
+    console.print(f"etcd {tb.version}: {path}\n  sha256 {tb.sha256}\n  source {tb.source}")
+    console.print(f"use it: inv bundle.build --etcd-tarball {path}  (or just inv bundle.build: it falls back "
+                  "to this)")
+
+
+ns = Collection("bundle", build, verify, etcd_from_debian)

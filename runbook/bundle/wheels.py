@@ -1,0 +1,176 @@
+"""The wheelhouse: Patroni (etcd3) + psycopg2-binary and every dependency, for the hosts' Python.
+
+``pip wheel`` runs under a CPython of the hosts' minor version (Debian 12: 3.11; default
+/usr/bin/python3), isolated from this machine's pip configuration (PIP_CONFIG_FILE=/dev/null, no
+PIP_* variables, an explicit index). Source-only projects (python-etcd, ydiff) become pure wheels.
+``requirements.txt`` pins every wheel with ``--hash``; ``check_offline`` proves the set installs
+with ``pip install --no-index --require-hashes`` into a fresh venv and ``patroni --version`` runs.
+The built set is cached by the hash of (requirements, python, index) so a rebuild is offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .manifest import BundleError, sha256_file
+
+DEFAULT_REQUIREMENTS = ("patroni[etcd3]==4.1.5", "psycopg2-binary==2.9.13")
+DEFAULT_INDEX = "https://pypi.org/simple"
+TARGET_PYTHON = (3, 11)
+TARGET_GLIBC = (2, 36)  # Debian 12
+WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<ver>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str  # canonical project name (PEP 503)
+    version: str
+    path: Path
+    sha256: str
+    built_from_sdist: bool
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment minus PIP_* and the pip config files (global find-links etc.)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON"))}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", **extra)
+    return env
+
+
+def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, **kw)
+
+
+def _python_version(python: str) -> tuple[int, int]:
+    try:
+        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], check=True,
+                             capture_output=True, text=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise BundleError(f"{python}: cannot run it ({exc}); set runbook.wheel_python to a CPython "
+                          f"{TARGET_PYTHON[0]}.{TARGET_PYTHON[1]}") from exc
+    return int(out[0]), int(out[1])
+
+
+def tag_ok(filename: str) -> bool:
+    """Installable on Debian 12 / CPython 3.11 / x86_64?"""
+    m = WHEEL_RE.match(filename)
+    if not m:
+        return False
+    cp = f"cp{TARGET_PYTHON[0]}{TARGET_PYTHON[1]}"
+    pys, abis, plats = m["py"].split("."), m["abi"].split("."), m["plat"].split(".")
+    py_ok = any(p in ("py3", "py2.py3", cp) or (p.startswith("py3") and p[2:].isdigit()) for p in pys) or \
+        ("abi3" in abis and any(p.startswith("cp3") and int(p[3:] or 0) <= TARGET_PYTHON[1] for p in pys))
+    abi_ok = any(a in ("none", "abi3", cp) for a in abis)
+
+    def plat_good(p: str) -> bool:
+        if p == "any":
+            return True
+        if p in ("manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"):
+            return True
+        mm = re.match(r"^manylinux_(\d+)_(\d+)_x86_64$", p)
+        return bool(mm) and (int(mm[1]), int(mm[2])) <= TARGET_GLIBC
+
+    return py_ok and abi_ok and any(plat_good(p) for p in plats)
+
+
+def _key(reqs: tuple[str, ...], pyver: tuple[int, int], index: str) -> str:
+    return hashlib.sha256(json.dumps([list(reqs), list(pyver), index]).encode()).hexdigest()[:16]
+
+
+def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, python: str = "/usr/bin/python3",
+          index: str = DEFAULT_INDEX, log=print) -> list[Wheel]:
+    """Build (or reuse from the cache) the wheelhouse for ``requirements``."""
+    pyver = _python_version(python)
+    if pyver != TARGET_PYTHON:
+        raise BundleError(f"{python} is Python {pyver[0]}.{pyver[1]}; the hosts (Debian 12) run "
+                          f"{TARGET_PYTHON[0]}.{TARGET_PYTHON[1]}: set runbook.wheel_python to such a CPython")
+    key = _key(requirements, pyver, index)
+    house = cache / "wheels" / key
+    meta = house / "built.json"
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+            wheels = [Wheel(name=w["name"], version=w["version"], path=house / w["file"], sha256=w["sha256"],
+                            built_from_sdist=w["sdist"]) for w in info]
+            if all(w.path.is_file() and sha256_file(w.path) == w.sha256 for w in wheels):
+                log(f"wheelhouse: cached ({len(wheels)} wheels, {house})")
+                return wheels
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache))
+    try:
+        cmd = [python, "-m", "pip", "wheel", "--index-url", index, "-w", str(tmp / "w"), *requirements]
+        log("pip wheel " + " ".join(requirements))
+        r = _sh(cmd, env=clean_env(PIP_CACHE_DIR=str(cache / "pip")), cwd=tmp)
+        if r.returncode != 0:
+            raise BundleError(f"pip wheel failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-900:]}")
+        built = {canonical(n) for n in re.findall(r"Building wheel for (\S+)", r.stdout)}
+        files = sorted((tmp / "w").glob("*.whl"))
+        bad = [f.name for f in files if not tag_ok(f.name)]
+        if bad:
+            raise BundleError(f"wheel(s) not installable on Debian 12 / CPython 3.11 x86_64: {', '.join(bad)}")
+        wheels = []
+        for f in files:
+            m = WHEEL_RE.match(f.name)
+            assert m
+            name = canonical(m["name"])
+            wheels.append(Wheel(name=name, version=m["ver"], path=house / f.name, sha256=sha256_file(f),
+                                built_from_sdist=name in built))
+        shutil.rmtree(house, ignore_errors=True)
+        house.parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "w").rename(house)
+        meta.write_text(json.dumps([{"name": w.name, "version": w.version, "file": w.path.name,
+                                     "sha256": w.sha256, "sdist": w.built_from_sdist} for w in wheels], indent=1))
+        return wheels
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def requirements_txt(wheels: list[Wheel], requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS) -> str:
+    """Every wheel pinned with its hash; top-level requirements keep their extras."""
+    extras = {}
+    for req in requirements:
+        m = re.match(r"^([A-Za-z0-9._-]+)(\[[^\]]+\])?", req)
+        if m and m.group(2):
+            extras[canonical(m.group(1))] = m.group(2)
+    lines = ["# Generated by `inv bundle.build`; install on a host with:",
+             "#   pip install --no-index --find-links DIR --require-hashes -r requirements.txt",
+             *(f"# top-level: {r}" for r in requirements)]
+    for w in sorted(wheels, key=lambda w: w.name):
+        lines.append(f"{w.name}{extras.get(w.name, '')}=={w.version} --hash=sha256:{w.sha256}")
+    return "\n".join(lines) + "\n"
+
+
+def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/python3", log=print) -> str:
+    """Install the wheelhouse into a fresh venv with no index; return `patroni --version`."""
+    with tempfile.TemporaryDirectory(prefix="wheelcheck-") as tmpd:
+        venv = Path(tmpd) / "venv"
+        r = _sh([python, "-m", "venv", str(venv)], env=clean_env())
+        if r.returncode != 0:
+            raise BundleError(f"{python} -m venv failed: {r.stderr.strip()[-400:]} "
+                              "(the build machine needs python3-venv)")
+        log("offline install check: pip install --no-index --require-hashes into a fresh venv")
+        r = _sh([str(venv / "bin/pip"), "install", "--no-index", "--find-links", str(wheel_dir),
+                 "--require-hashes", "-r", str(requirements)], env=clean_env())
+        if r.returncode != 0:
+            raise BundleError(f"the wheelhouse does not install offline: {(r.stderr or r.stdout).strip()[-900:]}")
+        r = _sh([str(venv / "bin/patroni"), "--version"], env=clean_env())
+        if r.returncode != 0:
+            raise BundleError(f"patroni --version failed in the offline venv: {r.stderr.strip()[-400:]}")
+        out = (r.stdout or r.stderr).strip()
+        r = _sh([str(venv / "bin/python"), "-c", "import psycopg2, etcd; print(psycopg2.__version__)"],
+                env=clean_env())
+        if r.returncode != 0:
+            raise BundleError(f"psycopg2/python-etcd do not import in the offline venv: {r.stderr.strip()[-400:]}")
+        return out

@@ -1,0 +1,120 @@
+"""Rich output: per-host progress, plan and status tables, failure summaries, the --step prompt."""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from rich.console import Console
+from rich.prompt import Prompt
+from rich.syntax import Syntax
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from .engine import Decision, Report
+    from .step import Step
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+STYLE = {"done": "green", "manual": "cyan", "will run": "yellow", "changed": "magenta",
+         "interrupted": "red", "drifted": "red", "failed": "red", "running": "red",
+         "rolled_back": "blue", "skipped": "dim"}
+
+
+@contextmanager
+def step_progress(step: "Step", hosts: list[str]) -> Iterator[Callable[[str, str | None], None]]:
+    """A spinner while the step runs, and one line per host as it finishes."""
+    t0 = time.monotonic()
+    left = set(hosts)
+    mu = threading.Lock()
+    console.print(f"[bold]▶ {step.name}[/] [dim]{step.title} · {step.kind} · {len(hosts)} host(s)[/]")
+    with console.status(f"{step.name}: {', '.join(sorted(left))}") as status:
+        def done(host: str, err: str | None) -> None:
+            with mu:
+                left.discard(host)
+                mark = "[red]✗[/]" if err else "[green]✓[/]"
+                console.print(f"  {mark} {host:<10} {time.monotonic() - t0:6.1f}s"
+                              + (f"  [red]{err[:300]}[/]" if err else ""))
+                status.update(f"{step.name}: waiting for {', '.join(sorted(left)) or '-'}")
+        yield done
+
+
+def failure_summary(step: "Step", errors: dict[str, str], report: "Report") -> str:
+    lines = [f"step {step.name} failed on {len(errors)} host(s):"]
+    for host, err in sorted(errors.items()):
+        lines.append(f"  {host}: {err}")
+    lines.append(f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after "
+                 f"{step.name} was started. Fix the cause, then run the same command again: done steps are "
+                 "skipped and each host resumes where it stopped (`inv runbook.history` shows the output).")
+    return "\n".join(lines)
+
+
+def plan_table(report: "Report", title: str = "Plan") -> Table:
+    hosts: list[str] = []
+    rows: dict[str, dict[str, "Decision"]] = {}
+    for d in report.plan:
+        if d.host.name not in hosts:
+            hosts.append(d.host.name)
+        rows.setdefault(d.step.name, {})[d.host.name] = d
+    t = Table(title=title)
+    t.add_column("step")
+    for h in hosts:
+        t.add_column(h)
+    for step, cells in rows.items():
+        t.add_row(step, *[_cell(cells.get(h)) for h in hosts])
+    return t
+
+
+def _cell(d: "Decision | None") -> str:
+    if d is None:
+        return "[dim]·[/]"
+    return f"[{STYLE.get(d.label, 'white')}]{d.label}[/]"
+
+
+def plan_reasons(report: "Report") -> Table:
+    t = Table(title="Why", show_lines=False)
+    for c in ("host", "step", "decision", "reason"):
+        t.add_column(c)
+    for d in report.plan:
+        t.add_row(d.host.name, d.step.name, _cell(d), d.reason)
+    return t
+
+
+def status_table(steps: list["Step"], hosts: list[str], records: dict[tuple[str, str], str]) -> Table:
+    t = Table(title="Ledger: steps x hosts")
+    t.add_column("step")
+    for h in hosts:
+        t.add_column(h)
+    for s in steps:
+        cells = []
+        for h in hosts:
+            st = records.get((h, s.name))
+            cells.append(f"[{STYLE.get(st, 'white')}]{st}[/]" if st else "[dim]·[/]")
+        t.add_row(s.name, *cells)
+    return t
+
+
+def show_step_detail(step: "Step", decs: list["Decision"], mask: Callable[[str], str]) -> None:
+    console.rule(f"{step.name}: {step.title}")
+    for d in decs:
+        console.print(f"[bold]{d.host.name}[/] ({d.label}: {d.reason})")
+        script = "\n".join(a.shell(mask) for a in d.actions)
+        console.print(Syntax(script, "bash", word_wrap=True))
+
+
+def ask_step(step_name: str) -> str:
+    if not sys.stdin.isatty():
+        raise SystemExit("--step needs an interactive terminal (stdin is not a TTY)")
+    choice = Prompt.ask(f"run {step_name}? [y]es / [s]kip / [c]ontinue all / [q]uit",
+                        choices=["y", "s", "c", "q"], default="y")
+    return {"y": "yes", "s": "skip", "c": "continue", "q": "quit"}[choice]
+
+
+def summary_line(report: "Report", seconds: float) -> str:
+    hosts = {h for h, _ in report.executed}
+    steps = {s for _, s in report.executed}
+    return (f"{len(report.executed)} (host, step) executed ({len(steps)} step(s) on {len(hosts)} host(s)), "
+            f"{len(report.skipped)} skipped, {len(report.failed)} failed in {seconds:.1f}s")

@@ -1,0 +1,59 @@
+"""What a step sees: the inventory, the transports, the ledger, paths, secrets and run options."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+from .inventory import LOCAL, Host, Inventory
+from .transport import LocalTransport, Transport
+
+
+@dataclass
+class Options:
+    dry: bool = False
+    step: bool = False  # ask before every step
+    verify: bool = False  # re-check done steps against reality
+    destroy_data: bool = False  # rollback may delete a non-empty data directory
+    parallel: int = 16
+    answer: Callable[[str], str] | None = None  # --step prompt; injectable for tests
+
+
+@dataclass
+class Ctx:
+    inventory: Inventory
+    transport: Transport
+    state_dir: Path
+    bundle_dir: Path
+    options: Options = field(default_factory=Options)
+    local: Transport = field(default_factory=LocalTransport)
+    ledger: object = None  # runbook.ledger.Ledger, set by the engine
+    facts: dict = field(default_factory=dict)  # per-run memo (e.g. which etcd hosts answered)
+
+    def transport_for(self, host: Host) -> Transport:
+        return self.local if host.name == LOCAL.name else self.transport
+
+    @cached_property
+    def paths(self):
+        from .render import Paths
+
+        return Paths(pg_major=self.inventory.cluster.postgres_major)
+
+    @cached_property
+    def secrets(self) -> dict:
+        from .secrets import ensure_secrets
+
+        return ensure_secrets(self.state_dir)
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    def redact(self, text: str) -> str:
+        """Mask every known secret; before the secrets exist there is nothing to mask."""
+        if not text or not (self.state_dir / "secrets.yml").exists():
+            return text
+        from .secrets import redact
+
+        return redact(text, self.secrets)

@@ -1,0 +1,225 @@
+"""The engine: decide per (host, step) from the ledger and reality, run, record, stop on failure."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+from . import console as ui
+from .context import Ctx
+from .inventory import Host
+from .step import Action, Local, Put, Run, Step, Upload, fingerprint
+from .transport import TransportError
+
+
+class RunFailed(Exception):
+    """A step failed on at least one host; str() is the summary with what to do next."""
+
+
+class Quit(Exception):
+    """The operator answered quit in --step mode."""
+
+
+@dataclass
+class Decision:
+    host: Host
+    step: Step
+    run: bool
+    label: str  # done | will run | changed | interrupted | drifted | manual | skipped
+    reason: str
+    actions: list[Action]
+    fp: str
+
+
+@dataclass
+class Report:
+    executed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+    plan: list[Decision] = field(default_factory=list)
+
+
+def targets(ctx: Ctx, step: Step, selected: list[Host]) -> list[Host]:
+    if step.role == "local":
+        return ctx.inventory.role("local")
+    names = {h.name for h in selected}
+    hosts = ctx.inventory.role(step.role)
+    hosts = step.only(ctx, hosts) if step.only else hosts
+    return [h for h in hosts if h.name in names]
+
+
+def evaluate_check(ctx: Ctx, step: Step, host: Host) -> bool | None:
+    """True/False from the step's probe of reality; None when the step has no check."""
+    if step.check_fn is None:
+        return None
+    probe = step.check_fn(ctx, host)
+    if probe is None or isinstance(probe, bool):
+        return probe
+    r = ctx.transport_for(host).run(host, probe, timeout=300)
+    return r.ok
+
+
+def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
+    actions = step.actions_fn(ctx, host)
+    fp = fingerprint(actions)
+    rec = ctx.ledger.get(host.name, step.name)
+
+    def d(run: bool, label: str, reason: str) -> Decision:
+        return Decision(host, step, run, label, reason, actions, fp)
+
+    if rec is None or rec.status in ("pending", "rolled_back"):
+        return d(True, "will run", "not done yet" if rec is None else rec.status.replace("_", " "))
+    if rec.status == "failed":
+        return d(True, "will run", "failed before: " + (rec.error or "")[-80:].strip())
+    if rec.status == "running":
+        if ctx.options.dry:
+            return d(True, "interrupted", "left running by an interrupted run; its check decides")
+        ok = evaluate_check(ctx, step, host)
+        if ok:
+            ctx.ledger.set(host.name, step.name, "done", fingerprint=fp, mode="check",
+                           note="interrupted run; check found the effect present")
+            return d(False, "done", "interrupted, but the check found it done")
+        return d(True, "interrupted", "an interrupted run left it half done")
+    # done or manual
+    if rec.status == "manual":
+        return d(False, "manual", f"done by hand{': ' + rec.note if rec.note else ''}")
+    if rec.fingerprint != fp:
+        return d(True, "changed", "its rendered actions changed since it was done")
+    if (ctx.options.verify or step.always_check) and not ctx.options.dry:
+        ok = evaluate_check(ctx, step, host)
+        if ok is False:
+            return d(True, "drifted", "done, but the check says reality drifted")
+        return d(False, "done", "done and verified" if ok else "done (no check)")
+    return d(False, "done", "done with the same fingerprint")
+
+
+def execute(ctx: Ctx, dec: Decision, mode: str = "auto") -> str | None:
+    """Run one (host, step); return None on success or the error text. Records everything."""
+    host, step, led = dec.host, dec.step, ctx.ledger
+    tr = ctx.transport_for(host)
+    t0 = time.time()
+    led.set(host.name, step.name, "running", fingerprint=dec.fp, mode=mode)
+    try:
+        for a in dec.actions:
+            err = _act(ctx, tr, host, step, a)
+            if err:
+                led.set(host.name, step.name, "failed", error=err, started=t0, mode=mode)
+                return err
+        if evaluate_check(ctx, step, host) is False:
+            err = "the actions ran but the step's check still fails"
+            led.event(host.name, step.name, "check", "check", 1)
+            led.set(host.name, step.name, "failed", error=err, started=t0, mode=mode)
+            return err
+    except TransportError as exc:
+        led.set(host.name, step.name, "failed", error=str(exc), started=t0, mode=mode)
+        return str(exc)
+    led.set(host.name, step.name, "done", fingerprint=dec.fp, started=t0, mode=mode)
+    return None
+
+
+def _act(ctx: Ctx, tr, host: Host, step: Step, a: Action) -> str | None:
+    t = time.time()
+    led = ctx.ledger
+    if isinstance(a, Run):
+        r = tr.run(host, a.cmd, user=a.user, stdin=a.stdin, timeout=a.timeout)
+        led.event(host.name, step.name, "run", a.describe(), r.rc, r.stdout, r.stderr, round(time.time() - t, 3))
+        if not r.ok:
+            tail = (r.stderr.strip() or r.stdout.strip())[-600:]
+            return f"`{ctx.redact(a.cmd)[:200]}` exited {r.rc}: {ctx.redact(tail)}"
+    elif isinstance(a, Put):
+        changed = tr.put(host, a.path, a.content, mode=a.mode, owner=a.owner, group=a.group)
+        led.event(host.name, step.name, "put", a.describe(), 0, "changed" if changed else "unchanged",
+                  duration=round(time.time() - t, 3))
+    elif isinstance(a, Upload):
+        if tr.remote_sha256(host, a.path) == a.sha256:
+            led.event(host.name, step.name, "upload", a.describe(), 0, "present with the right sha256")
+            return None
+        tr.upload(host, a.src, a.path, mode=a.mode, owner=a.owner)
+        got = tr.remote_sha256(host, a.path)
+        led.event(host.name, step.name, "upload", a.describe(), 0 if got == a.sha256 else 1, "sent",
+                  duration=round(time.time() - t, 3))
+        if got != a.sha256:
+            return f"{a.path}: sha256 on the host is {got}, expected {a.sha256}; the copy was damaged"
+    elif isinstance(a, Local):
+        try:
+            out = a.fn() or ""
+        except Exception as exc:  # a local failure is reported like a remote one
+            led.event(host.name, step.name, "local", a.describe(), 1, "", str(exc))
+            return f"{a.label}: {exc}"
+        led.event(host.name, step.name, "local", a.describe(), 0, out, duration=round(time.time() - t, 3))
+    return None
+
+
+def _ask(ctx: Ctx, step: Step, decs: list[Decision]) -> str:
+    ui.show_step_detail(step, decs, ctx.redact)
+    ask = ctx.options.answer or ui.ask_step
+    answer = ask(step.name)
+    for d in decs:
+        ctx.ledger.event(d.host.name, step.name, "answer", f"--step answer: {answer}")
+    return answer
+
+
+def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
+    """Run `steps` in order on the selected hosts; stop before the next step after a failure."""
+    report = Report()
+    asking = ctx.options.step
+    for step in steps:
+        hosts = targets(ctx, step, selected)
+        if not hosts:
+            continue
+        decs = [decide(ctx, step, h) for h in hosts]
+        report.plan.extend(decs)
+        todo = [d for d in decs if d.run]
+        for d in decs:
+            if not d.run:
+                report.skipped.append((d.host.name, step.name, d.reason))
+        if ctx.options.dry or not todo:
+            continue
+        if asking:
+            answer = _ask(ctx, step, todo)
+            if answer == "quit":
+                raise Quit(f"stopped by the operator before {step.name}; run the same command to resume")
+            if answer == "skip":
+                report.skipped.extend((d.host.name, step.name, "skipped by the operator") for d in todo)
+                continue
+            if answer == "continue":
+                asking = False
+        errors = _run_step(ctx, step, todo, "step" if ctx.options.step else "auto")
+        for d in todo:
+            if d.host.name in errors:
+                report.failed.append((d.host.name, step.name, errors[d.host.name]))
+            else:
+                report.executed.append((d.host.name, step.name))
+        if errors:
+            raise RunFailed(ui.failure_summary(step, errors, report))
+    return report
+
+
+def _run_step(ctx: Ctx, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    with ui.step_progress(step, [d.host.name for d in todo]) as progress:
+        if step.kind == "serial":
+            order = step.host_order(ctx, [d.host for d in todo]) if step.host_order else [d.host for d in todo]
+            by_name = {d.host.name: d for d in todo}
+            for h in order:
+                err = execute(ctx, by_name[h.name], mode)
+                progress(h.name, err)
+                if err:
+                    errors[h.name] = err
+                    break
+            return errors
+        # parallel and barrier: every host at once (a barrier step needs them all started together)
+        workers = len(todo) if step.kind == "barrier" else max(1, min(ctx.options.parallel, len(todo)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = {pool.submit(execute, ctx, d, mode): d for d in todo}
+            for fut in as_completed(futures):
+                d = futures[fut]
+                try:
+                    err = fut.result()
+                except Exception as exc:  # a bug or an unexpected transport error: fail that host only
+                    err = f"{type(exc).__name__}: {exc}"
+                    ctx.ledger.set(d.host.name, step.name, "failed", error=err)
+                progress(d.host.name, err)
+                if err:
+                    errors[d.host.name] = err
+    return errors

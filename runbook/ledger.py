@@ -1,0 +1,181 @@
+"""The ledger: state/<cluster>.db, one row per (host, step), every run and every action.
+
+WAL + synchronous=FULL so that a recorded checkpoint survives kill -9 and power loss; every write
+is its own transaction. Text that may carry secrets passes through `redact` before it is stored.
+"""
+from __future__ import annotations
+
+import fcntl
+import getpass
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlite_utils
+
+STATUSES = ("pending", "running", "done", "failed", "rolled_back", "manual")
+TAIL = 2000
+
+
+class LedgerLocked(Exception):
+    """Another live runbook process holds the run lock."""
+
+
+def now() -> float:
+    return round(time.time(), 3)
+
+
+@dataclass
+class Checkpoint:
+    host: str
+    step: str
+    status: str
+    fingerprint: str | None
+    run_id: int | None
+    mode: str | None
+    started: float | None
+    finished: float | None
+    duration: float | None
+    note: str | None
+    error: str | None
+
+
+class Ledger:
+    def __init__(self, path: Path, redact: Callable[[str], str] = lambda s: s):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.redact = redact
+        self._mu = threading.Lock()
+        conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
+        os.chmod(self.path, 0o600)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        self.db = sqlite_utils.Database(conn)
+        self._schema()
+        self._lock_fd: int | None = None
+        self.run_id: int | None = None
+
+    def _schema(self) -> None:
+        with self._mu:
+            self.db["runs"].create({
+                "id": int, "command": str, "argv": str, "operator": str, "machine": str, "pid": int,
+                "started": float, "finished": float, "outcome": str, "summary": str,
+            }, pk="id", if_not_exists=True)
+            self.db["checkpoints"].create({
+                "host": str, "step": str, "status": str, "fingerprint": str, "run_id": int, "mode": str,
+                "started": float, "finished": float, "duration": float, "note": str, "error": str,
+            }, pk=("host", "step"), if_not_exists=True)
+            self.db["events"].create({
+                "id": int, "run_id": int, "at": float, "host": str, "step": str, "kind": str,
+                "action": str, "rc": int, "duration": float, "stdout": str, "stderr": str,
+            }, pk="id", if_not_exists=True)
+            if not self.db["events"].indexes:
+                self.db["events"].create_index(["run_id"], if_not_exists=True)
+
+    # -- run lock ---------------------------------------------------------------------------
+    def acquire(self, command: str, argv: list[str]) -> int:
+        """Take the run lock (flock: released by the kernel when the holder dies) and open a run."""
+        lock_path = self.path.with_suffix(".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LedgerLocked(f"{self.path}: another runbook run holds the lock ({holder}); wait for it "
+                               "to finish, or check that process - a second concurrent run is refused") from None
+        stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}: {command}".encode(), 0)
+        self._lock_fd = fd
+        self.stale_lock = stale or None
+        if stale:
+            # The previous holder died (kill -9, power loss): its running run is closed as interrupted.
+            with self._mu:
+                self.db.execute("UPDATE runs SET outcome='interrupted', finished=? WHERE outcome='running'",
+                                [now()])
+                self.db.conn.commit()
+        with self._mu:
+            self.run_id = self.db["runs"].insert({
+                "command": command, "argv": self.redact(json.dumps(argv)), "operator": getpass.getuser(),
+                "machine": socket.gethostname(), "pid": os.getpid(), "started": now(), "outcome": "running",
+            }).last_pk
+        return self.run_id
+
+    def release(self, outcome: str, summary: str = "") -> None:
+        if self.run_id is not None:
+            with self._mu:
+                self.db["runs"].update(self.run_id, {"finished": now(), "outcome": outcome,
+                                                     "summary": self.redact(summary)})
+            self.run_id = None
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def get(self, host: str, step: str) -> Checkpoint | None:
+        with self._mu:
+            rows = list(self.db["checkpoints"].rows_where("host = ? and step = ?", [host, step]))
+        return Checkpoint(**rows[0]) if rows else None
+
+    def all(self) -> list[Checkpoint]:
+        with self._mu:
+            return [Checkpoint(**r) for r in self.db["checkpoints"].rows]
+
+    def set(self, host: str, step: str, status: str, *, fingerprint: str | None = None, mode: str = "auto",
+            note: str | None = None, error: str | None = None, started: float | None = None) -> None:
+        assert status in STATUSES, status
+        t = now()
+        row = {"host": host, "step": step, "status": status, "run_id": self.run_id, "mode": mode,
+               "note": self.redact(note) if note else None, "error": self.redact(error)[-TAIL:] if error else None}
+        if fingerprint is not None:
+            row["fingerprint"] = fingerprint
+        if status == "running":
+            row.update(started=t, finished=None, duration=None)
+        else:
+            row.update(finished=t)
+            if started is not None:
+                row.update(started=started, duration=round(t - started, 3))
+        with self._mu:
+            self.db["checkpoints"].upsert(row, pk=("host", "step"), alter=False)
+
+    def forget(self, host: str, step: str) -> bool:
+        with self._mu:
+            cur = self.db.execute("DELETE FROM checkpoints WHERE host = ? AND step = ?", [host, step])
+            self.db.conn.commit()
+            return cur.rowcount > 0
+
+    # -- events ------------------------------------------------------------------------------
+    def event(self, host: str, step: str, kind: str, action: str = "", rc: int | None = None,
+              stdout: str = "", stderr: str = "", duration: float | None = None) -> None:
+        with self._mu:
+            self.db["events"].insert({
+                "run_id": self.run_id, "at": now(), "host": host, "step": step, "kind": kind,
+                "action": self.redact(action), "rc": rc, "duration": duration,
+                "stdout": self.redact(stdout[-TAIL:]), "stderr": self.redact(stderr[-TAIL:]),
+            })
+
+    def runs(self, limit: int = 20) -> list[dict]:
+        with self._mu:
+            return list(self.db["runs"].rows_where(order_by="id desc", limit=limit))
+
+    def events(self, run_id: int | None = None, limit: int = 200) -> Iterator[dict]:
+        where, args = ("run_id = ?", [run_id]) if run_id else (None, None)
+        with self._mu:
+            return iter(list(self.db["events"].rows_where(where, args, order_by="id desc", limit=limit)))
+
+    def integrity(self) -> str:
+        with self._mu:
+            return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        self.release("aborted") if self.run_id is not None else None
+        self.db.conn.close()

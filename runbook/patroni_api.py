@@ -1,0 +1,134 @@
+"""Reading the cluster: patronictl and etcdctl JSON, parsed by pure functions (unit-tested on captures)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from .context import Ctx
+from .inventory import Host
+from .render import member_name
+
+
+@dataclass
+class Member:
+    name: str
+    host: str
+    role: str  # Leader | Sync Standby | Replica | ...
+    state: str  # running | streaming | stopped | ...
+    timeline: int | None
+    lag: float | int | str | None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role == "Leader" and self.state == "running"
+
+    @property
+    def streaming(self) -> bool:
+        return self.state == "streaming"
+
+
+def parse_members(text: str) -> list[Member]:
+    """`patronictl list -f json` -> members. Lag: 'Lag in MB' (Patroni 3) or 'Replay Lag'/'Receive Lag' (4)."""
+    out = []
+    for m in json.loads(text or "[]"):
+        lag = m.get("Lag in MB", m.get("Replay Lag", m.get("Receive Lag")))
+        out.append(Member(m.get("Member", ""), m.get("Host", ""), m.get("Role", ""), m.get("State", ""),
+                          m.get("TL"), lag))
+    return out
+
+
+@dataclass
+class Endpoint:
+    endpoint: str
+    id: str
+    version: str
+    db_size: int
+    leader: bool
+    raft_term: int
+    raft_index: int
+    errors: list[str]
+
+
+def parse_endpoint_status(text: str) -> list[Endpoint]:
+    """`etcdctl endpoint status -w json` -> endpoints (member ids as hex, as etcdctl's table shows)."""
+    out = []
+    for e in json.loads(text or "[]"):
+        st = e.get("Status", {})
+        hdr = st.get("header", {})
+        mid = hdr.get("member_id", 0)
+        out.append(Endpoint(e.get("Endpoint", ""), f"{mid:x}", st.get("version", ""), st.get("dbSize", 0),
+                            st.get("leader") == mid and mid != 0, hdr.get("raft_term", st.get("raftTerm", 0)),
+                            st.get("raftIndex", 0), list(st.get("errors", []) or [])))
+    return out
+
+
+def parse_endpoint_health(text: str) -> dict[str, tuple[bool, str]]:
+    """`etcdctl endpoint health -w json` -> {endpoint: (healthy, error)}."""
+    return {e["endpoint"]: (bool(e.get("health")), e.get("error", "")) for e in json.loads(text or "[]")}
+
+
+def members(ctx: Ctx, via: list[Host] | None = None) -> list[Member]:
+    """Ask the first postgres host that answers for `patronictl list -f json`."""
+    from .sections.patroni import patronictl
+
+    errors = []
+    for h in via or ctx.inventory.postgres:
+        try:
+            r = ctx.transport.run(h, patronictl(ctx, "list -f json"), user="postgres", timeout=30)
+        except Exception as exc:  # an unreachable host: ask the next one
+            errors.append(f"{h.name}: {exc}")
+            continue
+        if r.ok:
+            return parse_members(r.stdout)
+        errors.append(f"{h.name}: {r.stderr.strip()[-200:]}")
+    raise RuntimeError("no postgres host answered patronictl list: " + "; ".join(errors))
+
+
+def host_of(ctx: Ctx, member: str) -> Host:
+    for h in ctx.inventory.postgres:
+        if member_name(h) == member:
+            return h
+    raise KeyError(member)
+
+
+def leader(ctx: Ctx) -> Host | None:
+    for m in members(ctx):
+        if m.is_leader:
+            return host_of(ctx, m.name)
+    return None
+
+
+def etcd_status(ctx: Ctx) -> tuple[list[Endpoint], dict[str, str]]:
+    """Each etcd endpoint's status, asked from each etcd host about itself (a dead one shows as an error)."""
+    from .sections.etcd import etcdctl
+
+    eps, errs = [], {}
+    for h in ctx.inventory.etcd:
+        try:
+            r = ctx.transport.run(h, etcdctl(ctx, h, "endpoint status -w json"), timeout=20)
+        except Exception as exc:
+            errs[h.name] = str(exc).splitlines()[0]
+            continue
+        if r.ok:
+            eps += parse_endpoint_status(r.stdout)
+        else:
+            errs[h.name] = (r.stderr.strip().splitlines() or ["no answer"])[-1][:160]
+    return eps, errs
+
+
+def wait(predicate, seconds: float, interval: float = 1.0):
+    """Poll predicate() until it returns a truthy value or the budget runs out; bounded in time and count."""
+    deadline = time.monotonic() + seconds
+    last = None
+    for _ in range(int(seconds / interval) + 2):
+        try:
+            last = predicate()
+        except Exception:
+            last = None
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    return last

@@ -1,0 +1,282 @@
+"""etcd section: the walk-through's etcd part, a three-member TLS cluster."""
+from __future__ import annotations
+
+import shlex
+
+from ..context import Ctx
+from ..inventory import Host
+from ..render import etcd_context
+from ..step import Local, Put, Run, Section, wait_for
+from .common import REMOTE_BUNDLE, manifest, remote, template, tls_check, tls_files, unit_actions, unit_undo
+
+section = Section("etcd", 20, "etcd: a three-member cluster with TLS on client and peer traffic")
+BEGIN, END = "# BEGIN pg-ha-runbook", "# END pg-ha-runbook"
+
+
+def etcdctl(ctx: Ctx, host: Host, args: str, endpoints: str | None = None) -> str:
+    """etcdctl with this host's own client certificate (the ectl wrapper, usable before it exists)."""
+    c = etcd_context(ctx.inventory, host, ctx.paths)
+    ep = endpoints or f"https://{host.name}:2379"
+    return (f"ETCDCTL_API=3 {c['etcd_bin_dir']}/etcdctl --cacert={c['trusted_ca_file']} --cert={c['cert_file']} "
+            f"--key={c['key_file']} --endpoints={ep} --command-timeout=5s {args}")
+
+
+def _ctx(ctx: Ctx, host: Host, state: str = "new") -> dict:
+    return etcd_context(ctx.inventory, host, ctx.paths, initial_cluster_state=state)
+
+
+# 1 -------------------------------------------------------------------------------------------
+def _hosts_block(ctx: Ctx) -> str:
+    lines = [BEGIN]
+    for h in ctx.inventory.hosts:
+        names = " ".join(dict.fromkeys([h.name] + ([h.fqdn] if h.fqdn else [])))
+        lines.append(f"{h.address} {names}")
+    return "\n".join(lines + [END]) + "\n"
+
+
+@section.step("names", role="all")
+def names(ctx: Ctx, host: Host) -> list:
+    """Name resolution: /etc/hosts entries for every cluster host
+    The walk-through relies on etcd01.. and node01.. resolving; a managed block is (re)written."""
+    return [Run(f"sed -i '/^{BEGIN}$/,/^{END}$/d' /etc/hosts && cat >> /etc/hosts",
+                stdin=_hosts_block(ctx).encode())]
+
+
+@names.check
+def _names_check(ctx: Ctx, host: Host) -> str:
+    return " && ".join(f"getent hosts {h.name} | grep -q '^{h.address} '" for h in ctx.inventory.hosts)
+
+
+@names.undo
+def _names_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"sed -i '/^{BEGIN}$/,/^{END}$/d' /etc/hosts")]
+
+
+# 2 -------------------------------------------------------------------------------------------
+def _tarball(ctx: Ctx):
+    return manifest(ctx).etcd_tarball()
+
+
+@section.step("binaries", role="etcd")
+def binaries(ctx: Ctx, host: Host) -> list:
+    """Binaries: unpack the bundled release tarball, install etcd, etcdctl (and etcdutl)
+    Step 1 of the walk-through (tar -xzf; mv etcd* /usr/bin), from the bundle instead of GitHub."""
+    t = _tarball(ctx)
+    bindir = ctx.paths.etcd_bin_dir
+    d = t.path.rsplit("/", 1)[-1].removesuffix(".tar.gz")
+    return [Run(f"echo '{t.sha256}  {remote(t)}' | sha256sum --quiet -c - && tmp=$(mktemp -d) && "
+                f"tar -xzf {remote(t)} -C $tmp && for b in etcd etcdctl etcdutl; do "
+                f"[ -f $tmp/{d}/$b ] && install -m 0755 $tmp/{d}/$b {bindir}/$b; done; rm -rf $tmp"),
+            Run(f"{bindir}/etcd --version | grep -qF 'etcd Version: {_version(ctx)}'")]
+
+
+def _version(ctx: Ctx) -> str:
+    return manifest(ctx).etcd_version or ctx.inventory.cluster.etcd_version
+
+
+@binaries.check
+def _binaries_check(ctx: Ctx, host: Host) -> str:
+    b = ctx.paths.etcd_bin_dir
+    return f"{b}/etcd --version | grep -qF 'etcd Version: {_version(ctx)}' && test -x {b}/etcdctl"
+
+
+@binaries.undo
+def _binaries_undo(ctx: Ctx, host: Host) -> list:
+    b = ctx.paths.etcd_bin_dir
+    return [Run(f"rm -f {b}/etcd {b}/etcdctl {b}/etcdutl")]
+
+
+# 3 -------------------------------------------------------------------------------------------
+def _data_root(ctx: Ctx) -> str:
+    return ctx.paths.etcd_data_dir.rsplit("/", 1)[0]  # /var/lib/etcd
+
+
+@section.step("user", role="etcd", guards_data=lambda ctx, h: _data_root(ctx))
+def user(ctx: Ctx, host: Host) -> list:
+    """User and directories: system group and user etcd (nologin), data dir 0700, config dir
+    Step 2 of the walk-through, with the TLS dir moved out of /etc/default (a file on Debian)."""
+    conf_dir = ctx.paths.etcd_conf.rsplit("/", 1)[0]
+    return [Run("getent group etcd >/dev/null || groupadd --system etcd"),
+            Run(f"id -u etcd >/dev/null 2>&1 || useradd -s /usr/sbin/nologin --system -g etcd -d {_data_root(ctx)} "
+                "-M etcd"),
+            Run(f"install -d -m 0700 -o etcd -g etcd {_data_root(ctx)}"),
+            Run(f"install -d -m 0755 -o root -g root {conf_dir}")]
+
+
+@user.check
+def _user_check(ctx: Ctx, host: Host) -> str:
+    return (f"id -u etcd >/dev/null && test \"$(stat -c '%a %U' {_data_root(ctx)})\" = '700 etcd' && "
+            "getent passwd etcd | grep -q nologin")
+
+
+@user.undo
+def _user_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -rf {_data_root(ctx)}"), Run("id -u etcd >/dev/null 2>&1 && userdel etcd || true"),
+            Run("getent group etcd >/dev/null && groupdel etcd || true")]
+
+
+# 4 -------------------------------------------------------------------------------------------
+@section.step("pki", role="local")
+def pki(ctx: Ctx, host: Host) -> list:
+    """PKI: a local CA under state/pki (made once) and a certificate per host
+    SANs: host name, FQDN if given, address; reused while valid with matching SANs, re-issued otherwise.
+    Made with the cryptography library on the control machine: no private key leaves it unasked."""
+    from ..pki import ensure_ca
+    from .common import cert_material
+
+    def run() -> str:
+        ensure_ca(ctx.pki_dir)
+        for h in ctx.inventory.hosts:
+            cert_material(ctx, h)
+        return f"CA and {len(ctx.inventory.hosts)} host certificates in {ctx.pki_dir}"
+
+    key = ";".join(f"{h.name}={h.address},{h.fqdn}" for h in ctx.inventory.hosts)
+    return [Local("CA and per-host certificates in state/pki", run, key=key)]
+
+
+@pki.check
+def _pki_check(ctx: Ctx, host: Host) -> bool:
+    from ..pki import check_cert, ensure_ca, host_paths
+    from .common import sans
+
+    if not (ctx.pki_dir / "ca.crt").exists():
+        return False
+    ca = ensure_ca(ctx.pki_dir)
+    for h in ctx.inventory.hosts:
+        dns, ips = sans(ctx, h)
+        if check_cert(host_paths(ctx.pki_dir, h.name)[0], ca, dns + ips):
+            return False
+    return True
+
+
+@section.step("tls", role="etcd")
+def tls(ctx: Ctx, host: Host) -> list:
+    """TLS files: CA, host certificate and key on the host (dir 0750, key 0600, owned by etcd)
+    The walk-through's chmod -R 744 made the key world-readable; fixed."""
+    return tls_files(ctx, host, ctx.paths.etcd_tls_dir, "etcd")
+
+
+@tls.check
+def _tls_check(ctx: Ctx, host: Host) -> str:
+    return tls_check(ctx.paths.etcd_tls_dir, host, "etcd")
+
+
+@tls.undo
+def _tls_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -rf {ctx.paths.etcd_tls_dir}")]
+
+
+# 5 -------------------------------------------------------------------------------------------
+def _config(ctx: Ctx, host: Host) -> Put:
+    return template("etcd/etcd.conf.yml.j2", ctx.paths.etcd_conf, _ctx(ctx, host), mode="0640", group="etcd")
+
+
+@section.step("config", role="etcd")
+def config(ctx: Ctx, host: Host) -> list:
+    """Config: /etc/etcd/etcd.conf.yml with every parameter of the walk-through (step 4)
+    Rendered with initial-cluster-state: new; a member already bootstrapped keeps `existing`."""
+    conf = ctx.paths.etcd_conf
+    return [_config(ctx, host),
+            Run(f"if [ -d {ctx.paths.etcd_data_dir}/member ]; then sed -i "
+                f"'s/^initial-cluster-state: new$/initial-cluster-state: existing/' {conf}; fi")]
+
+
+@config.check
+def _config_check(ctx: Ctx, host: Host) -> str:
+    want = _config(ctx, host).sha256
+    return (f"test \"$(sed 's/^initial-cluster-state: existing$/initial-cluster-state: new/' "
+            f"{ctx.paths.etcd_conf} | sha256sum | cut -d' ' -f1)\" = {want}")
+
+
+@config.undo
+def _config_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -f {ctx.paths.etcd_conf}")]
+
+
+# 6 -------------------------------------------------------------------------------------------
+@section.step("unit", role="etcd")
+def unit(ctx: Ctx, host: Host) -> list:
+    """Unit: /etc/systemd/system/etcd.service (User=etcd, Type=notify), daemon-reload, enable
+    Steps 5 and 6 of the walk-through."""
+    return unit_actions("etcd", template("systemd/etcd.service.j2", ctx.paths.etcd_unit, _ctx(ctx, host)))
+
+
+@unit.check
+def _unit_check(ctx: Ctx, host: Host) -> str:
+    return "systemctl is-enabled -q etcd"
+
+
+@unit.undo
+def _unit_undo(ctx: Ctx, host: Host) -> list:
+    return unit_undo("etcd", ctx.paths.etcd_unit)
+
+
+# 7 -------------------------------------------------------------------------------------------
+def _all_endpoints(ctx: Ctx) -> str:
+    return ",".join(f"https://{h.name}:2379" for h in ctx.inventory.etcd)
+
+
+@section.step("start", role="etcd", kind="barrier")
+def start(ctx: Ctx, host: Host) -> list:
+    """Start: every etcd member at once, then a bounded wait until every member is healthy
+    The walk-through starts them one by one within 30 seconds; a barrier step removes that race."""
+    return [Run("systemctl start etcd", timeout=120),
+            Run(wait_for(etcdctl(ctx, host, "endpoint health", _all_endpoints(ctx)), 90), timeout=120)]
+
+
+@start.check
+def _start_check(ctx: Ctx, host: Host) -> str:
+    return f"systemctl is-active -q etcd && {etcdctl(ctx, host, 'endpoint health')}"
+
+
+@start.undo
+def _start_undo(ctx: Ctx, host: Host) -> list:
+    return [Run("systemctl stop etcd")]
+
+
+# 8 -------------------------------------------------------------------------------------------
+@section.step("ectl", role="etcd")
+def ectl(ctx: Ctx, host: Host) -> list:
+    """ectl: the walk-through's etcdctl alias as /usr/local/bin/ectl (root only: it reads the host key)
+    Usage on an etcd host: sudo ectl endpoint status -w table"""
+    return [template("etcd/ectl.sh.j2", ctx.paths.ectl, _ctx(ctx, host), mode="0750")]
+
+
+@ectl.check
+def _ectl_check(ctx: Ctx, host: Host) -> str:
+    return f"{ctx.paths.ectl} endpoint health >/dev/null"
+
+
+@ectl.undo
+def _ectl_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -f {ctx.paths.ectl}")]
+
+
+# 9 -------------------------------------------------------------------------------------------
+def _etcd_order(ctx: Ctx, hosts: list[Host]) -> list[Host]:
+    return sorted(hosts, key=lambda h: h.name)
+
+
+@section.step("existing", role="etcd", kind="serial", host_order=_etcd_order)
+def existing(ctx: Ctx, host: Host) -> list:
+    """Existing: initial-cluster-state: existing in the YAML file, members restarted one at a time
+    The walk-through edits /etc/default/etcd, which etcd ignores with --config-file. Each member is
+    restarted only after the previous one is healthy again, so the cluster keeps quorum."""
+    conf = shlex.quote(ctx.paths.etcd_conf)
+    return [Run(f"sed -i 's/^initial-cluster-state: new$/initial-cluster-state: existing/' {conf}"),
+            Run(f"# config sha256 {_config(ctx, host).sha256}\nsystemctl restart etcd", timeout=120),
+            Run(wait_for(etcdctl(ctx, host, "endpoint health", _all_endpoints(ctx)), 90), timeout=120)]
+
+
+@existing.check
+def _existing_check(ctx: Ctx, host: Host) -> str:
+    return (f"grep -q '^initial-cluster-state: existing$' {ctx.paths.etcd_conf} && "
+            f"{etcdctl(ctx, host, 'endpoint health')}")
+
+
+@existing.undo
+def _existing_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"sed -i 's/^initial-cluster-state: existing$/initial-cluster-state: new/' {ctx.paths.etcd_conf}")]
+
+
+__all__ = ["section", "etcdctl", "REMOTE_BUNDLE"]

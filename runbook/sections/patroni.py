@@ -1,0 +1,237 @@
+"""Patroni section: venv from the wheelhouse, config, validation, unit, ordered start."""
+from __future__ import annotations
+
+import shlex
+
+from ..context import Ctx
+from ..inventory import Host
+from ..render import member_name, patroni_context
+from ..step import Run, Section, wait_for
+from .common import REMOTE_BUNDLE, manifest, remote, template, unit_actions, unit_undo
+
+section = Section("patroni", 40, "Patroni: venv, offline wheels, config, unit and an ordered start")
+
+
+def pctx(ctx: Ctx, host: Host) -> dict:
+    return patroni_context(ctx.inventory, host, ctx.secrets, ctx.paths)
+
+
+def patronictl(ctx: Ctx, args: str) -> str:
+    return f"{ctx.paths.patroni_venv}/bin/patronictl -c {ctx.paths.patroni_conf} {args}"
+
+
+def member_ok(ctx: Ctx, host: Host, leader: bool = False) -> str:
+    """rc 0 when the member is the running leader (leader=True) or a running leader / streaming replica."""
+    py = ("import json,sys; m={x['Member']: x for x in json.load(sys.stdin)}.get(sys.argv[1]) or {}; "
+          "r, s = m.get('Role', ''), m.get('State', ''); "
+          f"ok = r == 'Leader' and s == 'running' {'' if leader else 'or s == \"streaming\"'}; "
+          "sys.exit(0 if ok else 1)")
+    return (f"{patronictl(ctx, 'list -f json')} | {ctx.paths.patroni_venv}/bin/python -c "
+            f"{shlex.quote(py)} {member_name(host)}")
+
+
+def bootstrap_host(ctx: Ctx, hosts: list[Host]) -> list[Host]:
+    first = ctx.inventory.postgres[0]
+    return [h for h in hosts if h.name == first.name]
+
+
+def replica_hosts(ctx: Ctx, hosts: list[Host]) -> list[Host]:
+    first = ctx.inventory.postgres[0]
+    return [h for h in hosts if h.name != first.name]
+
+
+@section.step("venv", role="postgres")
+def venv(ctx: Ctx, host: Host) -> list:
+    """Python venv: python3 with the venv module (installed from the bundle), venv /opt/patroni"""
+    v = ctx.paths.patroni_venv
+    return [Run("python3 -c 'import venv, ensurepip' || { echo 'python3-venv is missing: it comes with the "
+                "postgres.packages step from the bundle' >&2; exit 1; }"),
+            Run(f"test -x {v}/bin/python || python3 -m venv {v}")]
+
+
+@venv.check
+def _venv_check(ctx: Ctx, host: Host) -> str:
+    return f"{ctx.paths.patroni_venv}/bin/python -c 'import sys; assert sys.prefix != sys.base_prefix'"
+
+
+@venv.undo
+def _venv_undo(ctx: Ctx, host: Host) -> list:
+    v = ctx.paths.patroni_venv
+    return [Run(f"rm -rf {v}/bin {v}/lib {v}/lib64 {v}/include {v}/pyvenv.cfg {v}/share")]
+
+
+@section.step("wheels", role="postgres")
+def wheels(ctx: Ctx, host: Host) -> list:
+    """Patroni from the wheelhouse: pip install --no-index --require-hashes (no network, no compiler)"""
+    req = manifest(ctx).requirements()
+    wheel_dir = remote(req).rsplit("/", 1)[0]
+    v = ctx.paths.patroni_venv
+    return [Run(f"echo '{req.sha256}  {remote(req)}' | sha256sum --quiet -c -"),
+            Run(f"PIP_CONFIG_FILE=/dev/null {v}/bin/pip install --quiet --no-index --disable-pip-version-check "
+                f"--find-links {wheel_dir} --require-hashes -r {remote(req)}", timeout=900)]
+
+
+@wheels.check
+def _wheels_check(ctx: Ctx, host: Host) -> str:
+    v = ctx.paths.patroni_venv
+    return f"{v}/bin/patroni --version && {v}/bin/python -c 'import psycopg2, etcd'"
+
+
+@wheels.undo
+def _wheels_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"{ctx.paths.patroni_venv}/bin/pip uninstall -y -q patroni psycopg2-binary || true")]
+
+
+@section.step("profile", role="postgres")
+def profile(ctx: Ctx, host: Host) -> list:
+    """Profile: PATRONI_CONFIG_FILE, PG_CONFIG and PATH in /etc/profile.d/patroni.sh"""
+    return [template("patroni/profile.sh.j2", ctx.paths.patroni_profile, pctx(ctx, host))]
+
+
+@profile.check
+def _profile_check(ctx: Ctx, host: Host) -> str:
+    return f"grep -q PATRONI_CONFIG_FILE {ctx.paths.patroni_profile}"
+
+
+@profile.undo
+def _profile_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -f {ctx.paths.patroni_profile}")]
+
+
+@section.step("config", role="postgres")
+def config(ctx: Ctx, host: Host) -> list:
+    """Config: /etc/patroni/config.yml (0600, postgres) with every parameter of the walk-through
+    Fixed for Patroni 4 and for safety: one pg_hba, hostssl + scram-sha-256 only, ssl on, REST API
+    over TLS with basic auth; passwords from state/secrets.yml. A running Patroni is reloaded."""
+    c = pctx(ctx, host)
+    conf_dir = ctx.paths.patroni_conf.rsplit("/", 1)[0]
+    return [Run(f"install -d -m 0750 -o postgres -g postgres {conf_dir}"),
+            template("patroni/config.yml.j2", ctx.paths.patroni_conf, c, mode="0600", owner="postgres",
+                     secret=True),
+            template("patroni/post_bootstrap.sh.j2", ctx.paths.post_bootstrap, c, mode="0700", owner="postgres",
+                     secret=True),
+            Run("systemctl reload patroni 2>/dev/null || true")]
+
+
+@config.check
+def _config_check(ctx: Ctx, host: Host) -> str:
+    return f"test \"$(stat -c '%a %U' {ctx.paths.patroni_conf})\" = '600 postgres'"
+
+
+@config.undo
+def _config_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -f {ctx.paths.patroni_conf} {ctx.paths.post_bootstrap}")]
+
+
+@section.step("logdir", role="postgres")
+def logdir(ctx: Ctx, host: Host) -> list:
+    """Log directory: /data/log/patroni owned by postgres"""
+    return [Run(f"install -d -m 0700 -o postgres -g postgres {ctx.paths.patroni_log_dir}")]
+
+
+@logdir.check
+def _logdir_check(ctx: Ctx, host: Host) -> str:
+    return f"test \"$(stat -c %U {ctx.paths.patroni_log_dir})\" = postgres"
+
+
+@logdir.undo
+def _logdir_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rmdir {ctx.paths.patroni_log_dir} 2>/dev/null || true")]
+
+
+@section.step("validate", role="postgres")
+def validate(ctx: Ctx, host: Host) -> list:
+    """Validate: patroni --validate-config --ignore-listen-port on the rendered config"""
+    v = ctx.paths.patroni_venv
+    return [Run(f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}",
+                user="postgres")]
+
+
+@section.step("unit", role="postgres")
+def unit(ctx: Ctx, host: Host) -> list:
+    """Unit: /etc/systemd/system/patroni.service (User=postgres, KillMode=process), daemon-reload, enable"""
+    return unit_actions("patroni", template("systemd/patroni.service.j2", ctx.paths.patroni_unit, pctx(ctx, host)))
+
+
+@unit.check
+def _unit_check(ctx: Ctx, host: Host) -> str:
+    return "systemctl is-enabled -q patroni"
+
+
+@unit.undo
+def _unit_undo(ctx: Ctx, host: Host) -> list:
+    return unit_undo("patroni", ctx.paths.patroni_unit)
+
+
+@section.step("bootstrap", role="postgres", only=bootstrap_host)
+def bootstrap(ctx: Ctx, host: Host) -> list:
+    """Start the first node: Patroni initialises the cluster; bounded wait until it is the leader"""
+    return [Run("systemctl start patroni"),
+            Run(wait_for(member_ok(ctx, host, leader=True), 180, 2), user="postgres", timeout=240)]
+
+
+@bootstrap.check
+def _bootstrap_check(ctx: Ctx, host: Host) -> str:
+    return f"systemctl is-active -q patroni && sudo -u postgres sh -c {shlex.quote(member_ok(ctx, host))}"
+
+
+@bootstrap.undo
+def _bootstrap_undo(ctx: Ctx, host: Host) -> list:
+    return [Run("systemctl stop patroni")]
+
+
+def roles_sql(ctx: Ctx) -> bytes:
+    """Create or re-key the roles the bootstrap creates; repairs a bootstrap interrupted before them."""
+    s = ctx.secrets
+    out = ["SET log_statement TO 'none';", "SET synchronous_commit TO 'local';"]
+    for key, attrs in (("replication", "REPLICATION LOGIN"), ("rewind", "LOGIN"), ("admin", "LOGIN CREATEDB")):
+        u, p = s[key]["username"], s[key]["password"]
+        out.append(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{u}') THEN "
+                   f"CREATE ROLE {u} WITH {attrs}; END IF; END $$;")
+        out.append(f"ALTER ROLE {u} WITH {attrs} PASSWORD '{p}';")
+    ru = s["rewind"]["username"]
+    for fn in ("pg_ls_dir(text, boolean, boolean)", "pg_stat_file(text, boolean)",
+               "pg_read_binary_file(text)", "pg_read_binary_file(text, bigint, bigint, boolean)"):
+        out.append(f"GRANT EXECUTE ON FUNCTION pg_catalog.{fn} TO {ru};")
+    return ("\n".join(out) + "\n").encode()
+
+
+def psql(ctx: Ctx, args: str) -> str:
+    return (f"{ctx.paths.pg_bin_dir(ctx.inventory.cluster.postgres_major)}/psql -X -q -h {ctx.paths.socket_dir} "
+            f"-d postgres {args}")
+
+
+@section.step("roles", role="postgres", only=bootstrap_host)
+def roles(ctx: Ctx, host: Host) -> list:
+    """Roles: replication, rewind and admin roles exist with their passwords (on the primary)
+    Patroni creates them during bootstrap; a bootstrap interrupted before that left a cluster
+    without them and replicas failing forever: this step detects and repairs it."""
+    return [Run(f"if [ \"$({psql(ctx, '-tAc \"select pg_is_in_recovery()\"')})\" = f ]; then "
+                f"{psql(ctx, '-v ON_ERROR_STOP=1 -f -')}; fi", user="postgres", stdin=roles_sql(ctx))]
+
+
+@roles.check
+def _roles_check(ctx: Ctx, host: Host) -> str:
+    u = ctx.secrets["replication"]["username"]
+    q = shlex.quote(f"select 1 from pg_roles where rolname = '{u}' and rolreplication")
+    return f"sudo -u postgres {psql(ctx, f'-tAc {q}')} | grep -q 1"
+
+
+@section.step("replicas", role="postgres", kind="serial", only=replica_hosts)
+def replicas(ctx: Ctx, host: Host) -> list:
+    """Start the other nodes one by one; each is waited for until it streams from the leader"""
+    return [Run("systemctl start patroni"),
+            Run(wait_for(member_ok(ctx, host), 300, 2), user="postgres", timeout=360)]
+
+
+@replicas.check
+def _replicas_check(ctx: Ctx, host: Host) -> str:
+    return f"systemctl is-active -q patroni && sudo -u postgres sh -c {shlex.quote(member_ok(ctx, host))}"
+
+
+@replicas.undo
+def _replicas_undo(ctx: Ctx, host: Host) -> list:
+    return [Run("systemctl stop patroni")]
+
+
+__all__ = ["section", "REMOTE_BUNDLE"]

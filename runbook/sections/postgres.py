@@ -1,0 +1,120 @@
+"""PostgreSQL section: packages from the bundle, no distribution cluster, PGDATA and TLS files."""
+from __future__ import annotations
+
+from ..context import Ctx
+from ..inventory import Host
+from ..step import Put, Run, Section
+from .common import REMOTE_BUNDLE, manifest, remote, sums, tls_check, tls_files
+
+section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
+CREATECLUSTER = "/etc/postgresql-common/createcluster.conf"
+
+
+def major(ctx: Ctx) -> int:
+    return ctx.inventory.cluster.postgres_major
+
+
+@section.step("packages", role="postgres")
+def packages(ctx: Ctx, host: Host) -> list:
+    """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
+    Every file is checked first (a missing one fails before anything is installed); no
+    default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
+    if ctx.inventory.cluster.os != "debian12":
+        raise NotImplementedError("only debian12 hosts are automated; RHEL steps are rendered, untested")
+    debs = manifest(ctx).debs()
+    return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
+            Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
+            Run(f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {REMOTE_BUNDLE}/debs/debian12/*.deb "
+                ">/tmp/runbook-dpkg.log 2>&1 || { tail -20 /tmp/runbook-dpkg.log >&2; exit 1; }", timeout=1800)]
+
+
+@packages.check
+def _packages_check(ctx: Ctx, host: Host) -> str:
+    return (f"dpkg-query -W -f='${{Status}}' postgresql-{major(ctx)} | grep -q 'install ok installed' && "
+            "python3 -c 'import venv, ensurepip'")
+
+
+@packages.undo
+def _packages_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"DEBIAN_FRONTEND=noninteractive dpkg -r postgresql-{major(ctx)} postgresql "
+                ">/dev/null 2>&1 || true")]
+
+
+@section.step("default-off", role="postgres")
+def default_off(ctx: Ctx, host: Host) -> list:
+    """Distribution service off: stop, disable and drop the default cluster and service
+    The walk-through's `systemctl --now disable postgresql-16`: only Patroni runs PostgreSQL."""
+    m = major(ctx)
+    return [Run(f"if pg_lsclusters -h 2>/dev/null | grep -q '^{m} main '; then pg_dropcluster --stop {m} main; fi"),
+            Run(f"systemctl disable --now postgresql postgresql@{m}-main 2>/dev/null || true")]
+
+
+@default_off.check
+def _default_off_check(ctx: Ctx, host: Host) -> str:
+    return (f"! pg_lsclusters -h 2>/dev/null | grep -q '^{major(ctx)} main ' && "
+            "! systemctl is-enabled -q postgresql 2>/dev/null")
+
+
+@default_off.undo
+def _default_off_undo(ctx: Ctx, host: Host) -> list:
+    return [Run("systemctl enable postgresql 2>/dev/null || true")]
+
+
+@section.step("home", role="postgres")
+def home(ctx: Ctx, host: Host) -> list:
+    """postgres home: /home/postgres (0700) as the user's home, for .pgpass_patroni"""
+    return [Run("install -d -m 0700 -o postgres -g postgres /home/postgres"),
+            Run("[ \"$(getent passwd postgres | cut -d: -f6)\" = /home/postgres ] || "
+                "usermod --home /home/postgres postgres")]
+
+
+@home.check
+def _home_check(ctx: Ctx, host: Host) -> str:
+    return "[ \"$(getent passwd postgres | cut -d: -f6)\" = /home/postgres ] && test -d /home/postgres"
+
+
+@home.undo
+def _home_undo(ctx: Ctx, host: Host) -> list:
+    return [Run("usermod --home /var/lib/postgresql postgres")]
+
+
+@section.step("dirs", role="postgres", guards_data=lambda ctx, h: ctx.paths.pgdata(major(ctx)))
+def dirs(ctx: Ctx, host: Host) -> list:
+    """PGDATA and logs: /data/<major> (0700), /data/log, /var/run/postgresql, all owned by postgres
+    Step 2 of the walk-through; the socket dir is recreated at boot by the Patroni unit's
+    RuntimeDirectory (the walk-through's Astra Linux note)."""
+    p = ctx.paths
+    base = p.pgdata(major(ctx)).rsplit("/", 1)[0]
+    return [Run(f"install -d -m 0700 -o postgres -g postgres {base} {p.pgdata(major(ctx))} {p.log_dir}"),
+            Run(f"install -d -m 2775 -o postgres -g postgres {p.socket_dir}")]
+
+
+@dirs.check
+def _dirs_check(ctx: Ctx, host: Host) -> str:
+    d = ctx.paths.pgdata(major(ctx))
+    return f"test \"$(stat -c '%a %U' {d})\" = '700 postgres' && test -d {ctx.paths.log_dir}"
+
+
+@dirs.undo
+def _dirs_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -rf {ctx.paths.pgdata(major(ctx))}")]
+
+
+@section.step("tls", role="postgres")
+def tls(ctx: Ctx, host: Host) -> list:
+    """TLS files: /opt/patroni/.tls with the CA, the host certificate and key (0600, postgres)
+    Used by PostgreSQL (ssl), Patroni's REST API, patronictl and the etcd3 client."""
+    return [Run("install -d -m 0755 /opt/patroni")] + tls_files(ctx, host, ctx.paths.patroni_tls_dir, "postgres")
+
+
+@tls.check
+def _tls_check(ctx: Ctx, host: Host) -> str:
+    return tls_check(ctx.paths.patroni_tls_dir, host, "postgres")
+
+
+@tls.undo
+def _tls_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -rf {ctx.paths.patroni_tls_dir}")]
+
+
+__all__ = ["section", "remote"]

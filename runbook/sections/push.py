@@ -1,0 +1,62 @@
+"""Bundle section: check the offline bundle on the control machine, then push what each host needs."""
+from __future__ import annotations
+
+from ..context import Ctx
+from ..inventory import Host
+from ..step import Local, Run, Section, Upload
+from .common import REMOTE_BUNDLE, manifest, remote, sums
+
+section = Section("bundle", 10, "Push the offline bundle to the hosts")
+
+
+@section.step("verify", role="local", always_check=True)
+def verify(ctx: Ctx, host: Host) -> list:
+    """Verify the bundle against its manifest on the control machine
+    Every file is re-hashed; a missing, extra or altered file stops the run before any host is touched."""
+    from ..bundle.manifest import verify_bundle
+
+    m = manifest(ctx)
+
+    def run() -> str:
+        verify_bundle(ctx.bundle_dir)
+        return f"{len(m.files)} files verified"
+
+    return [Local(f"verify {ctx.bundle_dir} against manifest.json", run, key=_key(m))]
+
+
+@verify.check
+def _verify_check(ctx: Ctx, host: Host) -> bool:
+    from ..bundle.manifest import BundleError, verify_bundle
+
+    try:
+        verify_bundle(ctx.bundle_dir)
+        return True
+    except BundleError:
+        return False
+
+
+def _key(m) -> str:
+    return ",".join(f"{e.path}:{e.sha256}" for e in m.files)
+
+
+@section.step("push", role="all", always_check=True)
+def push(ctx: Ctx, host: Host) -> list:
+    """Copy the bundle files this host's roles need to /opt/runbook-bundle
+    Files already there with the right sha256 are skipped; a damaged or half-copied one is sent again;
+    everything is verified on the host with sha256sum."""
+    entries = manifest(ctx).files_for(set(host.roles))
+    return ([Run(f"install -d -m 0755 {REMOTE_BUNDLE}")]
+            + [Upload(manifest(ctx).path(e), remote(e), e.sha256, e.size) for e in entries]
+            + [Run("sha256sum --quiet -c -", stdin=sums(entries))])
+
+
+@push.check
+def _push_check(ctx: Ctx, host: Host) -> str:
+    entries = manifest(ctx).files_for(set(host.roles))
+    lines = "".join(f"{e.sha256}  {remote(e)}\\n" for e in entries)
+    return f"printf '{lines}' | sha256sum --quiet -c - >/dev/null 2>&1"
+
+
+@push.undo
+def _push_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"rm -rf {REMOTE_BUNDLE}")]

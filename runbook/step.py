@@ -1,0 +1,184 @@
+"""Steps as data: typed actions, a check, an undo. One definition serves apply, plan, step mode,
+export, verify and rollback (see DESIGN.md, "The step model").
+"""
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Literal, Union
+
+if TYPE_CHECKING:
+    from .context import Ctx
+    from .inventory import Host
+
+
+@dataclass(frozen=True)
+class Run:
+    """A shell command on the host, as `user` (root by default, through sudo -n)."""
+
+    cmd: str
+    user: str = "root"
+    stdin: bytes | None = None  # content travels on stdin, never in argv; not stored, not exported
+    timeout: float = 900
+
+    def describe(self) -> str:
+        who = "" if self.user == "root" else f"[as {self.user}] "
+        return f"{who}{self.cmd}" + (" <<stdin>>" if self.stdin else "")
+
+    def shell(self, mask: Callable[[str], str]) -> str:
+        cmd = self.cmd if self.user == "root" else f"sudo -u {self.user} sh -c {shlex.quote(self.cmd)}"
+        if self.stdin is not None:
+            body = mask(self.stdin.decode(errors="replace"))
+            return f"{cmd} <<'RUNBOOK_EOF'\n{body.rstrip()}\nRUNBOOK_EOF"
+        return cmd
+
+    def digest(self) -> bytes:
+        return b"run\0" + self.user.encode() + b"\0" + self.cmd.encode() + b"\0" + (self.stdin or b"")
+
+
+@dataclass(frozen=True)
+class Put:
+    """A file with content, mode and owner; uploaded only when its sha256, mode or owner differ."""
+
+    path: str
+    content: bytes
+    mode: str = "0644"
+    owner: str = "root"
+    group: str | None = None
+    secret: bool = False  # masked in exports, diffs and the ledger
+    source: str | None = None  # the template it was rendered from
+    local_copy: str | None = None  # export shows "copy this local file" instead of the content
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
+    def describe(self) -> str:
+        src = f" from {self.source}" if self.source else ""
+        return f"put {self.path} mode {self.mode} owner {self.owner}:{self.group or self.owner}{src} " \
+               f"sha256 {self.sha256[:12]}"
+
+    def shell(self, mask: Callable[[str], str]) -> str:
+        if self.local_copy:
+            return (f"# copy {self.local_copy} from the control machine, then:\n"
+                    f"install -D -m {self.mode} -o {self.owner} -g {self.group or self.owner} "
+                    f"./{Path(self.local_copy).name} {self.path}")
+        text = self.content.decode(errors="replace")
+        text = mask(text) if self.secret else text
+        return (f"install -D -m {self.mode} -o {self.owner} -g {self.group or self.owner} /dev/stdin {self.path}"
+                f" <<'RUNBOOK_EOF'\n{text.rstrip()}\nRUNBOOK_EOF")
+
+    def digest(self) -> bytes:
+        return f"put\0{self.path}\0{self.mode}\0{self.owner}\0{self.group}\0".encode() + self.content
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A (large) file from the control machine, e.g. from the bundle; skipped when the sha256 matches."""
+
+    src: Path
+    path: str
+    sha256: str
+    size: int
+    mode: str = "0644"
+    owner: str = "root"
+
+    def describe(self) -> str:
+        return f"upload {self.src.name} -> {self.path} ({self.size} bytes, sha256 {self.sha256[:12]})"
+
+    def shell(self, mask: Callable[[str], str]) -> str:
+        return (f"# copy {self.src} to this host as {self.path}, then check:\n"
+                f"echo '{self.sha256}  {self.path}' | sha256sum -c -")
+
+    def digest(self) -> bytes:
+        return f"upload\0{self.path}\0{self.sha256}\0{self.mode}\0{self.owner}".encode()
+
+
+@dataclass(frozen=True)
+class Local:
+    """Python work on the control machine (PKI, bundle checks); its label describes it."""
+
+    label: str
+    fn: Callable[[], str | None] = field(compare=False)
+    key: str = ""  # what the work depends on, for the fingerprint
+
+    def describe(self) -> str:
+        return f"local: {self.label}"
+
+    def shell(self, mask: Callable[[str], str]) -> str:
+        return f"# on the control machine: {self.label}"
+
+    def digest(self) -> bytes:
+        return f"local\0{self.label}\0{self.key}".encode()
+
+
+Action = Union[Run, Put, Upload, Local]
+Check = Union[str, bool, None]  # a shell command (rc 0 = effect present), a known answer, or no check
+Kind = Literal["parallel", "barrier", "serial"]
+
+
+def fingerprint(actions: list[Action]) -> str:
+    h = hashlib.sha256()
+    for a in actions:
+        h.update(a.digest())
+        h.update(b"\x1e")
+    return h.hexdigest()
+
+
+def wait_for(cmd: str, seconds: int, interval: int = 1) -> str:
+    """A bounded poll as a shell command: rc 0 as soon as cmd succeeds, 1 after `seconds`."""
+    tries = max(1, seconds // interval)
+    return (f"for i in $(seq {tries}); do ( {cmd} ) >/dev/null 2>&1 && exit 0; sleep {interval}; done; "
+            f"( {cmd} )")
+
+
+ActionsFn = Callable[["Ctx", "Host"], list[Action]]
+CheckFn = Callable[["Ctx", "Host"], Check]
+
+
+@dataclass
+class Step:
+    name: str  # "etcd.config"
+    section: str
+    index: int  # global position in the runbook
+    role: str  # etcd | postgres | local | all
+    doc: str
+    actions_fn: ActionsFn
+    kind: Kind = "parallel"
+    check_fn: CheckFn | None = None
+    undo_fn: ActionsFn | None = None
+    undo_reason: str = ""  # why there is no undo
+    guards_data: Callable[["Ctx", "Host"], str] | None = None  # undo would delete this data dir
+    host_order: Callable[["Ctx", list["Host"]], list["Host"]] | None = None  # serial steps
+    only: Callable[["Ctx", list["Host"]], list["Host"]] | None = None  # narrow the role's hosts
+    always_check: bool = False  # a cheap check that runs even on done steps; a failure re-runs it
+
+    def check(self, fn: CheckFn) -> CheckFn:
+        self.check_fn = fn
+        return fn
+
+    def undo(self, fn: ActionsFn) -> ActionsFn:
+        self.undo_fn = fn
+        return fn
+
+    @property
+    def title(self) -> str:
+        return self.doc.strip().splitlines()[0] if self.doc.strip() else self.name
+
+
+class Section:
+    """One section of the walk-through: an ordered list of steps, declared with @section.step()."""
+
+    def __init__(self, name: str, order: int, doc: str):
+        self.name, self.order, self.doc = name, order, doc
+        self.steps: list[Step] = []
+
+    def step(self, name: str, role: str, kind: Kind = "parallel", **kw) -> Callable[[ActionsFn], Step]:
+        def deco(fn: ActionsFn) -> Step:
+            s = Step(name=f"{self.name}.{name}", section=self.name, index=self.order * 100 + len(self.steps),
+                     role=role, doc=fn.__doc__ or name, actions_fn=fn, kind=kind, **kw)
+            self.steps.append(s)
+            return s
+        return deco

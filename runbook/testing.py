@@ -1,0 +1,72 @@
+"""A fake transport for unit tests of the engine (fabric.testing in spirit): no hosts, no sockets.
+
+Each host has an in-memory file system; commands are answered by rules (regex -> rc, stdout)
+and every call is recorded, so tests assert on what would have been sent.
+"""
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+from .inventory import Host
+from .transport import Result, Transport, TransportError
+
+
+class FakeTransport(Transport):
+    def __init__(self) -> None:
+        self.files: dict[tuple[str, str], tuple[bytes, str, str]] = {}
+        self.rules: list[tuple[re.Pattern, object]] = []
+        self.calls: list[tuple[str, str, str]] = []  # (host, user, cmd)
+        self.writes: list[tuple[str, str]] = []  # (host, path) of every write and upload
+        self.down: set[str] = set()
+        self._mu = threading.Lock()
+
+    def on(self, pattern: str, result) -> None:
+        """Answer commands matching pattern with result: int rc, (rc, stdout) or callable(host, cmd)."""
+        self.rules.insert(0, (re.compile(pattern), result))
+
+    def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
+            timeout: float = 900) -> Result:
+        if host.name in self.down:
+            raise TransportError(f"{host.name} ({host.address}): unreachable (fake)")
+        with self._mu:
+            self.calls.append((host.name, user, cmd))
+        for pat, res in self.rules:
+            if pat.search(cmd):
+                if callable(res):
+                    res = res(host, cmd)
+                rc, out = (res, "") if isinstance(res, int) else res
+                return Result(rc, out, "" if rc == 0 else f"fake failure of {cmd[:40]}")
+        return Result(0, "", "")
+
+    def put(self, host: Host, path: str, content: bytes, *, mode: str = "0644", owner: str = "root",
+            group: str | None = None) -> bool:
+        if host.name in self.down:
+            raise TransportError(f"{host.name}: unreachable (fake)")
+        key = (host.name, path)
+        new = (content, mode, owner)
+        with self._mu:
+            if self.files.get(key) == new:
+                return False
+            self.files[key] = new
+            self.writes.append(key)
+        return True
+
+    def read(self, host: Host, path: str) -> str | None:
+        f = self.files.get((host.name, path))
+        return f[0].decode() if f else None
+
+    def remote_sha256(self, host: Host, path: str) -> str | None:
+        import hashlib
+
+        f = self.files.get((host.name, path))
+        return hashlib.sha256(f[0]).hexdigest() if f else None
+
+    def upload(self, host: Host, src: Path, path: str, *, mode: str = "0644", owner: str = "root") -> None:
+        with self._mu:
+            self.files[(host.name, path)] = (src.read_bytes(), mode, owner)
+            self.writes.append((host.name, path))
+
+    def commands(self, host: str | None = None) -> list[str]:
+        return [c for h, _, c in self.calls if host is None or h == host]

@@ -1,0 +1,205 @@
+"""Transports: how actions reach a host.
+
+SshTransport: one Fabric connection per host per run, reused by every step (key, user, port and
+sudo from the inventory; ~/.ssh/config honoured by Fabric; host keys checked against the
+inventory's known_hosts - unknown keys are rejected). Commands run through `sudo -n`; file content
+and secrets travel on stdin, never in argv. LocalTransport runs on the control machine.
+"""
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .inventory import Host
+
+
+class TransportError(Exception):
+    """The host could not be reached or authenticated; the message says which and what to do."""
+
+
+@dataclass
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0
+
+
+def wrap(host: Host, cmd: str, user: str = "root") -> str:
+    """The command line for `cmd` run as `user` on `host` (sudo -n when the login user differs)."""
+    if user == host.user or (not host.sudo and user == "root"):
+        return f"sh -c {shlex.quote(cmd)}"
+    target = "" if user == "root" else f"-u {shlex.quote(user)} "
+    return f"sudo -n -H {target}-- sh -c {shlex.quote(cmd)}"
+
+
+def put_command(path: str, mode: str, owner: str, group: str | None) -> str:
+    """Atomic write of stdin to path with mode and owner (umask 077: no window where it is readable)."""
+    p = shlex.quote(path)
+    return (f"umask 077; d=$(dirname {p}); mkdir -p \"$d\"; t=$(mktemp \"$d/.runbook.XXXXXX\") && "
+            f"cat > \"$t\" && chown {owner}:{group or owner} \"$t\" && chmod {mode} \"$t\" && mv -f \"$t\" {p}")
+
+
+def stat_command(path: str) -> str:
+    p = shlex.quote(path)
+    return f"if [ -e {p} ]; then stat -c '%a %U %G' {p}; sha256sum {p} | cut -d' ' -f1; else echo missing; fi"
+
+
+def parse_stat(out: str) -> tuple[str, str, str, str] | None:
+    """'640 etcd etcd\\n<sha>' -> (mode '0640', owner, group, sha); None when missing."""
+    lines = out.split()
+    if not lines or lines[0] == "missing" or len(lines) < 4:
+        return None
+    return lines[0].zfill(4), lines[1], lines[2], lines[3]
+
+
+class Transport:
+    """The command boundary: everything a step does to a host goes through run() and put()."""
+
+    def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
+            timeout: float = 900) -> Result:
+        raise NotImplementedError
+
+    def put(self, host: Host, path: str, content: bytes, *, mode: str = "0644", owner: str = "root",
+            group: str | None = None) -> bool:
+        """Write content if sha256/mode/owner differ; return True when the host changed."""
+        import hashlib
+
+        want = (mode.zfill(4), owner, group or owner, hashlib.sha256(content).hexdigest())
+        r = self.run(host, stat_command(path))
+        if r.ok and parse_stat(r.stdout) == want:
+            return False
+        w = self.run(host, put_command(path, mode, owner, group), stdin=content)
+        if not w.ok:
+            raise TransportError(f"{host.name}: writing {path} failed: {w.stderr.strip() or w.stdout.strip()}")
+        return True
+
+    def remote_sha256(self, host: Host, path: str) -> str | None:
+        r = self.run(host, stat_command(path))
+        st = parse_stat(r.stdout) if r.ok else None
+        return st[3] if st else None
+
+    def read(self, host: Host, path: str) -> str | None:
+        r = self.run(host, f"cat {shlex.quote(path)}")
+        return r.stdout if r.ok else None
+
+    def upload(self, host: Host, src: Path, path: str, *, mode: str = "0644", owner: str = "root") -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SshTransport(Transport):
+    def __init__(self) -> None:
+        self._conns: dict[str, object] = {}
+        self._mu = threading.Lock()
+        self.bytes_sent = 0
+
+    def _conn(self, host: Host):
+        with self._mu:
+            c = self._conns.get(host.name)
+            if c is not None:
+                return c
+        import paramiko
+        from fabric import Connection
+
+        kw: dict = {"look_for_keys": host.key is None, "allow_agent": host.key is None,
+                    "banner_timeout": host.connect_timeout, "auth_timeout": host.connect_timeout}
+        if host.key is not None:
+            if not host.key.exists():
+                raise TransportError(f"{host.name}: SSH key {host.key} does not exist (hosts.yml ssh.key); "
+                                     "create it, or run `inv lab.up` for the lab")
+            kw["key_filename"] = str(host.key)
+        conn = Connection(host.address, user=host.user, port=host.port, connect_timeout=int(host.connect_timeout),
+                          connect_kwargs=kw)
+        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        if host.known_hosts is not None:
+            if not host.known_hosts.exists():
+                raise TransportError(f"{host.name}: known_hosts {host.known_hosts} does not exist "
+                                     "(hosts.yml ssh.known_hosts); record the host keys first")
+            conn.client.load_host_keys(str(host.known_hosts))
+        try:
+            conn.open()
+        except paramiko.SSHException as exc:
+            raise TransportError(f"{host.name} ({host.address}): SSH refused: {exc}; check the host key in "
+                                 f"{host.known_hosts or '~/.ssh/known_hosts'} and the key/user in hosts.yml") from exc
+        except (OSError, socket.timeout) as exc:
+            raise TransportError(f"{host.name} ({host.address}:{host.port}): unreachable: {exc}; "
+                                 "is the host up and the address right?") from exc
+        with self._mu:
+            self._conns[host.name] = conn
+        return conn
+
+    def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
+            timeout: float = 900) -> Result:
+        t0 = time.monotonic()
+        conn = self._conn(host)
+        chan = conn.client.get_transport().open_session(timeout=host.connect_timeout)
+        chan.settimeout(timeout)
+        chan.exec_command(wrap(host, cmd, user))
+        if stdin is not None:
+            chan.sendall(stdin)
+            self.bytes_sent += len(stdin)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        try:
+            while True:
+                if chan.recv_ready():
+                    out += chan.recv(65536)
+                elif chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                else:
+                    if time.monotonic() - t0 > timeout:
+                        raise TimeoutError
+                    time.sleep(0.005)
+            rc = chan.recv_exit_status()
+        except (socket.timeout, TimeoutError):
+            chan.close()
+            return Result(124, out.decode(errors="replace"), f"timed out after {timeout}s", time.monotonic() - t0)
+        chan.close()
+        return Result(rc, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0)
+
+    def upload(self, host: Host, src: Path, path: str, *, mode: str = "0644", owner: str = "root") -> None:
+        """SFTP to a temp file in the login user's home, then sudo install into place."""
+        conn = self._conn(host)
+        tmp = f".runbook-upload-{Path(path).name}"
+        sftp = conn.sftp()
+        sftp.put(str(src), tmp)
+        self.bytes_sent += src.stat().st_size
+        home = self.run(host, "pwd", user=host.user).stdout.strip() or "."
+        r = self.run(host, f"install -D -m {mode} -o {owner} -g {owner} {shlex.quote(home + '/' + tmp)} "
+                           f"{shlex.quote(path)} && rm -f {shlex.quote(home + '/' + tmp)}")
+        if not r.ok:
+            raise TransportError(f"{host.name}: installing {path} failed: {r.stderr.strip()}")
+
+    def close(self) -> None:
+        with self._mu:
+            for c in self._conns.values():
+                c.close()
+            self._conns.clear()
+
+
+class LocalTransport(Transport):
+    """The control machine (steps with role `local`)."""
+
+    def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
+            timeout: float = 900) -> Result:
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(["sh", "-c", cmd], input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Result(124, "", f"timed out after {timeout}s", time.monotonic() - t0)
+        return Result(p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"),
+                      time.monotonic() - t0)

@@ -1,0 +1,20 @@
+"""pg-ha-runbook tasks: `inv --list` shows them all; `inv --help TASK` explains one."""
+from invoke import Collection
+
+from runbook import admin, commands
+from runbook.bundle import tasks as bundle_tasks
+from runbook.cli import DEFAULTS, section_install
+from runbook.lab import tasks as lab_tasks
+from runbook.sections import section_steps
+
+ns = Collection()
+for col in commands.collections():
+    ns.add_collection(col)
+ns.add_collection(admin.ns)
+ns.add_collection(lab_tasks.ns)
+bundle = bundle_tasks.ns
+bundle.add_task(section_install("bundle", lambda: section_steps("bundle"),
+                                "Verify the bundle and push what each host needs to /opt/runbook-bundle."),
+                name="push")
+ns.add_collection(bundle)
+ns.configure({"runbook": dict(DEFAULTS)})

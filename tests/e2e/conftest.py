@@ -1,0 +1,56 @@
+"""e2e fixtures: the lab (real air-gapped systemd hosts on this machine) for every e2e test.
+
+`lab` brings up the repo's hosts.yml (or $RUNBOOK_E2E_INVENTORY) once per session and yields the
+Inventory; it tears the lab down at the end unless RUNBOOK_KEEP_LAB=1. lab.up is idempotent and
+takes well under a second when the lab is already up, so keeping it between runs is cheap.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runbook.inventory import Inventory, load_inventory
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lab_prerequisites() -> str | None:
+    """Why the lab cannot run here (None when it can)."""
+    if os.geteuid() != 0:
+        return "the lab needs root"
+    missing = [t for t in ("systemd-nspawn", "debootstrap", "ip", "ssh", "ssh-keygen") if not shutil.which(t)]
+    if missing:
+        return f"the lab needs {', '.join(missing)} (apt install systemd-container debootstrap iproute2 openssh-client)"
+    return None
+
+
+def e2e_inventory_path() -> Path:
+    return Path(os.environ.get("RUNBOOK_E2E_INVENTORY") or REPO / "hosts.yml")
+
+
+@pytest.fixture(scope="session")
+def lab() -> Inventory:
+    """The e2e inventory's hosts, up and answering SSH (created on first use)."""
+    why = lab_prerequisites()
+    if why:
+        pytest.skip(why)
+    from runbook.lab import lab as labmod
+
+    inv = load_inventory(e2e_inventory_path())
+    labmod.up(inv)
+    yield inv
+    if os.environ.get("RUNBOOK_KEEP_LAB") != "1":
+        labmod.down(inv)
+
+
+@pytest.fixture(scope="session")
+def lab_transport(lab):
+    """A runbook SshTransport to the lab's hosts (closed at the end of the session)."""
+    from runbook.transport import SshTransport
+
+    t = SshTransport()
+    yield t
+    t.close()
