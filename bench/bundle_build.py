@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runbook.bundle.build import BuildOptions, Reporter, base_tree, build_bundle  # noqa: E402
-from runbook.lab.base import CACHE, base_tree_path  # noqa: E402
+from runbook.bundle.build import BuildOptions, Reporter, base_tree, build_bundle
+from runbook.lab.base import CACHE, base_tree_path
 
 
 class Quiet(Reporter):

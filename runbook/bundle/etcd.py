@@ -42,7 +42,8 @@ def tarball_name(version: str) -> str:
 def version_of(path: Path) -> str:
     m = TARBALL_RE.match(path.name)
     if not m:
-        raise BundleError(f"{path}: not an etcd release tarball name (expected etcd-vX.Y.Z-linux-amd64.tar.gz)")
+        raise BundleError(f"{path}: not an etcd release tarball name "
+                          "(expected etcd-vX.Y.Z-linux-amd64.tar.gz)")
     return m.group(1)
 
 
@@ -117,7 +118,8 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
     except FileNotFoundError as exc:
-        raise BundleError(f"{cmd[0]}: not installed on this build machine (apt-get install apt dpkg)") from exc
+        raise BundleError(f"{cmd[0]}: not installed on this build machine "
+                          "(apt-get install apt dpkg)") from exc
     except subprocess.CalledProcessError as exc:
         tail = (exc.stderr or exc.stdout or "").strip()[-800:]
         raise BundleError(f"`{' '.join(cmd[:3])} ...` failed (exit {exc.returncode}): {tail}") from None
@@ -144,7 +146,8 @@ def pack(out: Path, version: str, files: dict[str, Path], readme: str) -> None:
     """Write a deterministic release-layout tar.gz: top/<name> for each file, plus README."""
     top = f"etcd-v{version}-linux-amd64"
     tmp = out.with_name(out.name + ".part")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+    with open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
         newest = max(int(p.stat().st_mtime) for p in files.values())
         d = tarfile.TarInfo(top)
@@ -169,7 +172,8 @@ def _repack(out: Path, version: str, debs: dict[str, tuple[str, str]], dl: Path,
         files = {b: x / "usr/bin" / b for b in BINARIES if (x / "usr/bin" / b).is_file()}
         for need in ("etcd", "etcdctl"):
             if need not in files:
-                raise BundleError(f"the trixie etcd packages hold no usr/bin/{need}; cannot build the tarball")
+                raise BundleError(f"the trixie etcd packages hold no usr/bin/{need}; "
+                                  "cannot build the tarball")
         out.parent.mkdir(parents=True, exist_ok=True)
         pack(out, version, files, readme)
 

@@ -75,7 +75,8 @@ class Manifest:
         """The etcd release tarball entry (exactly one is expected)."""
         found = self.of_kind("etcd")
         if len(found) != 1:
-            raise BundleError(f"{self.root / MANIFEST}: expected exactly one etcd tarball, found {len(found)}; "
+            raise BundleError(f"{self.root / MANIFEST}: expected exactly one etcd tarball, "
+                              f"found {len(found)}; "
                               "rebuild the bundle with `inv bundle.build`")
         return found[0]
 
@@ -113,7 +114,8 @@ def make_entry(root: Path, rel: str, *, kind: str, version: str, source: str, ro
                  source=source, roles=tuple(roles), name=name)
 
 
-def write_manifest(root: Path, entries: list[Entry], *, etcd_version: str, target: dict, created: str) -> Path:
+def write_manifest(root: Path, entries: list[Entry], *, etcd_version: str, target: dict,
+                   created: str) -> Path:
     """Write manifest.json atomically (temp file + fsync + rename)."""
     doc = {"format": FORMAT, "created": created, "target": target, "etcd_version": etcd_version,
            "files": [e.to_json() for e in sorted(entries, key=lambda e: e.path)]}
@@ -135,7 +137,8 @@ def write_manifest(root: Path, entries: list[Entry], *, etcd_version: str, targe
 def _entry(mpath: Path, i: int, raw: object) -> Entry:
     where = f"{mpath}: files[{i}]"
     if not isinstance(raw, dict):
-        raise BundleError(f"{where}: expected an object, got {type(raw).__name__}; rebuild with `inv bundle.build`")
+        raise BundleError(f"{where}: expected an object, got {type(raw).__name__}; "
+                          "rebuild with `inv bundle.build`")
     missing = [k for k in ("path", "sha256", "size", "kind") if k not in raw]
     if missing:
         raise BundleError(f"{where}: missing key(s) {', '.join(missing)}; rebuild with `inv bundle.build`")
@@ -175,7 +178,8 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BundleError(f"{mpath}: not valid JSON ({exc.msg} at line {exc.lineno}); {REBUILD_HINT}") from None
+        raise BundleError(f"{mpath}: not valid JSON ({exc.msg} at line {exc.lineno}); "
+                          f"{REBUILD_HINT}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
         raise BundleError(f"{mpath}: expected an object with a 'files' list; {REBUILD_HINT}")
     if doc.get("format") != FORMAT:

@@ -89,7 +89,8 @@ def summary(m: Manifest) -> Table:
     "pg_major": "PostgreSQL major version (default: cluster.postgres_major of the inventory, else 15)",
     "etcd_tarball": "an etcd-vX.Y.Z-linux-amd64.tar.gz you already have (checked against "
                     "runbook.etcd_sha256 when set)",
-    "etcd_url": "download the etcd tarball from this URL (default runbook.etcd_url; needs runbook.etcd_sha256)",
+    "etcd_url": "download the etcd tarball from this URL (default runbook.etcd_url; "
+                "needs runbook.etcd_sha256)",
     "etcd_sha256": "expected sha256 of the etcd tarball (default runbook.etcd_sha256)",
     "bundle_dir": "output directory (default runbook.bundle_dir, else 'bundle' in the project)",
     "inventory": "hosts.yml to read postgres_major/etcd_version/os from (default runbook.inventory)",
@@ -99,7 +100,8 @@ def summary(m: Manifest) -> Table:
     "recommends": "include apt Recommends in the .deb closure, as apt does on a host (default on; "
                   "--no-recommends leaves them out)",
 })
-def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = None, etcd_url: str | None = None,
+def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = None,
+          etcd_url: str | None = None,
           etcd_sha256: str | None = None, bundle_dir: str | None = None, inventory: str | None = None,
           os: str | None = None, wheel_check: bool = True, recommends: bool = True) -> None:
     """Build the air-gapped bundle: etcd tarball, .deb closure, wheelhouse and manifest.json.
@@ -145,7 +147,8 @@ def _inventory_cluster(c: Context, inventory: str | None) -> dict:
     if not path.exists():
         if inventory:
             raise _fail(BundleError(f"--inventory {path}: no such file"))
-        console.print(f"[dim]no inventory at {path}: using defaults (PostgreSQL 15, etcd 3.5.16, debian12)[/dim]")
+        console.print(f"[dim]no inventory at {path}: using defaults "
+                      "(PostgreSQL 15, etcd 3.5.16, debian12)[/dim]")
         return {}
     try:
         inv = load_inventory(path)

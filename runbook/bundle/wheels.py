@@ -25,7 +25,8 @@ DEFAULT_REQUIREMENTS = ("patroni[etcd3]==4.1.5", "psycopg2-binary==2.9.13")
 DEFAULT_INDEX = "https://pypi.org/simple"
 TARGET_PYTHON = (3, 11)
 TARGET_GLIBC = (2, 36)  # Debian 12
-WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<ver>[^-]+)(?:-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
+WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<ver>[^-]+)(?:-\d[^-]*)?"
+                      r"-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,8 @@ def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, pyt
     pyver = _python_version(python)
     if pyver != TARGET_PYTHON:
         raise BundleError(f"{python} is Python {pyver[0]}.{pyver[1]}; the hosts (Debian 12) run "
-                          f"{TARGET_PYTHON[0]}.{TARGET_PYTHON[1]}: set runbook.wheel_python to such a CPython")
+                          f"{TARGET_PYTHON[0]}.{TARGET_PYTHON[1]}: "
+                          "set runbook.wheel_python to such a CPython")
     key = _key(requirements, pyver, index)
     house = cache / "wheels" / key
     meta = house / "built.json"
@@ -114,12 +116,14 @@ def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, pyt
         log("pip wheel " + " ".join(requirements))
         r = _sh(cmd, env=clean_env(PIP_CACHE_DIR=str(cache / "pip")), cwd=tmp)
         if r.returncode != 0:
-            raise BundleError(f"pip wheel failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-900:]}")
+            tail = (r.stderr or r.stdout).strip()[-900:]
+            raise BundleError(f"pip wheel failed (exit {r.returncode}): {tail}")
         built = {canonical(n) for n in re.findall(r"Building wheel for (\S+)", r.stdout)}
         files = sorted((tmp / "w").glob("*.whl"))
         bad = [f.name for f in files if not tag_ok(f.name)]
         if bad:
-            raise BundleError(f"wheel(s) not installable on Debian 12 / CPython 3.11 x86_64: {', '.join(bad)}")
+            raise BundleError("wheel(s) not installable on Debian 12 / CPython 3.11 x86_64: "
+                              + ", ".join(bad))
         wheels = []
         for f in files:
             m = WHEEL_RE.match(f.name)
@@ -131,7 +135,8 @@ def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, pyt
         house.parent.mkdir(parents=True, exist_ok=True)
         (tmp / "w").rename(house)
         meta.write_text(json.dumps([{"name": w.name, "version": w.version, "file": w.path.name,
-                                     "sha256": w.sha256, "sdist": w.built_from_sdist} for w in wheels], indent=1))
+                                     "sha256": w.sha256, "sdist": w.built_from_sdist} for w in wheels],
+                                   indent=1))
         return wheels
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +169,8 @@ def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/p
         r = _sh([str(venv / "bin/pip"), "install", "--no-index", "--find-links", str(wheel_dir),
                  "--require-hashes", "-r", str(requirements)], env=clean_env())
         if r.returncode != 0:
-            raise BundleError(f"the wheelhouse does not install offline: {(r.stderr or r.stdout).strip()[-900:]}")
+            tail = (r.stderr or r.stdout).strip()[-900:]
+            raise BundleError(f"the wheelhouse does not install offline: {tail}")
         r = _sh([str(venv / "bin/patroni"), "--version"], env=clean_env())
         if r.returncode != 0:
             raise BundleError(f"patroni --version failed in the offline venv: {r.stderr.strip()[-400:]}")
@@ -172,5 +178,6 @@ def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/p
         r = _sh([str(venv / "bin/python"), "-c", "import psycopg2, etcd; print(psycopg2.__version__)"],
                 env=clean_env())
         if r.returncode != 0:
-            raise BundleError(f"psycopg2/python-etcd do not import in the offline venv: {r.stderr.strip()[-400:]}")
+            raise BundleError("psycopg2/python-etcd do not import in the offline venv: "
+                              + r.stderr.strip()[-400:])
         return out

@@ -32,11 +32,16 @@ def e2e_inventory_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def lab() -> Inventory:
-    """The e2e inventory's hosts, up and answering SSH (created on first use)."""
+def lab_prerequisites_met() -> None:
+    """Skip when this machine cannot run the lab (not root, tools missing)."""
     why = lab_prerequisites()
     if why:
         pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def lab(lab_prerequisites_met) -> Inventory:
+    """The e2e inventory's hosts, up and answering SSH (created on first use)."""
     from runbook.lab import lab as labmod
 
     inv = load_inventory(e2e_inventory_path())

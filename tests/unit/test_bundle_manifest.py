@@ -18,7 +18,8 @@ from runbook.bundle.wheels import Wheel, requirements_txt, tag_ok
 FILES = {
     "etcd/etcd-v3.5.16-linux-amd64.tar.gz": ("etcd", "3.5.16", ("etcd",), b"tarball" * 100),
     "debs/debian12/libpq5_15.10-0+deb12u1_amd64.deb": ("deb", "15.10-0+deb12u1", ("postgres",), b"deb" * 300),
-    "debs/debian12/postgresql-15_15.10-0+deb12u1_amd64.deb": ("deb", "15.10-0+deb12u1", ("postgres",), b"pg" * 50),
+    "debs/debian12/postgresql-15_15.10-0+deb12u1_amd64.deb": ("deb", "15.10-0+deb12u1", ("postgres",),
+                                                              b"pg" * 50),
     "wheels/patroni-4.1.5-py3-none-any.whl": ("wheel", "4.1.5", ("postgres",), b"wheel" * 40),
     REQUIREMENTS: ("meta", "", ("postgres",), b"patroni==4.1.5 --hash=sha256:00\n"),
 }

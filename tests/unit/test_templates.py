@@ -165,7 +165,7 @@ def test_patroni_top_level_walkthrough_values(pcfg) -> None:
     assert pcfg["log"] == {"level": "INFO", "dir": "/data/log/patroni", "file_size": 50000000, "file_num": 10}
     tls = {"cafile": f"{TLS}/ca.crt", "certfile": f"{TLS}/node01.crt", "keyfile": f"{TLS}/node01.key"}
     assert pcfg["restapi"] == {"listen": "0.0.0.0:8008", "connect_address": "node01:8008",
-                               "verify_client": "optional", **tls,
+                               "verify_client": "required", **tls,
                                "authentication": {"username": "patroni",
                                                   "password": "restapi-Pw_0123456789abcdefghij"}}
     assert pcfg["ctl"] == {"cacert": f"{TLS}/ca.crt", "certfile": f"{TLS}/node01.crt",
@@ -263,7 +263,7 @@ def test_pg_hba_custom_networks(inv, secrets) -> None:
 def test_tls_everywhere(pcfg) -> None:
     assert pcfg["etcd3"]["protocol"] == "https"
     assert all(pcfg["restapi"][k] for k in ("cafile", "certfile", "keyfile"))
-    assert pcfg["restapi"]["verify_client"] in ("optional", "required")
+    assert pcfg["restapi"]["verify_client"] == "required"
     assert pcfg["bootstrap"]["dcs"]["postgresql"]["parameters"]["ssl"] == "on"
 
 
