@@ -192,8 +192,9 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
             entries.append(make_entry(stage, REQUIREMENTS, kind="meta", version="", roles=("postgres",),
                                       source="generated: every wheel pinned with --hash"))
             if opts.check_wheels:
+                stamp = wl[0].path.parent / "offline-check.ok" if wl else None
                 patroni = wheels_mod.check_offline(stage / "wheels", stage / REQUIREMENTS, opts.wheel_python,
-                                                   rep.log)
+                                                   rep.log, stamp)
                 notes.append(f"offline install check passed: {patroni}")
         phases["wheels"] = time.monotonic() - t
 

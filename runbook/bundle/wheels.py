@@ -157,8 +157,25 @@ def requirements_txt(wheels: list[Wheel], requirements: tuple[str, ...] = DEFAUL
     return "\n".join(lines) + "\n"
 
 
-def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/python3", log=print) -> str:
-    """Install the wheelhouse into a fresh venv with no index; return `patroni --version`."""
+def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/python3", log=print,
+                  stamp: Path | None = None) -> str:
+    """Install the wheelhouse into a fresh venv with no index; return `patroni --version`.
+
+    ``stamp`` remembers a pass for this exact requirements.txt (every wheel's hash is in it).
+    """
+    key = sha256_file(requirements)
+    if stamp and stamp.is_file():
+        done_key, _, version = stamp.read_text().partition(" ")
+        if done_key == key:
+            log("offline install check: passed before for these exact wheels (cached)")
+            return version.strip()
+    version = _install_offline(wheel_dir, requirements, python, log)
+    if stamp:
+        stamp.write_text(f"{key} {version}\n")
+    return version
+
+
+def _install_offline(wheel_dir: Path, requirements: Path, python: str, log) -> str:
     with tempfile.TemporaryDirectory(prefix="wheelcheck-") as tmpd:
         venv = Path(tmpd) / "venv"
         r = _sh([python, "-m", "venv", str(venv)], env=clean_env())
