@@ -17,13 +17,9 @@ from .sections import all_steps
 HOSTS = "comma-separated host names (required; `local` steps ignore it)"
 
 
-def _hosts(ctx, hosts):
-    if not hosts:
-        raise Exit("error: --hosts is required (e.g. --hosts etcd01)", code=2)
-    try:
-        return ctx.inventory.select(hosts)
-    except InventoryError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
+def _need_hosts(step, hosts):
+    if not hosts and step.role != "local":
+        raise Exit(f"error: --hosts is required for {step.name} (e.g. --hosts etcd01)", code=2)
 
 
 def _step(name):
@@ -86,9 +82,10 @@ def export(c, output=None):
 @task(help={"name": "the step, e.g. etcd.config", "hosts": HOSTS, "note": "why / what was done by hand"})
 def mark_done(c, name, hosts=None, note=None):
     """Record STEP as done by hand on the hosts (mode manual); automation resumes after it."""
-    _step(name)
-    with session(c, "runbook.mark-done") as ctx:
-        selected = ctx.inventory.role("local") if _step(name).role == "local" else _hosts(ctx, hosts)
+    step = _step(name)
+    _need_hosts(step, hosts)
+    with session(c, "runbook.mark-done", hosts=hosts) as ctx:
+        selected = ctx.inventory.role("local") if step.role == "local" else ctx.selected
         _mark_done(ctx, all_steps(), name, selected, note)
         ui.console.print(f"[cyan]{name}[/] recorded as done by hand on {', '.join(h.name for h in selected)}")
 
@@ -99,8 +96,9 @@ def mark_done(c, name, hosts=None, note=None):
 def rollback(c, name, hosts=None, cascade=False, destroy_data=False):
     """Run a step's undo on the hosts; refused while later steps are done there unless --cascade."""
     step = _step(name)
-    with session(c, "runbook.rollback", options=Options(destroy_data=destroy_data)) as ctx:
-        selected = ctx.inventory.role("local") if step.role == "local" else _hosts(ctx, hosts)
+    _need_hosts(step, hosts)
+    with session(c, "runbook.rollback", options=Options(destroy_data=destroy_data), hosts=hosts) as ctx:
+        selected = ctx.inventory.role("local") if step.role == "local" else ctx.selected
         undone = _rollback(ctx, all_steps(), name, selected, cascade)
         for h, s in undone:
             ui.console.print(f"[blue]rolled back[/] {s} on {h}")
@@ -110,8 +108,9 @@ def rollback(c, name, hosts=None, cascade=False, destroy_data=False):
 def forget(c, name, hosts=None):
     """Drop the ledger record of STEP on the hosts; nothing on the hosts is touched."""
     step = _step(name)
-    with session(c, "runbook.forget") as ctx:
-        selected = ctx.inventory.role("local") if step.role == "local" else _hosts(ctx, hosts)
+    _need_hosts(step, hosts)
+    with session(c, "runbook.forget", hosts=hosts) as ctx:
+        selected = ctx.inventory.role("local") if step.role == "local" else ctx.selected
         for h in selected:
             gone = ctx.ledger.forget(h.name, name)
             ui.console.print(f"{name} on {h.name}: {'forgotten' if gone else 'no record'}")

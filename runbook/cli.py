@@ -1,6 +1,7 @@
 """Invoke glue: configuration, the run session (inventory, ledger, lock, transport) and task factories."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -17,6 +18,8 @@ from .engine import Quit, RunFailed, apply
 from .inventory import Inventory, InventoryError, load_inventory
 from .ledger import Ledger, LedgerLocked
 from .transport import SshTransport, TransportError
+
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # its tracebacks duplicate our TransportError
 
 DEFAULTS = {"inventory": "hosts.yml", "state_dir": "state", "bundle_dir": "bundle", "parallel": 16}
 
@@ -48,14 +51,20 @@ def state_dir(c, inv: Inventory) -> Path:
 
 
 @contextmanager
-def session(c, command: str, *, lock: bool = True, options: Options | None = None) -> Iterator[Ctx]:
-    """Load and validate the inventory first (nothing connects before that), then open ledger + lock."""
+def session(c, command: str, *, lock: bool = True, options: Options | None = None,
+            hosts: str | None = None) -> Iterator[Ctx]:
+    """Validate the inventory and --hosts first (nothing connects, nothing is recorded before that),
+    then open the ledger and take the run lock. ctx.selected holds the selected hosts."""
     inv = inventory_of(c)
+    try:
+        selected = inv.select(hosts)
+    except InventoryError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
     sd = state_dir(c, inv)
     bundle = Path(setting(c, "bundle_dir"))
     ctx = Ctx(inventory=inv, transport=SshTransport(), state_dir=sd,
               bundle_dir=bundle if bundle.is_absolute() else Path.cwd() / bundle,
-              options=options or Options(parallel=int(setting(c, "parallel"))))
+              options=options or Options(parallel=int(setting(c, "parallel"))), selected=selected)
     ledger = Ledger(sd / f"{inv.cluster.name}.db", redact=ctx.redact)
     ctx.ledger = ledger
     if lock:
@@ -72,6 +81,9 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
     except RunFailed as exc:
         summary = str(exc)
         raise Exit(f"\n{ctx.redact(summary)}", code=1) from None
+    except Exit as exc:
+        summary = str(exc.message or "")
+        raise
     except Quit as exc:
         outcome, summary = "quit", str(exc)
         raise Exit(str(exc), code=4) from None
@@ -93,13 +105,9 @@ def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, 
     if os.environ.get("RUNBOOK_STEP_ANSWERS"):
         answers = iter(os.environ["RUNBOOK_STEP_ANSWERS"].split(","))
         opts.answer = lambda _name: next(answers, "quit")
-    with session(c, command, lock=not dry, options=opts) as ctx:
-        try:
-            selected = ctx.inventory.select(hosts)
-        except InventoryError as exc:
-            raise Exit(f"error: {exc}", code=2) from None
+    with session(c, command, lock=not dry, options=opts, hosts=hosts) as ctx:
         t0 = time.monotonic()
-        report = apply(ctx, steps, selected)
+        report = apply(ctx, steps, ctx.selected)
         if dry:
             show_plan(ctx, report)
             return

@@ -87,7 +87,9 @@ def cluster_status(c):
 
 def section_collection(name: str, doc: str) -> Collection:
     col = Collection(name)
-    col.add_task(section_install(name, lambda: section_steps(name), doc), name="install", default=False)
+    # A section needs the bundle on its hosts: the (idempotent, cheap when done) push steps come first.
+    col.add_task(section_install(name, lambda: section_steps("bundle") + section_steps(name), doc),
+                 name="install", default=False)
     return col
 
 

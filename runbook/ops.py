@@ -95,6 +95,9 @@ def file_diffs(ctx: Ctx, dec: Decision) -> list[str]:
         new = a.content.decode(errors="replace")
         if current == new:
             continue
+        if a.local_copy:  # a private key: say that it differs, never show it
+            out.append(f"--- {dec.host.name}:{a.path}: differs from {a.local_copy} (content not shown)")
+            continue
         if a.secret:
             current, new = ctx.redact(current), ctx.redact(new)
         out.append("".join(difflib.unified_diff(current.splitlines(True), new.splitlines(True),

@@ -1,7 +1,8 @@
 """Assemble the air-gapped bundle: etcd tarball + .deb closure + wheelhouse + manifest.json.
 
-Everything is staged in a sibling directory and swapped in at the end, so an interrupted build
-never leaves a half-written bundle behind the manifest. Downloads live in the cache
+Everything is staged in ``<bundle>/.staging`` (inside the bundle directory, so the same
+git-ignore rule covers it) and swapped in at the end, manifest.json last: an interrupted build
+never leaves a half-written bundle behind a manifest. Downloads live in the cache
 (``$RUNBOOK_CACHE``, default /var/cache/pg-ha-runbook) so a rebuild is fast.
 """
 from __future__ import annotations
@@ -117,17 +118,44 @@ def base_tree(cache: Path, log: Callable[[str], None], wait_s: float = 900) -> P
     return ensure_base_tree(cache, log=log)
 
 
-def _swap_in(stage: Path, dest: Path) -> None:
+STAGE, OLD = ".staging", ".old"  # inside the bundle dir, so whatever ignores the bundle ignores them
+
+
+def _prepare(dest: Path) -> Path:
+    """Check ``dest`` is a bundle (or absent/empty), clear leftovers, return a fresh staging dir in it."""
     if dest.exists():
-        if not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST).exists()):
-            raise BundleError(f"{dest}: exists and is not a bundle (no {MANIFEST}); refusing to replace it — "
-                              "move it away or choose another runbook.bundle_dir")
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-        stage.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(dest)
+        if not dest.is_dir():
+            raise BundleError(f"{dest}: exists and is not a directory; move it away or choose another "
+                              "runbook.bundle_dir")
+        mine = {STAGE, OLD, MANIFEST}
+        if any(p.name not in mine for p in dest.iterdir()) and not (dest / MANIFEST).exists():
+            raise BundleError(f"{dest}: exists and is not a bundle (no {MANIFEST}); refusing to replace it "
+                              "— move it away or choose another runbook.bundle_dir")
+    for leftover in (STAGE, OLD):
+        shutil.rmtree(dest / leftover, ignore_errors=True)
+    stage = dest / STAGE
+    stage.mkdir(parents=True)
+    return stage
+
+
+def _swap_in(stage: Path, dest: Path) -> None:
+    """Replace dest's content with stage's: old manifest out first, new manifest in last.
+
+    A crash in between leaves a directory without manifest.json, which verify reports as such.
+    """
+    old = dest / OLD
+    old.mkdir()
+    if (dest / MANIFEST).exists():
+        (dest / MANIFEST).rename(old / MANIFEST)
+    for p in dest.iterdir():
+        if p.name not in (STAGE, OLD):
+            p.rename(old / p.name)
+    for p in stage.iterdir():
+        if p.name != MANIFEST:
+            p.rename(dest / p.name)
+    (stage / MANIFEST).rename(dest / MANIFEST)
+    shutil.rmtree(old, ignore_errors=True)
+    stage.rmdir()
 
 
 def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult:
@@ -137,11 +165,8 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
     phases: dict[str, float] = {}
     notes: list[str] = []
     dest = Path(opts.bundle_dir).resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     opts.cache.mkdir(parents=True, exist_ok=True)
-    stage = dest.with_name(f".{dest.name}.new-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    stage = _prepare(dest)
     entries: list[Entry] = []
     patroni = ""
     try:
@@ -175,7 +200,8 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
                 (stage / rel).write_text(debs_mod.rhel_commands(opts.pg_major, opts.os_name))
                 entries.append(make_entry(stage, rel, kind="meta", version="", source="rendered (untested)",
                                           roles=("postgres",)))
-                notes.append(f"WARNING: {opts.os_name}: no packages collected; {rel} is an UNTESTED recipe")
+                notes.append(f"WARNING: {opts.os_name}: no packages collected; {rel} is an UNTESTED recipe; "
+                             "the wheels target CPython 3.11 (Debian 12), not RHEL's python3")
         phases["packages"] = time.monotonic() - t
 
         t = time.monotonic()

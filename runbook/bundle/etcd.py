@@ -69,7 +69,8 @@ def from_file(path: Path, expected_sha256: str | None = None) -> EtcdTarball:
     version = version_of(path)
     digest = sha256_file(path)
     if expected_sha256 and digest != expected_sha256.lower():
-        raise BundleError(f"{path}: sha256 {digest} does not match runbook.etcd_sha256 {expected_sha256}; "
+        raise BundleError(f"{path}: sha256 {digest} does not match the expected sha256 {expected_sha256} "
+                          "(--etcd-sha256 / runbook.etcd_sha256); "
                           "the file is corrupt or not the release you configured")
     check_layout(path, version)
     return EtcdTarball(path=path, version=version, sha256=digest, source=f"file:{path}")
@@ -78,8 +79,8 @@ def from_file(path: Path, expected_sha256: str | None = None) -> EtcdTarball:
 def from_url(url: str, sha256: str, cache: Path, log=print) -> EtcdTarball:
     """Download once into the cache (re-used while its sha256 matches)."""
     if not sha256:
-        raise BundleError(f"runbook.etcd_url is set ({url}) but runbook.etcd_sha256 is not; "
-                          "set it from the release's SHA256SUMS")
+        raise BundleError(f"runbook.etcd_url is set ({url}) but no sha256 is "
+                          "(--etcd-sha256 / runbook.etcd_sha256); set it from the release's SHA256SUMS")
     name = url.rstrip("/").rsplit("/", 1)[-1]
     dest = cache / "etcd" / name
     version = version_of(dest)
@@ -97,7 +98,8 @@ def from_url(url: str, sha256: str, cache: Path, log=print) -> EtcdTarball:
         got = sha256_file(tmp)
         if got != sha256.lower():
             tmp.unlink()
-            raise BundleError(f"{url}: sha256 {got} != runbook.etcd_sha256 {sha256}; refusing it")
+            raise BundleError(f"{url}: sha256 {got} != the expected sha256 {sha256} "
+                              "(--etcd-sha256 / runbook.etcd_sha256); refusing it")
         tmp.replace(dest)
     check_layout(dest, version)
     return EtcdTarball(path=dest, version=version, sha256=sha256.lower(), source=url)

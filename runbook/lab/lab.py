@@ -10,10 +10,10 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from runbook.inventory import Host, Inventory
 from runbook.lab import net
@@ -127,11 +127,15 @@ def wait_ssh(inv: Inventory, h: Host, timeout: float = SSH_WAIT) -> float:
         time.sleep(0.2)
     last = ""
     for _ in range(200):
-        p = subprocess.run(ssh_argv(inv, h, "true"), capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                           timeout=15)
-        if p.returncode == 0:
-            return time.monotonic() - t0
-        last = p.stderr.strip()
+        try:
+            p = subprocess.run(ssh_argv(inv, h, "true"), check=False, capture_output=True, text=True,
+                               stdin=subprocess.DEVNULL, timeout=15)
+        except subprocess.TimeoutExpired:
+            last = "ssh timed out after 15 s"
+        else:
+            if p.returncode == 0:
+                return time.monotonic() - t0
+            last = p.stderr.strip()
         if time.monotonic() > deadline:
             break
         time.sleep(0.3)
@@ -157,6 +161,7 @@ def _clean(m: Machine, log: Log) -> list[str]:
     m.umount()
     net.delete_host_net(m.name)
     m.pidfile.unlink(missing_ok=True)
+    m.remove_cgroups()
     if stale:
         log(f"{m.name}: repaired ({'; '.join(stale)})")
     return stale
@@ -185,8 +190,9 @@ def _boot_one(inv: Inventory, h: Host, base: Path, pubkey: str, subnet, br: str,
 def up(inv: Inventory, names: list[str] | None = None, log: Log = _quiet) -> dict[str, str]:
     """Bring the inventory's hosts (or NAMES) up; return {name: what happened}."""
     hosts = [inv.get(n) for n in names] if names else list(inv.hosts)
+    subnet = net.lab_subnet([h.address for h in inv.hosts])
+    _ssh_paths(inv)
     with lab_lock(inv):
-        subnet = net.lab_subnet([h.address for h in inv.hosts])
         base = ensure_base_tree(log=log)
         pubkey = ensure_lab_key(inv, log)
         br = net.ensure_bridge(subnet)
@@ -217,6 +223,7 @@ def _down_one(m: Machine, keep_disks: bool) -> str:
     m.umount()
     net.delete_host_net(m.name)
     m.pidfile.unlink(missing_ok=True)
+    m.remove_cgroups()
     if not keep_disks and m.state.exists():
         m.remove_disk()
         return "removed"
@@ -254,6 +261,7 @@ def kill(inv: Inventory, name: str, log: Log = _quiet) -> str:
         killed = m.hard_kill()
         m.umount()
         net.delete_host_net(h.name)
+        m.remove_cgroups()
     return "killed" if killed else "already off"
 
 

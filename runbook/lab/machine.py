@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from runbook.lab.net import LabError, netns_exists, netns_pids
 
+CGROUP_GROUP = "pg-ha-lab"  # each container gets <hierarchy>/pg-ha-lab/<name>, never a shared one
 STOP_TIMEOUT = 20.0  # orderly shutdown after SIGTERM to nspawn (~4 s measured)
 KILL_TIMEOUT = 10.0
 
@@ -26,7 +28,7 @@ def lab_dir(inventory_path: Path) -> Path:
 
 
 def _sh(*args: str, what: str) -> str:
-    p = subprocess.run(list(args), capture_output=True, text=True)
+    p = subprocess.run(list(args), check=False, capture_output=True, text=True)
     if p.returncode != 0:
         raise LabError(f"{what}: {' '.join(args)} failed ({p.returncode}): {(p.stderr or p.stdout).strip()}")
     return p.stdout
@@ -57,6 +59,17 @@ def _start_time(pid: int) -> float | None:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cgroup_roots() -> list[Path]:
+    """Hierarchies systemd-nspawn places a container in: cgroup2, and the legacy name=systemd one."""
+    roots = []
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype, opts = line.split()[:4]
+            if fstype == "cgroup2" or (fstype == "cgroup" and "name=systemd" in opts.split(",")):
+                roots.append(Path(mnt))
+    return roots
+
+
 def _wait_gone(pids: list[int], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -73,7 +86,7 @@ class Machine:
     state: Path  # state/lab/hosts/<name>
 
     @classmethod
-    def of(cls, inventory_path: Path, name: str, address: str = "") -> "Machine":
+    def of(cls, inventory_path: Path, name: str, address: str = "") -> Machine:
         return cls(name, address, lab_dir(inventory_path) / "hosts" / name)
 
     root = property(lambda s: s.state / "root")
@@ -203,13 +216,43 @@ class Machine:
                 keys.append(f"{parts[0]} {parts[1]}")
         return sorted(keys, key=lambda k: order.get(k.split()[0], 9))
 
+    def cgroups(self) -> list[Path]:
+        return [r / CGROUP_GROUP / self.name for r in cgroup_roots()]
+
+    def remove_cgroups(self) -> None:
+        """rmdir the host's cgroup trees bottom-up (they hold no process once the container is gone)."""
+        for top in self.cgroups():
+            for _ in range(30):  # bounded: the kernel may take a moment to empty the last cgroup
+                try:
+                    for dirpath, _dirs, _files in os.walk(top, topdown=False):
+                        os.rmdir(dirpath)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise LabError(f"{self.name}: cannot remove cgroup {top}: still busy")
+            try:
+                top.parent.rmdir()  # the shared pg-ha-lab group, once no host uses it
+            except OSError:
+                pass
+
     # -- power ---------------------------------------------------------------------------------
     def boot(self) -> int:
         """Start systemd-nspawn detached (its own session, reparented to init); return its pid."""
         if not netns_exists(self.name):
             raise LabError(f"{self.name}: netns missing; cannot boot")
         self.pidfile.unlink(missing_ok=True)
-        cmd = ["setsid", "-f", "sh", "-c", 'echo $$ >"$0"; exec "$@"', str(self.pidfile),
+        # --keep-unit puts the container under nspawn's own cgroup: without a cgroup per host, every
+        # container's systemd would share (and remove) the same /payload/system.slice/... directories.
+        self.remove_cgroups()
+        script = ""
+        for cg in self.cgroups():
+            cg.mkdir(parents=True, exist_ok=True)
+            script += f"echo $$ > {shlex.quote(str(cg / 'cgroup.procs'))} && "
+        script += f'echo $$ > {shlex.quote(str(self.pidfile))} && exec "$@"'
+        cmd = ["setsid", "-f", "sh", "-c", script, "sh",
                "systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit", "-M", self.name,
                f"--network-namespace-path=/run/netns/{self.name}", "--resolv-conf=off", "--timezone=off",
                "--link-journal=no", "--console=read-only"]

@@ -22,7 +22,7 @@ class LabError(Exception):
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run `ip ARGS`; on failure raise LabError carrying ip's own message."""
-    p = subprocess.run(["ip", *args], capture_output=True, text=True)
+    p = subprocess.run(["ip", *args], check=False, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise LabError(f"ip {' '.join(args)}: {p.stderr.strip() or p.stdout.strip()}")
     return p

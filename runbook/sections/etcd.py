@@ -64,9 +64,9 @@ def binaries(ctx: Ctx, host: Host) -> list:
     t = _tarball(ctx)
     bindir = ctx.paths.etcd_bin_dir
     d = t.path.rsplit("/", 1)[-1].removesuffix(".tar.gz")
-    return [Run(f"echo '{t.sha256}  {remote(t)}' | sha256sum --quiet -c - && tmp=$(mktemp -d) && "
-                f"tar -xzf {remote(t)} -C $tmp && for b in etcd etcdctl etcdutl; do "
-                f"[ -f $tmp/{d}/$b ] && install -m 0755 $tmp/{d}/$b {bindir}/$b; done; rm -rf $tmp"),
+    return [Run(f"set -e; echo '{t.sha256}  {remote(t)}' | sha256sum --quiet -c -; tmp=$(mktemp -d); "
+                f"tar -xzf {remote(t)} -C $tmp; for b in etcd etcdctl etcdutl; do "
+                f"if [ -f $tmp/{d}/$b ]; then install -m 0755 $tmp/{d}/$b {bindir}/$b; fi; done; rm -rf $tmp"),
             Run(f"{bindir}/etcd --version | grep -qF 'etcd Version: {_version(ctx)}'")]
 
 

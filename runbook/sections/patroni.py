@@ -22,10 +22,9 @@ def patronictl(ctx: Ctx, args: str) -> str:
 
 def member_ok(ctx: Ctx, host: Host, leader: bool = False) -> str:
     """rc 0 when the member is the running leader (leader=True) or a running leader / streaming replica."""
+    accept = "r == 'Leader' and s == 'running'" + ("" if leader else " or s == 'streaming'")
     py = ("import json,sys; m={x['Member']: x for x in json.load(sys.stdin)}.get(sys.argv[1]) or {}; "
-          "r, s = m.get('Role', ''), m.get('State', ''); "
-          f"ok = r == 'Leader' and s == 'running' {'' if leader else 'or s == \"streaming\"'}; "
-          "sys.exit(0 if ok else 1)")
+          f"r, s = m.get('Role', ''), m.get('State', ''); sys.exit(0 if {accept} else 1)")
     return (f"{patronictl(ctx, 'list -f json')} | {ctx.paths.patroni_venv}/bin/python -c "
             f"{shlex.quote(py)} {member_name(host)}")
 
@@ -206,8 +205,9 @@ def roles(ctx: Ctx, host: Host) -> list:
     """Roles: replication, rewind and admin roles exist with their passwords (on the primary)
     Patroni creates them during bootstrap; a bootstrap interrupted before that left a cluster
     without them and replicas failing forever: this step detects and repairs it."""
-    return [Run(f"if [ \"$({psql(ctx, '-tAc \"select pg_is_in_recovery()\"')})\" = f ]; then "
-                f"{psql(ctx, '-v ON_ERROR_STOP=1 -f -')}; fi", user="postgres", stdin=roles_sql(ctx))]
+    in_recovery = psql(ctx, "-tAc 'select pg_is_in_recovery()'")
+    apply_sql = psql(ctx, "-v ON_ERROR_STOP=1 -f -")
+    return [Run(f'if [ "$({in_recovery})" = f ]; then {apply_sql}; fi', user="postgres", stdin=roles_sql(ctx))]
 
 
 @roles.check

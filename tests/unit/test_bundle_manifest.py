@@ -179,3 +179,16 @@ def test_wheel_tags_and_requirements(tmp_path: Path) -> None:
     txt = requirements_txt(ws, ("patroni[etcd3]==4.1.5",))
     assert f"patroni[etcd3]==4.1.5 --hash=sha256:{'a' * 64}" in txt
     assert f"python-etcd==0.4.5 --hash=sha256:{'b' * 64}" in txt
+
+
+def test_every_bundle_task_documents_every_parameter() -> None:
+    import inspect
+
+    from runbook.bundle.tasks import ns
+
+    assert sorted(ns.task_names) == ["build", "etcd-from-debian", "verify"]
+    for name in ns.task_names:
+        t = ns[name]
+        assert (t.__doc__ or "").strip(), name
+        params = list(inspect.signature(t.body).parameters)[1:]
+        assert sorted(params) == sorted(t.help), name
