@@ -29,8 +29,7 @@ class Ctx:
     options: Options = field(default_factory=Options)
     local: Transport = field(default_factory=LocalTransport)
     ledger: object = None  # runbook.ledger.Ledger, set by the engine
-    facts: dict = field(default_factory=dict)
-    selected: list = field(default_factory=list)  # the hosts --hosts selected (all by default)  # per-run memo (e.g. which etcd hosts answered)
+    selected: list = field(default_factory=list)  # the hosts --hosts selected (all by default)
 
     def transport_for(self, host: Host) -> Transport:
         return self.local if host.name == LOCAL.name else self.transport

@@ -132,7 +132,7 @@ def _rolling(c, verb: str) -> None:
             ctx.ledger.event(h.name, f"patroni.{verb}", "run", f"{verb} {m.name}", r.rc, r.stdout, r.stderr)
             if not r.ok:
                 raise Exit(f"{verb} of {m.name} failed: {r.stderr.strip() or r.stdout.strip()}", code=1)
-            ok = wait(lambda: any(x.name == m.name and (x.is_leader or x.streaming) for x in members(ctx)), 120, 1)
+            ok = wait(lambda m=m: any(x.name == m.name and (x.is_leader or x.streaming) for x in members(ctx)), 120, 1)
             if not ok:
                 raise Exit(f"{m.name} did not come back (running/streaming) within 120 s; stopping here", code=1)
             ui.console.print(f"  [green]✓[/] {verb} {m.name} ({m.role}) {time.monotonic() - t0:.1f}s")

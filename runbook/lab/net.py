@@ -56,6 +56,13 @@ def veth_name(host: str) -> str:
     return f"vl-{host[:6]}{hashlib.sha256(host.encode()).hexdigest()[:6]}"
 
 
+def mac(*parts: str) -> str:
+    """A stable locally administered unicast MAC: a host keeps its NIC's MAC across kill/start (as real
+    hardware does), so neighbours' ARP caches stay right instead of black-holing it for ~30-45 s."""
+    h = hashlib.sha256("/".join(parts).encode()).hexdigest()
+    return "02:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
+
+
 def link_exists(name: str, netns: str | None = None) -> bool:
     args = (["-n", netns] if netns else []) + ["link", "show", "dev", name]
     return ip(*args, check=False).returncode == 0
@@ -97,6 +104,8 @@ def ensure_bridge(net: ipaddress.IPv4Network) -> str:
     gw = f"{net.network_address + 1}/{net.prefixlen}"
     if not link_exists(br):
         ip("link", "add", br, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+    if (link_info(br) or {}).get("address") != mac("bridge", br):  # else it takes a port's MAC, which changes
+        ip("link", "set", br, "address", mac("bridge", br))
     addrs = json.loads(ip("-j", "-4", "addr", "show", "dev", br).stdout or "[]")
     have = {f"{a['local']}/{a['prefixlen']}" for d in addrs for a in d.get("addr_info", [])}
     if gw not in have:
@@ -149,7 +158,11 @@ def ensure_host_net(name: str, address: str, net: ipaddress.IPv4Network, br: str
     if not link_exists("eth0", name):
         if link_exists(veth):  # orphaned root end (its peer died with an older netns)
             ip("link", "del", veth)
-        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", name)
+        ip("link", "add", veth, "address", mac("veth", name), "type", "veth",
+           "peer", "name", "eth0", "address", mac("eth0", name), "netns", name)
+    eth0 = json.loads(ip("-n", name, "-j", "link", "show", "dev", "eth0").stdout or "[{}]")[0]
+    if eth0.get("address") != mac("eth0", name):
+        ip("-n", name, "link", "set", "eth0", "address", mac("eth0", name))
     want = f"{address}/{net.prefixlen}"
     addrs = json.loads(ip("-n", name, "-j", "-4", "addr", "show", "dev", "eth0").stdout or "[]")
     have = [f"{a['local']}/{a['prefixlen']}" for d in addrs for a in d.get("addr_info", [])]

@@ -14,8 +14,6 @@ REMOTE_BUNDLE = "/opt/runbook-bundle"  # where the push step puts the bundle on 
 
 
 def manifest(ctx: Ctx):
-    from ..bundle.manifest import load_manifest
-
     return _manifest(str(ctx.bundle_dir))
 
 

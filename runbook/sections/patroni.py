@@ -235,3 +235,19 @@ def _replicas_undo(ctx: Ctx, host: Host) -> list:
 
 
 __all__ = ["section", "REMOTE_BUNDLE"]
+
+
+@validate.check
+def _validate_check(ctx: Ctx, host: Host) -> str:
+    return f"sudo -u postgres {ctx.paths.patroni_venv}/bin/patroni --validate-config --ignore-listen-port " \
+           f"{ctx.paths.patroni_conf} >/dev/null"
+
+
+@validate.undo
+def _validate_undo(ctx: Ctx, host: Host) -> list:
+    return []  # a probe: nothing to revert
+
+
+@roles.undo
+def _roles_undo(ctx: Ctx, host: Host) -> list:
+    return []  # the roles stay: dropping them would break replication and rewind

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from ..context import Ctx
 from ..inventory import Host
-from ..step import Local, Run, Section, Upload
+from ..step import Local, Put, Run, Section, Upload
 from .common import REMOTE_BUNDLE, manifest, remote, sums
 
+SUMS = f"{REMOTE_BUNDLE}/SHA256SUMS"  # what this host should hold, checked on every run
 section = Section("bundle", 10, "Push the offline bundle to the hosts")
 
 
@@ -47,14 +48,12 @@ def push(ctx: Ctx, host: Host) -> list:
     entries = manifest(ctx).files_for(set(host.roles))
     return ([Run(f"install -d -m 0755 {REMOTE_BUNDLE}")]
             + [Upload(manifest(ctx).path(e), remote(e), e.sha256, e.size) for e in entries]
-            + [Run("sha256sum --quiet -c -", stdin=sums(entries))])
+            + [Put(SUMS, sums(entries)), Run(f"sha256sum --quiet -c {SUMS}")])
 
 
 @push.check
 def _push_check(ctx: Ctx, host: Host) -> str:
-    entries = manifest(ctx).files_for(set(host.roles))
-    lines = "".join(f"{e.sha256}  {remote(e)}\\n" for e in entries)
-    return f"printf '{lines}' | sha256sum --quiet -c - >/dev/null 2>&1"
+    return f"sha256sum --quiet -c {SUMS} >/dev/null 2>&1"
 
 
 @push.undo

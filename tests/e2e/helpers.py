@@ -1,0 +1,78 @@
+"""Helpers for the cluster scenarios: run `inv` as an operator would, read the ledger, poll with budgets."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+INV = str(REPO / ".venv/bin/inv")
+SCALE = float(os.environ.get("RUNBOOK_TIMEOUT_SCALE", "1"))  # slow CI: multiply every budget
+
+
+def env(state: Path, inventory: Path | None = None) -> dict:
+    e = dict(os.environ, INVOKE_RUNBOOK_STATE_DIR=str(state), COLUMNS="160")
+    if inventory:
+        e["INVOKE_RUNBOOK_INVENTORY"] = str(inventory)
+    return e
+
+
+def inv(state: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run([INV, *args], cwd=REPO, env=env(state), capture_output=True, text=True,
+                       timeout=timeout * SCALE, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"inv {' '.join(args)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def executed(out: str) -> int:
+    m = re.search(r"(\d+) \(host, step\) executed", out)
+    assert m, f"no summary line in:\n{out[-2000:]}"
+    return int(m.group(1))
+
+
+def ledger(state: Path, cluster: str = "patroni_cluster") -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{state / (cluster + '.db')}?mode=ro", uri=True, timeout=5)
+
+
+def kill_when(state: Path, args: list[str], sql: str, budget: float = 600) -> None:
+    """Start `inv args`, SIGKILL its whole process group as soon as `sql` returns a row in the ledger."""
+    p = subprocess.Popen([INV, *args], cwd=REPO, env=env(state), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + budget * SCALE
+    try:
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise AssertionError(f"inv {' '.join(args)} ended (rc {p.returncode}) before the kill point")
+            try:
+                with ledger(state) as db:
+                    if db.execute(sql).fetchone():
+                        break
+            except sqlite3.OperationalError:
+                pass  # the ledger is not created yet
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"kill point not reached within {budget}s: {sql}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+
+
+def wait_for(fn, seconds: float, interval: float = 1.0):
+    deadline = time.monotonic() + seconds * SCALE
+    last = None
+    while True:
+        try:
+            last = fn()
+        except Exception as exc:  # keep polling; report the last error on timeout
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {seconds}s (last: {last!r})")
+        time.sleep(interval)

@@ -1,0 +1,256 @@
+"""Scenarios on real hosts: bare lab hosts -> etcd over TLS -> PostgreSQL + Patroni -> switchover.
+
+The tests of this module run in order and share one cluster, like an operator's day:
+install (killed and resumed), converge again (0 steps), prove TLS and secrets, switch over under a
+writer, lose an etcd member. Every wait is a poll with a budget (RUNBOOK_TIMEOUT_SCALE stretches them).
+"""
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psycopg
+import pytest
+import yaml
+
+from helpers import executed, inv, kill_when, ledger, wait_for
+
+pytestmark = pytest.mark.e2e
+ETCD = "etcd01,etcd02,etcd03"
+
+
+@pytest.fixture(scope="module")
+def cluster(lab, tmp_path_factory):
+    """Bare lab hosts (recreated), the bundle, and an empty state dir for this module's runbook."""
+    from runbook.lab import lab as labmod
+
+    labmod.down(lab)
+    labmod.up(lab)
+    state = tmp_path_factory.mktemp("runbook") / "state"
+    inv(state, "bundle.build", timeout=1200)
+    return lab, state
+
+
+@pytest.fixture(scope="module")
+def tr(cluster):
+    """This module's own SSH transport (its hosts are recreated, so no session-wide connections)."""
+    from runbook.transport import SshTransport
+
+    t = SshTransport()
+    yield t
+    t.close()
+
+
+def sh(tr, inventory, host, cmd, user="root"):
+    return tr.run(inventory.get(host), cmd, user=user, timeout=120)
+
+
+def test_etcd_install_killed_midway_then_resumed(cluster):
+    inventory, state = cluster
+    kill_when(state, ["etcd.install", "--hosts", ETCD],
+              "select 1 from checkpoints where step = 'etcd.tls' and status in ('running', 'done')")
+    with ledger(state) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("select count(*) from checkpoints where step = 'etcd.start'").fetchone()[0] == 0
+    out = inv(state, "etcd.install", "--hosts", ETCD).stdout
+    assert "took over a run lock left by a dead process" in out
+    assert executed(out) > 0
+    inv(state, "etcd.health")
+    status = inv(state, "etcd.status").stdout
+    assert status.count("https://etcd0") >= 3 and "down" not in status
+
+
+def test_etcd_install_again_executes_nothing(cluster):
+    _, state = cluster
+    assert executed(inv(state, "etcd.install", "--hosts", ETCD).stdout) == 0
+
+
+def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_path):
+    inventory, state = cluster
+    from runbook.pki import ensure_ca, ensure_host_cert
+
+    tls = "/etc/etcd/tls"
+    base = "ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s"
+    ok = sh(tr, inventory, "etcd01",
+            f"{base} --cacert={tls}/ca.crt --cert={tls}/etcd01.crt --key={tls}/etcd01.key "
+            "--endpoints=https://etcd02:2379 put /probe ok")
+    assert ok.ok, ok.stderr
+    plain = sh(tr, inventory, "etcd01", f"{base} --endpoints=http://etcd02:2379 get /probe")
+    assert not plain.ok
+    nocert = sh(tr, inventory, "etcd01",
+                f"{base} --cacert={tls}/ca.crt --endpoints=https://etcd02:2379 get /probe")
+    assert not nocert.ok and ("bad certificate" in nocert.stderr or "certificate required" in nocert.stderr
+                              or "deadline exceeded" in nocert.stderr), nocert.stderr
+    ca = ensure_ca(tmp_path / "foreign", common_name="foreign CA")
+    crt, key, _ = ensure_host_cert(tmp_path / "foreign", ca, "etcd01", ["etcd01"], ["192.168.60.141"])
+    t = inventory.get("etcd01")
+    for src, dst in ((crt, "/tmp/foreign.crt"), (key, "/tmp/foreign.key")):
+        tr.put(t, dst, src.read_bytes(), mode="0600")
+    foreign = sh(tr, inventory, "etcd01",
+                 f"{base} --cacert={tls}/ca.crt --cert=/tmp/foreign.crt --key=/tmp/foreign.key "
+                 "--endpoints=https://etcd02:2379 get /probe")
+    assert not foreign.ok
+
+
+def test_etcd_files_modes_and_owners(cluster, tr):
+    inventory, _ = cluster
+    for h in ("etcd01", "etcd02", "etcd03"):
+        r = sh(tr, inventory, h, f"stat -c '%n %a %U' /etc/etcd/tls /etc/etcd/tls/{h}.key /var/lib/etcd; "
+                                            "getent passwd etcd | cut -d: -f7; systemctl show -p User etcd")
+        lines = r.stdout.split("\n")
+        assert lines[0] == "/etc/etcd/tls 750 etcd"
+        assert lines[1] == f"/etc/etcd/tls/{h}.key 600 etcd"
+        assert lines[2] == "/var/lib/etcd 700 etcd"
+        assert lines[3].endswith("nologin") and lines[4] == "User=etcd"
+
+
+def test_cluster_up_killed_in_patroni_section_then_resumed(cluster):
+    _, state = cluster
+    kill_when(state, ["cluster.up"],
+              "select 1 from checkpoints where step = 'patroni.wheels' and status = 'running'", budget=900)
+    out = inv(state, "cluster.up", timeout=1500).stdout
+    assert "cluster.verify" in out
+    st = inv(state, "cluster.status").stdout
+    assert "Leader" in st and "streaming" in st
+
+
+def test_second_cluster_up_executes_nothing(cluster):
+    _, state = cluster
+    assert executed(inv(state, "cluster.up").stdout) == 0
+    with ledger(state) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _secrets(state):
+    return yaml.safe_load((state / "secrets.yml").read_text())
+
+
+def _dsn(state, hosts="192.168.60.131,192.168.60.132", user="admin", sslmode="verify-ca", **kw):
+    s = _secrets(state)
+    pw = kw.pop("password", s["admin"]["password"] if user == "admin" else None)
+    parts = dict(host=hosts, port="5432", dbname="postgres", user=user, password=pw, sslmode=sslmode,
+                 sslrootcert=str(state / "pki/ca.crt"), connect_timeout="3", target_session_attrs="read-write")
+    parts.update(kw)
+    return " ".join(f"{k}={v}" for k, v in parts.items() if v is not None)
+
+
+def test_secrets_and_keys_are_0600_and_owned_by_service_users(cluster, tr):
+    inventory, state = cluster
+    assert (state / "secrets.yml").stat().st_mode & 0o777 == 0o600
+    assert (state / "pki/ca.key").stat().st_mode & 0o777 == 0o600
+    for h in ("node01", "node02"):
+        r = sh(tr, inventory, h, f"stat -c '%a %U' /opt/patroni/.tls/{h}.key /etc/patroni/config.yml "
+                                            "/etc/patroni/post_bootstrap.sh; systemctl show -p User patroni")
+        assert r.stdout.split("\n")[:4] == ["600 postgres", "600 postgres", "700 postgres", "User=postgres"]
+    secrets = [v["password"] for v in _secrets(state).values()]
+    with ledger(state) as db:
+        dump = "\n".join(db.iterdump())
+    assert not [s for s in secrets if s in dump]
+    journal = sh(tr, inventory, "node01", "journalctl --no-pager -u patroni; cat /data/log/*.log "
+                                                      "/data/log/patroni/* 2>/dev/null").stdout
+    assert not [s for s in secrets if s in journal]
+
+
+def test_postgres_refuses_non_ssl_and_md5(cluster, tr):
+    inventory, state = cluster
+    with psycopg.connect(_dsn(state)) as conn:
+        assert conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone()[0] is True
+    with pytest.raises(psycopg.OperationalError, match="no encryption|reject"):
+        psycopg.connect(_dsn(state, sslmode="disable"))
+    lead = wait_for(lambda: _leader(state), 30)
+    sql = ("SET password_encryption = 'md5'; DROP ROLE IF EXISTS md5user; "
+           "CREATE ROLE md5user LOGIN PASSWORD 'md5-password-123';")
+    r = sh(tr, inventory, lead, f"psql -X -h /var/run/postgresql -c \"{sql}\"", user="postgres")
+    assert r.ok, r.stderr
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed|SCRAM|authentication"):
+        psycopg.connect(_dsn(state, user="md5user", password="md5-password-123"))
+
+
+def test_rest_api_refuses_unauthenticated_post(cluster):
+    _, state = cluster
+    pki = state / "pki"
+    with_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    with_cert.load_cert_chain(str(pki / "node01.crt"), str(pki / "node01.key"))
+    req = urllib.request.Request("https://node01:8008/restart", data=b"{}", method="POST")
+    req.full_url = "https://192.168.60.131:8008/restart"
+    with_cert.check_hostname = False  # the certificate names node01 and 192.168.60.131; we dial the address
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, context=with_cert, timeout=10)
+    assert exc.value.code == 401
+    no_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    no_cert.check_hostname = False
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(urllib.request.Request("https://192.168.60.131:8008/patroni"),
+                               context=no_cert, timeout=10).read()
+
+
+def _leader(state) -> str | None:
+    with psycopg.connect(_dsn(state)) as conn:
+        addr = conn.execute("select inet_server_addr()").fetchone()[0]
+    return {"192.168.60.131": "node01", "192.168.60.132": "node02"}.get(str(addr))
+
+
+def test_switchover_there_and_back_under_a_writer_loses_nothing(cluster, tr):
+    inventory, state = cluster
+    lead = _leader(state)
+    r = sh(tr, inventory, lead,
+           "psql -X -h /var/run/postgresql -c 'CREATE TABLE IF NOT EXISTS writer (id int primary key); "
+           "GRANT SELECT, INSERT ON writer TO admin'", user="postgres")
+    assert r.ok, r.stderr
+    acked, stop = [], threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set() and i < 100000:
+            i += 1
+            try:
+                with psycopg.connect(_dsn(state)) as conn:
+                    conn.execute("insert into writer values (%s)", (i,))
+                acked.append(i)
+            except psycopg.Error:
+                time.sleep(0.05)
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        time.sleep(2)
+        first = inv(state, "patroni.switchover", "--force").stdout
+        assert "switchover" in first and "new leader writable after" in first
+        assert _leader(state) != lead
+        inv(state, "patroni.switchover", "--force")
+        assert _leader(state) == lead
+        time.sleep(2)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert len(acked) > 20
+    with psycopg.connect(_dsn(state)) as conn:
+        present = {row[0] for row in conn.execute("select id from writer")}
+    lost = [i for i in acked if i not in present]
+    assert lost == [], f"{len(lost)} acknowledged rows lost"
+
+
+def test_switchover_refused_when_precheck_fails(cluster):
+    _, state = cluster
+    p = inv(state, "patroni.switchover", "--force", "--candidate", "etcd01", check=False)
+    assert p.returncode != 0 and "refused by the pre-checks" in (p.stdout + p.stderr)
+
+
+def test_losing_one_etcd_member_keeps_reads_and_writes(cluster, tr):
+    inventory, state = cluster
+    from runbook.lab import lab as labmod
+
+    labmod.kill(inventory, "etcd03")
+    try:
+        put = sh(tr, inventory, "etcd01", "ectl --endpoints=https://etcd01:2379,https://etcd02:2379 put /drill/k v"
+                                          " && ectl --endpoints=https://etcd02:2379 get /drill/k")
+        assert put.ok and "v" in put.stdout, put.stderr
+        status = inv(state, "etcd.status").stdout
+        assert "etcd03" in status and "down" in status
+        assert inv(state, "etcd.health", check=False).returncode != 0
+    finally:
+        labmod.start(inventory, "etcd03")
+    wait_for(lambda: inv(state, "etcd.health", check=False).returncode == 0, 60, 2)
