@@ -197,7 +197,7 @@ def up(inv: Inventory, names: list[str] | None = None, log: Log = _quiet) -> dic
         pubkey = ensure_lab_key(inv, log)
         br = net.ensure_bridge(subnet)
         result = dict(zip([h.name for h in hosts],
-                          _parallel(lambda h: _boot_one(inv, h, base, pubkey, subnet, br, log), hosts)))
+                          _parallel(lambda h: _boot_one(inv, h, base, pubkey, subnet, br, log), hosts), strict=True))
         update_known_hosts(inv, list(inv.hosts) if not names else hosts)
         _parallel(lambda h: wait_ssh(inv, h), hosts)
     return result
@@ -239,7 +239,7 @@ def down(inv: Inventory, keep_disks: bool = False, log: Log = _quiet) -> dict[st
             bridges.add(net.bridge_name(net.lab_subnet([h.address for h in inv.hosts])))
         except LabError:
             pass
-        result = dict(zip([m.name for m in ms], _parallel(lambda m: _down_one(m, keep_disks), ms)))
+        result = dict(zip([m.name for m in ms], _parallel(lambda m: _down_one(m, keep_disks), ms), strict=True))
         for br in sorted(b for b in bridges if b):
             if net.delete_bridge_if_unused(br):
                 log(f"deleted bridge {br}")
