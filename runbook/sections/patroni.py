@@ -142,8 +142,9 @@ def _logdir_undo(ctx: Ctx, host: Host) -> list:
 def validate(ctx: Ctx, host: Host) -> list:
     """Validate: patroni --validate-config --ignore-listen-port on the rendered config"""
     v = ctx.paths.patroni_venv
-    return [Run(f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}",
-                user="postgres")]
+    conf = template("patroni/config.yml.j2", ctx.paths.patroni_conf, pctx(ctx, host))  # re-validate on change
+    return [Run(f"# config sha256 {conf.sha256}\n"
+                f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}", user="postgres")]
 
 
 @section.step("unit", role="postgres")
@@ -221,7 +222,7 @@ def _roles_check(ctx: Ctx, host: Host) -> str:
 def replicas(ctx: Ctx, host: Host) -> list:
     """Start the other nodes one by one; each is waited for until it streams from the leader"""
     return [Run("systemctl start patroni"),
-            Run(wait_for(member_ok(ctx, host), 300, 2), user="postgres", timeout=360)]
+            Run(wait_for(member_ok(ctx, host), 240, 2), user="postgres", timeout=300)]
 
 
 @replicas.check

@@ -189,9 +189,8 @@ def test_patroni_bootstrap_dcs(pcfg) -> None:
     for key, value in WALKTHROUGH_PG_PARAMETERS.items():
         assert params[key] == value, key
     assert params["ssl"] == "on"
-    assert (params["ssl_cert_file"], params["ssl_key_file"], params["ssl_ca_file"]) == (
-        f"{TLS}/node01.crt", f"{TLS}/node01.key", f"{TLS}/ca.crt")
-    assert set(params) == set(WALKTHROUGH_PG_PARAMETERS) | {"ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file"}
+    # per-host paths must not be cluster-wide: a replica would start with the leader's certificate
+    assert set(params) == set(WALKTHROUGH_PG_PARAMETERS) | {"ssl"}
 
 
 def test_patroni_bootstrap_initdb_and_post_bootstrap(pcfg, pctx, secrets) -> None:
@@ -218,7 +217,9 @@ def test_patroni_postgresql_section(pcfg, secrets) -> None:
     for role, user in (("replication", "replicator"), ("rewind", "rewind_user")):
         assert auth[role] == {"username": user, "password": secrets[role]["password"],
                               "sslmode": "verify-full", "sslrootcert": f"{TLS}/ca.crt"}
-    assert pg["parameters"] == {"unix_socket_directories": "/var/run/postgresql"}
+    assert pg["parameters"] == {"unix_socket_directories": "/var/run/postgresql",
+                                "ssl_cert_file": f"{TLS}/node01.crt", "ssl_key_file": f"{TLS}/node01.key",
+                                "ssl_ca_file": f"{TLS}/ca.crt"}
     assert pg["create_replica_methods"] == ["basebackup"]
     assert pg["basebackup"] == {"max-rate": "100M", "checkpoint": "fast"}
 
