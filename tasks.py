@@ -1,7 +1,7 @@
 """pg-ha-runbook tasks: `inv --list` shows them all; `inv --help TASK` explains one."""
 from invoke import Collection
 
-from runbook import admin, commands
+from runbook import admin, audit, commands, drill
 from runbook.bundle import tasks as bundle_tasks
 from runbook.cli import DEFAULTS, section_install
 from runbook.lab import tasks as lab_tasks
@@ -11,6 +11,8 @@ ns = Collection()
 for col in commands.collections():
     ns.add_collection(col)
 ns.add_collection(admin.ns)
+ns.add_collection(drill.ns)
+ns.collections["cluster"].add_task(audit.audit)
 ns.add_collection(lab_tasks.ns)
 bundle = bundle_tasks.ns
 bundle.add_task(section_install("bundle", lambda: section_steps("bundle"),

@@ -72,12 +72,11 @@ def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
     if rec.status == "failed":
         return d(True, "will run", "failed before: " + (rec.error or "")[-80:].strip())
     if rec.status == "running":
-        if ctx.options.dry:
-            return d(True, "interrupted", "left running by an interrupted run; its check decides")
-        ok = evaluate_check(ctx, step, host)
+        ok = evaluate_check(ctx, step, host)  # checks are read-only probes: dry runs may ask them too
         if ok:
-            ctx.ledger.set(host.name, step.name, "done", fingerprint=fp, mode="check",
-                           note="interrupted run; check found the effect present")
+            if not ctx.options.dry:
+                ctx.ledger.set(host.name, step.name, "done", fingerprint=fp, mode="check",
+                               note="interrupted run; check found the effect present")
             return d(False, "done", "interrupted, but the check found it done")
         return d(True, "interrupted", "an interrupted run left it half done")
     # done or manual
@@ -85,7 +84,7 @@ def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
         return d(False, "manual", f"done by hand{': ' + rec.note if rec.note else ''}")
     if rec.fingerprint != fp:
         return d(True, "changed", "its rendered actions changed since it was done")
-    if (ctx.options.verify or step.always_check) and not ctx.options.dry:
+    if ctx.options.verify or (step.always_check and not ctx.options.dry):
         ok = evaluate_check(ctx, step, host)
         if ok is False:
             return d(True, "drifted", "done, but the check says reality drifted")

@@ -95,6 +95,9 @@ def do_switchover(ctx: Ctx, candidate: str | None) -> dict:
     t_back = time.monotonic() - t0
     if not back:
         raise Exit(f"post-check failed: the old leader {lead.name} is not streaming after 120 s", code=1)
+    # synchronous_mode: the cluster is only as safe as before once a sync standby is named again
+    if not wait(lambda: any(m.role == "Sync Standby" and m.streaming for m in members(ctx)), 60, 1):
+        raise Exit("post-check failed: no sync standby 60 s after the switchover", code=1)
     res = {"from": lead.name, "to": cand.name, "command_s": round(t_cmd, 2), "writable_s": round(t_write, 2),
            "old_leader_streaming_s": round(t_back, 2)}
     ctx.ledger.event(lh.name, "patroni.switchover", "result", str(res), 0)

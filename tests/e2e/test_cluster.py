@@ -124,6 +124,71 @@ def test_second_cluster_up_executes_nothing(cluster):
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+def _upload_events(state, run_id: int) -> list[str]:
+    with ledger(state) as db:
+        return [r[0] for r in db.execute("select stdout from events where run_id = ? and kind = 'upload'", [run_id])]
+
+
+def _last_run(state) -> int:
+    with ledger(state) as db:
+        return db.execute("select max(id) from runs").fetchone()[0]
+
+
+def test_push_again_sends_nothing_and_resends_a_damaged_file(cluster, tr):
+    inventory, state = cluster
+    out = inv(state, "bundle.push").stdout
+    assert executed(out) == 0 and "sent" not in _upload_events(state, _last_run(state))
+    deb = sh(tr, inventory, "node02", "ls /opt/runbook-bundle/debs/debian12/*.deb | head -1").stdout.strip()
+    assert sh(tr, inventory, "node02", f"truncate -s 1000 {deb}").ok
+    out = inv(state, "bundle.push").stdout
+    assert executed(out) == 1  # node02 only: its check (sha256sum -c) failed
+    assert _upload_events(state, _last_run(state)).count("sent") == 1
+    assert sh(tr, inventory, "node02", "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
+
+
+def test_lost_replication_role_is_detected_and_repaired(cluster, tr):
+    inventory, state = cluster
+    lead = wait_for(lambda: _leader(state), 30)
+    r = sh(tr, inventory, lead, "psql -X -h /var/run/postgresql -c 'DROP ROLE replicator'", user="postgres")
+    assert r.ok, r.stderr
+    out = inv(state, "cluster.up", "--verify").stdout
+    assert "patroni.roles" in out
+    q = "psql -X -h /var/run/postgresql -tAc \"select rolreplication from pg_roles where rolname='replicator'\""
+    assert sh(tr, inventory, lead, q, user="postgres").stdout.strip() == "t"
+
+
+def test_a_step_done_by_hand_is_recorded_and_skipped(cluster, tr):
+    inventory, state = cluster
+    inv(state, "runbook.rollback", "etcd.ectl", "--hosts", "etcd02")
+    assert not sh(tr, inventory, "etcd02", "test -e /usr/local/bin/ectl").ok
+    text = inv(state, "runbook.export").stdout
+    block = text.split("#### etcd.ectl on etcd02")[1].split("```sh\n")[1].split("\n```")[0]
+    assert sh(tr, inventory, "etcd02", block).ok  # a person runs the exported commands
+    inv(state, "runbook.mark-done", "etcd.ectl", "--hosts", "etcd02", "--note", "by hand")
+    assert executed(inv(state, "cluster.up").stdout) == 0
+    assert "manual" in inv(state, "runbook.status").stdout
+    assert sh(tr, inventory, "etcd02", "ectl endpoint health").ok
+
+
+def test_dry_run_shows_plan_and_diff_without_changing_anything(cluster, tr):
+    inventory, state = cluster
+    assert sh(tr, inventory, "etcd03", "echo '# drift' >> /etc/etcd/etcd.conf.yml").ok
+    out = inv(state, "etcd.install", "--dry", "--verify").stdout
+    assert "Plan for patroni_cluster" in out and "drifted" in out and "-# drift" in out
+    assert "# drift" in sh(tr, inventory, "etcd03", "cat /etc/etcd/etcd.conf.yml").stdout
+    out = inv(state, "etcd.install", "--verify").stdout
+    assert "etcd.config" in out and "# drift" not in sh(tr, inventory, "etcd03", "cat /etc/etcd/etcd.conf.yml").stdout
+
+
+def test_rolling_reload_and_restart(cluster):
+    _, state = cluster
+    assert "reload" in inv(state, "patroni.reload").stdout
+    out = inv(state, "patroni.restart").stdout
+    assert out.count("restart patroni_") == 2
+    st = inv(state, "cluster.status").stdout
+    assert "Leader" in st and "streaming" in st
+
+
 def _secrets(state):
     return yaml.safe_load((state / "secrets.yml").read_text())
 

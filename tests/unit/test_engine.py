@@ -150,6 +150,18 @@ def test_changed_fingerprint_reruns_and_shows_changed(ctx, inv):
     assert ctx.transport.files[("etcd01", "/etc/demo.conf")][0] == b"v2\n"
 
 
+def test_dry_verify_asks_checks_but_writes_nothing(ctx, inv):
+    apply(ctx, make_section(), inv.hosts)
+    n_writes, n_rows = len(ctx.transport.writes), len(ctx.ledger.all())
+    ctx.options.dry = ctx.options.verify = True
+    ctx.transport.on(r"^check first etcd02", 1)
+    plan = apply(ctx, make_section(), inv.hosts).plan
+    labels = {(d.host.name, d.step.name): d.label for d in plan}
+    assert labels[("etcd02", "demo.first")] == "drifted" and labels[("etcd01", "demo.first")] == "done"
+    assert len(ctx.transport.writes) == n_writes and len(ctx.ledger.all()) == n_rows
+    assert not any(c.startswith("echo") for c in ctx.transport.commands()[-6:])
+
+
 def test_dry_run_writes_nothing(ctx, inv):
     ctx.options.dry = True
     report = apply(ctx, make_section(), inv.hosts)

@@ -1,0 +1,391 @@
+"""`inv drill.failover|switchover`: fault drills on lab hosts, measured under a concurrent writer.
+
+The writer (psycopg 3 on the control machine, libpq multi-host with target_session_attrs=read-write)
+inserts numbered rows and keeps the time of every acknowledged one; at the end every acknowledged
+row must be present on the final primary. All waits are bounded (patroni_api.wait).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich.table import Table
+
+from . import console as ui
+from .cli import session
+from .context import Ctx
+from .inventory import Host
+from .patroni_api import Member, host_of, members, wait
+from .transport import SshTransport
+
+TABLE = "runbook_drill"
+PG_PORT = 5432
+
+
+# -- the writer ---------------------------------------------------------------------------------
+def writer_dsn(ctx: Ctx) -> str:
+    """libpq multi-host DSN for the admin user over TLS (verify-ca); keepalives so a dead peer is noticed."""
+    parts = {"host": ",".join(h.address for h in ctx.inventory.postgres), "port": str(PG_PORT),
+             "dbname": "postgres", "user": ctx.secrets["admin"]["username"],
+             "password": ctx.secrets["admin"]["password"], "sslmode": "verify-ca",
+             "sslrootcert": str(ctx.pki_dir / "ca.crt"), "target_session_attrs": "read-write",
+             "connect_timeout": "3", "keepalives": "1", "keepalives_idle": "2", "keepalives_interval": "1",
+             "keepalives_count": "3", "tcp_user_timeout": "5000", "application_name": "runbook-drill"}
+    return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+@dataclass
+class Writer:
+    """A thread inserting (run, seq) rows; reconnects on any error; never reuses a seq."""
+
+    dsn: str
+    run: str
+    interval: float = 0.05
+    acked: list[tuple[int, float]] = field(default_factory=list)  # (seq, monotonic time of the ack)
+    local_only: list[int] = field(default_factory=list)  # commits whose sync-rep wait was cancelled
+    errors: int = 0
+    started: float = 0.0
+    stopped: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="drill-writer", daemon=True)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> bool:
+        """Stop and join (bounded); False when the thread is still stuck in a call."""
+        self._stop.set()
+        self._thread.join(timeout)
+        self.stopped = time.monotonic()
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        import psycopg
+
+        conn, seq, warned = None, 0, []
+        while not self._stop.is_set():
+            seq += 1
+            try:
+                if conn is None:
+                    conn = psycopg.connect(self.dsn, autocommit=True)
+                    conn.add_notice_handler(lambda d: warned.append(d.message_primary or ""))
+                warned.clear()
+                conn.execute(f"INSERT INTO {TABLE} (run, seq) VALUES (%s, %s)", (self.run, seq))
+            except psycopg.Error:
+                self.errors += 1
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+                conn = None
+                self._stop.wait(0.1)
+                continue
+            if any("synchronous replication" in w for w in warned):
+                self.local_only.append(seq)  # committed locally, not confirmed by the sync standby
+            else:
+                self.acked.append((seq, time.monotonic()))
+            self._stop.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def first_ack_after(self, t: float) -> float | None:
+        return next((at for _, at in list(self.acked) if at > t), None)
+
+    def count_after(self, t: float) -> int:
+        return sum(1 for _, at in list(self.acked) if at > t)
+
+    def gap(self, start: float | None = None, end: float | None = None) -> tuple[float, float]:
+        """(longest time without an acknowledged write within [start, end], when that gap ended)."""
+        lo = self.started if start is None else start
+        hi = (self.stopped or time.monotonic()) if end is None else end
+        times = [lo] + [at for _, at in list(self.acked) if lo < at < hi] + [hi]
+        return max(((b - a, b) for a, b in zip(times, times[1:], strict=False)), default=(0.0, hi))
+
+    def longest_gap(self, start: float | None = None, end: float | None = None) -> float:
+        return self.gap(start, end)[0]
+
+
+def prepare_table(ctx: Ctx, leader: Host) -> None:
+    """The writer's table, created by postgres on the leader (admin may not create in public on PG15)."""
+    from .sections.patroni import psql
+
+    admin = ctx.secrets["admin"]["username"]
+    sql = (f"CREATE TABLE IF NOT EXISTS {TABLE} (run text, seq int, at timestamptz DEFAULT now(), "
+           f"PRIMARY KEY (run, seq)); GRANT SELECT, INSERT ON {TABLE} TO {admin};")
+    r = ctx.transport.run(leader, psql(ctx, f"-v ON_ERROR_STOP=1 -c {shlex.quote(sql)}"), user="postgres",
+                          timeout=60)
+    if not r.ok:
+        raise Exit(f"creating {TABLE} on {leader.name} failed: {r.stderr.strip()}", code=1)
+
+
+def prove(ctx: Ctx, w: Writer) -> dict:
+    """Every acknowledged row on the final primary (reached like the writer: read-write)."""
+    import psycopg
+
+    def ask() -> tuple[str, set[int]]:
+        with psycopg.connect(writer_dsn(ctx)) as conn:
+            addr = str(conn.execute("SELECT inet_server_addr()").fetchone()[0])
+            rows = conn.execute(f"SELECT seq FROM {TABLE} WHERE run = %s", (w.run,)).fetchall()
+        return addr, {r[0] for r in rows}
+
+    got = wait(ask, 60, 1)
+    if not got:
+        raise Exit("proof failed: no read-write primary answered within 60 s", code=1)
+    addr, present = got
+    acked = [s for s, _ in w.acked]
+    lost = sorted(set(acked) - present)
+    final = next((h.name for h in ctx.inventory.postgres if h.address == addr), addr)
+    return {"final_primary": final, "acknowledged": len(acked), "present": len(present & set(acked)),
+            "lost": len(lost), "lost_seqs": lost[:20], "local_only_commits": len(w.local_only),
+            "write_errors": w.errors, "longest_write_gap_s": round(w.longest_gap(), 2)}
+
+
+# -- lab guard and helpers ----------------------------------------------------------------------
+def lab_problems(ctx: Ctx) -> list[str]:
+    """Why this inventory's hosts are not (running) lab machines of this inventory; empty when they are."""
+    from .lab import lab as labmod
+
+    out = [] if os.geteuid() == 0 else ["the lab's kill/start need root"]
+    for h in ctx.inventory.hosts:
+        m = labmod.machine(ctx.inventory, h)
+        try:
+            meta = json.loads(m.meta.read_text())
+        except (OSError, ValueError):
+            out.append(f"{h.name}: not a lab host (no {m.meta})")
+            continue
+        if meta.get("address") != h.address or meta.get("inventory") != str(ctx.inventory.path):
+            out.append(f"{h.name}: its lab record {m.meta} belongs to another address or inventory")
+        elif not m.running():
+            out.append(f"{h.name}: lab host is not running (`inv lab.up`)")
+    return out
+
+
+def require_lab(ctx: Ctx, what: str) -> None:
+    problems = lab_problems(ctx)
+    if problems:
+        raise Exit(f"{what} refused: it powers lab hosts off and on, and only runs against the lab "
+                   f"(runbook/lab) of {ctx.inventory.path}:\n  " + "\n  ".join(problems), code=2)
+
+
+def one_leader(ms: list[Member]) -> Member:
+    leaders = [m for m in ms if m.is_leader]
+    if len(leaders) != 1 or not any(m.streaming for m in ms):
+        raise Exit("drill refused: needs one running leader and a streaming replica; now: "
+                   + ", ".join(f"{m.name}={m.role}/{m.state}" for m in ms), code=1)
+    return leaders[0]
+
+
+def start_writer(ctx: Ctx, kind: str) -> Writer:
+    w = Writer(writer_dsn(ctx), f"{kind}-{ctx.ledger.run_id}-{int(time.time())}")
+    w.start()
+    if not wait(lambda: len(w.acked) >= 5, 30, 0.2):
+        w.stop(5)
+        raise Exit(f"the writer could not write before the drill (errors: {w.errors}); is the cluster up?", code=1)
+    return w
+
+
+def log_lines(ctx: Ctx, h: Host) -> int:
+    r = ctx.transport.run(h, f"cat {ctx.paths.patroni_log_dir}/patroni.log 2>/dev/null | wc -l", timeout=30)
+    return int(r.stdout.strip() or 0) if r.ok else 0
+
+
+def rewind_evidence(ctx: Ctx, h: Host, since: int) -> list[str]:
+    """Patroni log lines about rewind / crash recovery written after line `since`."""
+    r = ctx.transport.run(h, f"tail -n +{since + 1} {ctx.paths.patroni_log_dir}/patroni.log 2>/dev/null | "
+                             "grep -iE 'rewind|crash recovery|single.user' | tail -n 8", timeout=30)
+    return [ln.strip() for ln in r.stdout.splitlines() if ln.strip()]
+
+
+def rewind_verdict(lines: list[str], old_tl: int | None, new_tl: int | None) -> str:
+    """A one-line reading of the rewind evidence and the timelines (pure, unit-testable)."""
+    text = "\n".join(lines).lower()
+    tl = f"timeline {old_tl} = leader's {new_tl}" if old_tl == new_tl else f"timeline {old_tl} != leader's {new_tl}"
+    if "running pg_rewind" in text or "pg_rewind exit" in text or "rewind" in text and "success" in text:
+        return f"pg_rewind ran; {tl}"
+    if "rewind" in text:
+        return f"rewind mentioned, not confirmed: {lines[-1][:160]}; {tl}"
+    return f"no pg_rewind in the Patroni log (not needed: no diverging WAL); {tl}"
+
+
+def figures_table(title: str, rows: list[tuple[str, object]]) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in rows:
+        t.add_row(k, str(v))
+    return t
+
+
+# -- failover -----------------------------------------------------------------------------------
+def _fresh_transport(ctx: Ctx) -> None:
+    """Drop every cached SSH connection (a killed host's is dead); the others reconnect on demand."""
+    ctx.transport.close()
+    ctx.transport = SshTransport()
+
+
+def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
+    from .lab import lab as labmod
+
+    inv = ctx.inventory
+    lead = one_leader(members(ctx))
+    old = host_of(ctx, lead.name)
+    survivors = [h for h in inv.postgres if h.name != old.name]
+    since = log_lines(ctx, old)
+    prepare_table(ctx, old)
+    w = start_writer(ctx, "failover")
+    res: dict = {"killed": old.name}
+    booted = False
+
+    def streams(name: str) -> Member | None:
+        return next((m for m in members(ctx, via=survivors) if m.name == name and m.streaming), None)
+
+    try:
+        time.sleep(1)
+        t0 = time.monotonic()
+        res["kill"] = labmod.kill(inv, old.name)
+        t_off = time.monotonic()
+        ui.console.print(f"[red]✗[/] {old.name} powered off hard (it was the leader {lead.name})")
+        _fresh_transport(ctx)
+        new = wait(lambda: next((m for m in members(ctx, via=survivors)
+                                 if m.is_leader and m.name != lead.name), None), 120, 0.5)
+        if not new:
+            raise Exit(f"no new leader within 120 s after powering off {old.name}", code=1)
+        res.update(new_leader=new.name, promoted_s=round(time.monotonic() - t0, 2))
+        ui.console.print(f"  {new.name} is the leader after {res['promoted_s']} s")
+        writable = wait(lambda: w.first_ack_after(t_off), write_wait, 0.2)
+        res["writable_before_old_leader_back"] = bool(writable)
+        if not writable:
+            ui.console.print(f"  no write acknowledged within {write_wait:.0f} s of the promotion (a synchronous "
+                             "commit needs a sync standby); booting the old leader")
+        t_boot = time.monotonic()
+        labmod.start(inv, old.name)
+        booted = True
+        _fresh_transport(ctx)
+        res["boot_s"] = round(time.monotonic() - t_boot, 2)
+        ui.console.print(f"  {old.name} booted again in {res['boot_s']} s; waiting until it streams")
+        back = wait(lambda: streams(lead.name), rejoin_timeout, 1)
+        res["rejoined"] = bool(back)
+        if back:
+            res["rejoin_after_boot_s"] = round(time.monotonic() - t_boot, 2)
+            res["old_leader_streaming_s"] = round(time.monotonic() - t0, 2)
+        writable = writable or wait(lambda: w.first_ack_after(t_off), 60, 0.2)
+        res["writable_s"] = round(writable - t0, 2) if writable else None
+        t_mark = time.monotonic()
+        wait(lambda: w.count_after(t_mark) >= 5, 10, 0.5)  # a few more writes with both members back
+        ms = members(ctx, via=survivors)
+        new_tl = next((m.timeline for m in ms if m.is_leader), None)
+        old_tl = next((m.timeline for m in ms if m.name == lead.name), None)
+        res["timelines"] = {"leader": new_tl, "old_leader": old_tl}
+        res["rewind_log"] = [ctx.redact(x) for x in rewind_evidence(ctx, old, since)]
+        res["rewind"] = rewind_verdict(res["rewind_log"], old_tl, new_tl)
+        res["failover_gap_s"] = round(w.longest_gap(t0, time.monotonic()), 2)
+    finally:
+        res["writer_stopped"] = w.stop(30)
+        if not booted:  # never leave the lab with a host powered off
+            try:
+                labmod.start(inv, old.name)
+            except Exception as exc:
+                ui.console.print(f"[red]could not boot {old.name} again: {exc}; run `inv lab.start {old.name}`[/]")
+    res.update(prove(ctx, w))
+    return res
+
+
+@task(help={"write_wait": "seconds to wait for writes on the new primary before booting the old leader "
+                          "(with synchronous_mode_strict they only resume once it streams again)",
+            "rejoin_timeout": "seconds to wait for the old leader to stream again after it boots"})
+def failover(c, write_wait=15, rejoin_timeout=240):
+    """Lab drill: hard power-off of the leader under a writer; time until a new primary accepts writes,
+    boot the old leader and wait until it streams again (pg_rewind), then prove no acknowledged row was lost."""
+    with session(c, "drill.failover") as ctx:
+        require_lab(ctx, "drill.failover")
+        res = failover_drill(ctx, float(write_wait), float(rejoin_timeout))
+        ok = res["lost"] == 0 and res.get("rejoined") and res.get("writable_s") is not None
+        ctx.ledger.event(res["killed"], "drill.failover", "result", json.dumps(res), 0 if ok else 1)
+        ui.console.print(figures_table(f"drill.failover: {res['killed']} powered off", [
+            ("new leader", res.get("new_leader")), ("promoted after (s)", res.get("promoted_s")),
+            ("writes acknowledged again after (s)", res.get("writable_s")),
+            ("writable before the old leader was back", res.get("writable_before_old_leader_back")),
+            ("old leader boot (s)", res.get("boot_s")),
+            ("old leader streaming, after its boot (s)", res.get("rejoin_after_boot_s")),
+            ("old leader streaming after kill (s)", res.get("old_leader_streaming_s")),
+            ("rewind", res.get("rewind")), ("longest write gap (s)", res["longest_write_gap_s"]),
+            ("write gap around the failover (s)", res.get("failover_gap_s")),
+            ("rows acknowledged", res["acknowledged"]), ("present on " + res["final_primary"], res["present"]),
+            ("lost", res["lost"]), ("write errors (retried)", res["write_errors"])]))
+        for line in res.get("rewind_log", []):
+            ui.console.print(f"  [dim]{ctx.redact(line)}[/]", markup=False)
+        if not ok:
+            raise Exit(f"drill.failover failed: lost {res['lost']}, rejoined {res.get('rejoined')}, "
+                       f"writable {res.get('writable_s')}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.failover: {res['acknowledged']} rows acknowledged, 0 lost")
+
+
+# -- switchover ---------------------------------------------------------------------------------
+def ready_for_switchover(ctx: Ctx) -> bool:
+    from .switchover import prechecks
+
+    return not prechecks(ctx, members(ctx), None)[2]
+
+
+def switchover_drill(ctx: Ctx, count: int) -> dict:
+    from .switchover import do_switchover
+
+    lead = one_leader(members(ctx))
+    prepare_table(ctx, host_of(ctx, lead.name))
+    w = start_writer(ctx, "switchover")
+    rounds: list[dict] = []
+    try:
+        for i in range(count):
+            if not wait(lambda: ready_for_switchover(ctx), 90, 2):
+                raise Exit(f"switchover {i + 1}: no sync standby with lag 0 (or etcd unhealthy) within 90 s", code=1)
+            t0 = time.monotonic()
+            res = do_switchover(ctx, None)
+            gap, resumed = w.gap(t0, time.monotonic())
+            res["writer_gap_s"], res["writer_resumed_s"] = round(gap, 2), round(resumed - t0, 2)
+            rounds.append(res)
+            ui.console.print(f"  [green]✓[/] switchover {i + 1}/{count} {res['from']} -> {res['to']}")
+        time.sleep(1)
+    finally:
+        stopped = w.stop(30)
+    return {"rounds": rounds, "writer_stopped": stopped, **prove(ctx, w)}
+
+
+@task(help={"count": "how many switchovers in a row (each back to the previous leader's standby)"})
+def switchover(c, count=2):
+    """Lab drill: N switchovers in a row under a writer; per switchover the command time, until writable,
+    until the old leader streams, the writer's longest gap; then proves no acknowledged row was lost."""
+    count = int(count)
+    if count < 1:
+        raise Exit("error: --count must be at least 1", code=2)
+    with session(c, "drill.switchover") as ctx:
+        require_lab(ctx, "drill.switchover")
+        res = switchover_drill(ctx, count)
+        ok = res["lost"] == 0
+        ctx.ledger.event("local", "drill.switchover", "result", json.dumps(res), 0 if ok else 1)
+        t = Table(title=f"drill.switchover x{count}", title_justify="left")
+        for col in ("#", "from", "to", "command s", "writable s", "writer resumed s", "old leader streams s",
+                    "longest writer gap s"):
+            t.add_column(col, justify="right" if col.endswith("s") else "left")
+        for i, r in enumerate(res["rounds"], 1):
+            t.add_row(str(i), r["from"], r["to"], str(r["command_s"]), str(r["writable_s"]),
+                      str(r["writer_resumed_s"]), str(r["old_leader_streaming_s"]), str(r["writer_gap_s"]))
+        ui.console.print(t)
+        ui.console.print(f"rows acknowledged {res['acknowledged']}, present on {res['final_primary']} "
+                         f"{res['present']}, lost {res['lost']}; longest write gap {res['longest_write_gap_s']} s; "
+                         f"write errors (retried) {res['write_errors']}")
+        if not ok:
+            raise Exit(f"drill.switchover: {res['lost']} acknowledged rows lost: {res['lost_seqs']}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.switchover: {count} switchovers, 0 rows lost")
+
+
+ns = Collection("drill", failover, switchover)
