@@ -1,0 +1,171 @@
+"""Benchmark how the engine's no-op and --verify cost grows from 5 to 30 hosts (not a test).
+
+    .venv/bin/python bench/scale.py [--inventory /tmp/bench-scale/hosts.yml] [--state /tmp/bench-scale/state]
+                                    [--rounds 3] [--keep]
+
+A private lab of 30 hosts (generated): c-h01..c-h03 etcd, c-h04..c-h30 postgres, at 192.168.65.10-39.
+cluster.up cannot bring 27 PostgreSQL members up cheaply, so what is measured is the part of the
+runbook that runs on every host: `inv etcd.install` = bundle.verify (local, always checked),
+bundle.push (role all, always checked: sha256sum -c of the host's bundle files on every run),
+etcd.names (role all) and the 9 etcd steps on the 3 etcd hosts. It is applied once for real (setup,
+includes pushing the bundle to 30 hosts), then timed as a no-op and with --verify, with
+`--hosts` selecting the first 5 hosts (c-h01..c-h05: 3 etcd + 2 postgres, the 5-host layout) vs.
+all 30 - same inventory, same ledger, same lab, only the number of selected hosts differs.
+
+engine-only : the same engine in-process (runbook.engine.apply) on etcd.names alone (no hashing on the
+              hosts): no-op (ledger only) and --verify (one `getent` chain per host over SSH)
+memory      : peak RSS of the inv process (os.wait4 rusage) for the no-op runs, 5 vs 30 hosts
+Note: all lab hosts share this machine's CPUs, so per-host work (sha256sum of ~87 MB on every
+postgres host) is serialised here; on real hosts it would run in parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import REPO, BenchFailed, fmt, inv, inv_rss, lab_down, lab_up, med, now, write_inventory  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+con = Console(highlight=False, width=160)
+BASE = Path("/tmp/bench-scale")
+HOSTS = [(f"c-h{i:02d}", f"192.168.65.{9 + i}", "etcd" if i <= 3 else "postgres") for i in range(1, 31)]
+results: list[tuple[str, str, str]] = []
+
+
+def say(msg: str) -> None:
+    con.print(f"[dim]{now()}[/] {msg}")
+
+
+def record(section: str, figure: str, value: str) -> None:
+    results.append((section, figure, value))
+    con.print(f"  [bold]{section}[/] {figure}: {value}")
+
+
+def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
+    """runbook.engine.apply on etcd.names for `names`, in-process; (seconds, SSH execs)."""
+    from runbook.context import Ctx, Options
+    from runbook.engine import apply
+    from runbook.inventory import load_inventory
+    from runbook.ledger import Ledger
+    from runbook.sections import section_steps
+    from runbook.transport import SshTransport
+
+    class Counting(SshTransport):
+        n = 0
+
+        def run(self, host, cmd, **kw):
+            Counting.n += 1
+            return super().run(host, cmd, **kw)
+
+    Counting.n = 0
+    i = load_inventory(a.inventory)
+    ctx = Ctx(inventory=i, transport=Counting(), state_dir=a.state, bundle_dir=REPO / "bundle",
+              options=Options(verify=verify))
+    ctx.ledger = Ledger(a.state / "patroni_cluster.db", redact=ctx.redact)
+    step = [s for s in section_steps("etcd") if s.name == "etcd.names"]
+    t0 = time.monotonic()
+    rep = apply(ctx, step, [i.get(n) for n in names])
+    dt = time.monotonic() - t0
+    ctx.transport.close()
+    ctx.ledger.db.conn.close()
+    if rep.executed:
+        raise BenchFailed(f"etcd.names re-ran on {rep.executed} (expected a no-op)")
+    return dt, Counting.n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inventory", type=Path, default=BASE / "hosts.yml",
+                    help="30-host private lab inventory (default: generated c-* hosts in /tmp/bench-scale)")
+    ap.add_argument("--state", type=Path, default=BASE / "state", help="runbook state dir (ledger, PKI, secrets)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--small", type=int, default=5, help="the small selection: the first N hosts")
+    ap.add_argument("--keep", action="store_true", help="keep the lab at the end")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        con.print("the lab needs root")
+        return 2
+    a.inventory, a.state = a.inventory.resolve(), a.state.resolve()
+    if a.inventory == (REPO / "hosts.yml").resolve():
+        con.print("[red]refusing the shared hosts.yml lab: pass a private inventory[/]")
+        return 2
+    if a.inventory == BASE / "hosts.yml" and not a.inventory.exists():
+        write_inventory(a.inventory, HOSTS)
+    a.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from runbook.inventory import load_inventory
+
+    allnames = load_inventory(a.inventory).names()
+    small = allnames[:a.small]
+    sel = {len(small): ",".join(small), len(allnames): ",".join(allnames)}
+    con.print(f"inventory {a.inventory} ({len(allnames)} hosts), state {a.state}, rounds {a.rounds}; "
+              f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    rc = 0
+    try:
+        say(f"lab.up of {len(allnames)} hosts ...")
+        t = lab_up(a.inventory, fresh=False)
+        record("lab", f"lab.up of {len(allnames)} hosts (cold unless --keep'd before)", f"{t:.1f}s")
+        say("setup: etcd.install on every host (pushes the bundle to all of them) ...")
+        r = inv(a.inventory, a.state, "etcd.install", timeout=3600)
+        record("setup", f"etcd.install on {len(allnames)} hosts (first run or resume)",
+               f"{r.wall:.1f}s ({r.executed} (host, step) executed)")
+        walls: dict[tuple[int, str], list[float]] = {}
+        rss: dict[tuple[int, str], list[int]] = {}
+        for rnd in range(a.rounds):
+            for n, spec in sel.items():  # interleaved: both sizes see the same machine load
+                for mode in ("no-op", "--verify"):
+                    args = ["etcd.install", "--hosts", spec] + (["--verify"] if mode == "--verify" else [])
+                    x = inv_rss(a.inventory, a.state, *args, timeout=900)
+                    if x.executed != 0:
+                        raise BenchFailed(f"{mode} etcd.install on {n} hosts executed {x.executed}:\n{x.out[-1500:]}")
+                    walls.setdefault((n, mode), []).append(x.wall)
+                    rss.setdefault((n, mode), []).append(x.maxrss_kb)
+            say(f"round {rnd + 1}: " + ", ".join(f"{n} hosts {m} {v[-1]:.2f}s" for (n, m), v in walls.items()))
+        lo, hi = len(small), len(allnames)
+        for mode in ("no-op", "--verify"):
+            for n in (lo, hi):
+                record("inv etcd.install", f"{mode} on {n} hosts: wall", fmt(walls[(n, mode)]))
+            w_lo, w_hi = med(walls[(lo, mode)]), med(walls[(hi, mode)])
+            record("inv etcd.install", f"{mode}: {hi} vs {lo} hosts", f"{w_hi / w_lo:.2f}x, "
+                   f"{(w_hi - w_lo) / (hi - lo) * 1000:.0f} ms per extra host")
+        for n in (lo, hi):
+            record("memory", f"peak RSS of inv, no-op etcd.install on {n} hosts",
+                   f"{max(rss[(n, 'no-op')]) / 1024:.1f} MiB (--verify {max(rss[(n, '--verify')]) / 1024:.1f} MiB)")
+        for verify in (False, True):
+            label = "--verify" if verify else "no-op"
+            got = {}
+            for n, names in ((lo, small), (hi, allnames)):
+                xs, calls = [], 0
+                for _ in range(a.rounds):
+                    dt, calls = engine_only(a, names, verify)
+                    xs.append(dt)
+                got[n] = med(xs)
+                record("engine-only etcd.names", f"{label} on {n} hosts (in-process apply)",
+                       f"{fmt(xs)}, {calls} SSH execs")
+            record("engine-only etcd.names", f"{label}: {hi} vs {lo} hosts", f"{got[hi] / got[lo]:.2f}x")
+        (a.state.parent / "scale.json").write_text(json.dumps({f"{n} {m}": v for (n, m), v in walls.items()}))
+    except BenchFailed as exc:
+        con.print(f"[red]functional failure:[/] {exc}")
+        rc = 1
+    finally:
+        t = Table(title=f"bench/scale.py on {a.inventory} (load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)",
+                  title_justify="left")
+        for c in ("section", "figure", "value"):
+            t.add_column(c)
+        for row in results:
+            t.add_row(*row)
+        con.print(t)
+        if not a.keep:
+            say("tearing the lab down (inv lab.down) ...")
+            lab_down(a.inventory, a.state)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
