@@ -159,14 +159,16 @@ def test_lost_replication_role_is_detected_and_repaired(cluster, tr):
 
 def test_a_step_done_by_hand_is_recorded_and_skipped(cluster, tr):
     inventory, state = cluster
-    inv(state, "runbook.rollback", "etcd.ectl", "--hosts", "etcd02")
-    assert not sh(tr, inventory, "etcd02", "test -e /usr/local/bin/ectl").ok
+    conf = "/etc/etcd/etcd.conf.yml"
+    inv(state, "runbook.rollback", "etcd.existing", "--hosts", "etcd02")  # the last etcd step: no cascade
+    assert "initial-cluster-state: new" in sh(tr, inventory, "etcd02", f"cat {conf}").stdout
     text = inv(state, "runbook.export").stdout
-    block = text.split("#### etcd.ectl on etcd02")[1].split("```sh\n")[1].split("\n```")[0]
+    block = text.split("#### etcd.existing on etcd02")[1].split("```sh\n")[1].split("\n```")[0]
     assert sh(tr, inventory, "etcd02", block).ok  # a person runs the exported commands
-    inv(state, "runbook.mark-done", "etcd.ectl", "--hosts", "etcd02", "--note", "by hand")
+    inv(state, "runbook.mark-done", "etcd.existing", "--hosts", "etcd02", "--note", "by hand")
     assert executed(inv(state, "cluster.up").stdout) == 0
     assert "manual" in inv(state, "runbook.status").stdout
+    assert "initial-cluster-state: existing" in sh(tr, inventory, "etcd02", f"cat {conf}").stdout
     assert sh(tr, inventory, "etcd02", "ectl endpoint health").ok
 
 
