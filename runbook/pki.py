@@ -17,7 +17,6 @@ import datetime as dt
 import ipaddress
 import os
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .fsutil import write_atomic
+
 CA_DAYS = 3650
 HOST_DAYS = 825
 RENEW_DAYS = 30
@@ -35,6 +36,7 @@ CA_CN = "pg-ha-runbook CA"
 LOCAL_DNS = ("localhost",)
 LOCAL_IPS = ("127.0.0.1",)
 _SKEW = dt.timedelta(minutes=5)  # not-before is back-dated a little for hosts with a slow clock
+
 
 
 class PKIError(Exception):
@@ -59,24 +61,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write *data* to *path* via a same-directory temp file created with *mode*, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+
 
 
 def _ensure_dir(pki_dir: Path) -> Path:
@@ -207,8 +192,8 @@ def ensure_ca(pki_dir: str | Path, common_name: str = CA_CN) -> CA:
     cert_path, key_path = _ca_paths(pki_dir)
     if not cert_path.exists() and not key_path.exists():
         cert, key = _new_ca(common_name)
-        _write_atomic(key_path, _key_bytes(key), 0o600)
-        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(key_path, _key_bytes(key), 0o600)
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return CA(cert, key, cert_path, key_path)
     for p in (cert_path, key_path):
         if not p.exists():
@@ -336,6 +321,6 @@ def ensure_host_cert(pki_dir: str | Path, ca: CA, name: str, dns_names: Iterable
         if ok:
             return cert_path, key_path, False
     cert, key = _issue(ca, name, dns, ip_set, days)
-    _write_atomic(key_path, _key_bytes(key), 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_path, _key_bytes(key), 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path, True

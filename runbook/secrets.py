@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from runbook.inventory import UniqueKeyLoader
+from runbook.fsutil import write_atomic
+from runbook.yamlio import UniqueKeyLoader
 
 SECRETS_FILE = "secrets.yml"
 PASSWORD_LENGTH = 32
@@ -36,6 +37,7 @@ USERS: dict[str, str] = {
     "restapi": "patroni",
 }
 REDACTED = "***"
+
 
 
 class SecretsError(Exception):
@@ -87,23 +89,7 @@ def _load(path: Path) -> dict[str, dict[str, str]]:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, text.encode(), 0o600)
 
 
 def ensure_secrets(state_dir: str | Path) -> dict[str, dict[str, str]]:
