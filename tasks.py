@@ -3,10 +3,11 @@ from invoke import Collection
 
 from runbook import admin, audit, commands, drill
 from runbook.bundle import tasks as bundle_tasks
-from runbook.cli import DEFAULTS, section_install
+from runbook.cli import DEFAULTS, check_env, section_install
 from runbook.lab import tasks as lab_tasks
 from runbook.sections import section_steps
 
+check_env()  # a bad INVOKE_RUNBOOK_* is one clear error, before invoke casts or ignores it
 ns = Collection()
 for col in commands.collections():
     ns.add_collection(col)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (REPO, BenchFailed, checkpoints, fmt, host_sums, inv, inv_rss, kill_when, lab_down,  # noqa: E402
                       lab_up, med, now, ssh, step_spans, write_inventory)
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 con = Console(highlight=False, width=160)
@@ -60,8 +61,8 @@ def say(msg: str) -> None:
 
 
 def record(section: str, figure: str, value: str) -> None:
-    results.append((section, figure, value))
-    con.print(f"  [bold]{section}[/] {figure}: {value}")
+    results.append((escape(section), escape(figure), escape(value)))
+    con.print(f"  [bold]{escape(section)}[/] {escape(figure)}: {escape(value)}")
 
 
 # -- phase: up ---------------------------------------------------------------------------------
@@ -441,7 +442,7 @@ def measure(a, label: str, action, new_member_of, budget: float = 120) -> dict:
     new_addr = host_of(new_member)[1]
     with Writer(a) as w:
         t0 = time.monotonic()
-        info = action(lead, rep)
+        info = action(lead, rep, w)
         t_cmd = time.monotonic() - t0
         ok = w.wait_new(new_addr, t0, budget)
     gap, first = w.figures(t0, new_addr)
@@ -456,7 +457,7 @@ def measure(a, label: str, action, new_member_of, budget: float = 120) -> dict:
 def phase_switchover(a) -> None:
     ensure_table(a)
 
-    def inv_switch(lead, rep):
+    def inv_switch(lead, rep, w):
         r = inv(a.inventory, a.state, "patroni.switchover", "--force", timeout=600)
         m = re.search(r"switchover .*", r.out)
         return f"(inv says: {m.group(0).strip()})" if m else ""
@@ -464,7 +465,7 @@ def phase_switchover(a) -> None:
     measure(a, "switchover[inv]", inv_switch, lambda lead, rep: rep["Member"])
     _, _, t = wait_healthy(a)
 
-    def plain(lead, rep):
+    def plain(lead, rep, w):
         h = host_of(lead["Member"])[0]
         r = ssh(a.inventory, h, f"sudo -n -u postgres {PATRONICTL} switchover patroni_cluster --leader "
                                 f"{lead['Member']} --candidate {rep['Member']} --force", timeout=300)
@@ -477,31 +478,49 @@ def phase_switchover(a) -> None:
     record("switchover[patronictl]", "until the old leader streamed again (after the command)", f"{t:.1f}s")
 
 
-def phase_failover(a) -> None:
+def phase_failover(a) -> list[str]:
+    """Returns functional failures (the drill's), after repairing the cluster so later phases can run."""
     from runbook.inventory import load_inventory
     from runbook.lab import lab
 
+    failures: list[str] = []
     ensure_table(a)
-    drill = (REPO / "runbook" / "drill.py").exists()
-    killed: list[str] = []
-
-    def do_fail(lead, rep):
+    if (REPO / "runbook" / "drill.py").exists():
+        lead, _, _ = wait_healthy(a)
         h = host_of(lead["Member"])[0]
-        killed.append(h)
-        if drill:
-            inv(a.inventory, a.state, "drill.failover", "--force", timeout=600)
-            return "(inv drill.failover)"
-        lab.kill(load_inventory(a.inventory), h)
-        return f"(lab kill {h}: SIGKILL to its init, NIC gone)"
+        r = inv(a.inventory, a.state, "drill.failover", check=False, timeout=900)
+        (a.state.parent / "drill-failover.txt").write_text(r.out + r.err)
+        figs = re.findall(r"│ ([^│]*?) +│ +([^│]*?) │", r.out)
+        keep = ("promoted", "writable", "gap", "streaming", "boot")
+        record("failover[inv drill]", f"inv drill.failover (kills {h}): wall, rc",
+               f"{r.wall:.1f}s, rc {r.rc}: " + "; ".join(f"{k} {v}" for k, v in figs if any(x in k for x in keep)))
+        if r.rc != 0:
+            failures.append(f"inv drill.failover exited {r.rc}: {(r.out + r.err).strip().splitlines()[-1]}")
+            repair(a, h, "failover[inv drill]")
 
-    label = "failover[inv drill]" if drill else "failover[lab kill]"
-    measure(a, label, do_fail, lambda lead, rep: rep["Member"], budget=180)
-    if not drill and killed:
-        t0 = time.monotonic()
-        lab.start(load_inventory(a.inventory), killed[0])
-        t_boot = time.monotonic() - t0
-        _, _, t = wait_healthy(a, budget=300)
-        record(label, f"{killed[0]} booted again / streaming again", f"{t_boot:.1f}s / +{t:.1f}s")
+    def do_fail(lead, rep, w):
+        h = host_of(lead["Member"])[0]
+        lab.kill(load_inventory(a.inventory), h)
+        t_kill = time.monotonic()
+        # with synchronous_mode_strict the new primary's commits wait for a sync standby: boot the old
+        # leader if no write arrived within 20 s (as drill.failover does with --write-wait)
+        early = w.wait_new(host_of(rep["Member"])[1], t_kill, 20)
+        lab.start(load_inventory(a.inventory), h)
+        repair(a, h, "failover[lab kill]")
+        return f"(lab kill {h}, boot, repair; writes before the old leader was back: {early})"
+
+    measure(a, "failover[lab kill]", do_fail, lambda lead, rep: rep["Member"], budget=300)
+    _, _, t = wait_healthy(a, budget=300)
+    record("failover[lab kill]", "after the command: until both members healthy again", f"{t:.1f}s")
+    return failures
+
+
+def repair(a, h: str, label: str) -> None:
+    """lab.start re-provisions /etc/hosts (the runbook's names block is gone): `cluster.up --verify --hosts H`."""
+    etc = ssh(a.inventory, h, "grep -c pg-ha-runbook /etc/hosts || true").stdout.strip()
+    r = inv(a.inventory, a.state, "cluster.up", "--verify", "--hosts", h, timeout=900)
+    record(label, f"{h} after boot: runbook lines in /etc/hosts = {etc}; repair `cluster.up --verify --hosts {h}`",
+           f"{r.wall:.1f}s, {r.executed} (host, step) re-run")
 
 
 # -- phase: resume -----------------------------------------------------------------------------
@@ -559,6 +578,7 @@ def main() -> int:
               f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     rc = 0
     ref = None
+    failures: list[str] = []
     try:
         if "up" in phases:
             phase_up(a)
@@ -574,11 +594,14 @@ def main() -> int:
         if "switchover" in phases:
             phase_switchover(a)
         if "failover" in phases:
-            phase_failover(a)
+            failures += phase_failover(a)
         if "resume" in phases:
             phase_resume(a, ref)
+        for f in failures:
+            con.print(f"[red]functional failure:[/] {escape(f)}")
+            rc = 1
     except BenchFailed as exc:
-        con.print(f"[red]functional failure:[/] {exc}", markup=True)
+        con.print(f"[red]functional failure:[/] {escape(str(exc))}")
         rc = 1
     finally:
         t = Table(title=f"bench/cluster_up.py on {a.inventory} (load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)",

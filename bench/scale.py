@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import REPO, BenchFailed, fmt, inv, inv_rss, lab_down, lab_up, med, now, write_inventory  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 con = Console(highlight=False, width=160)
@@ -44,8 +45,8 @@ def say(msg: str) -> None:
 
 
 def record(section: str, figure: str, value: str) -> None:
-    results.append((section, figure, value))
-    con.print(f"  [bold]{section}[/] {figure}: {value}")
+    results.append((escape(section), escape(figure), escape(value)))
+    con.print(f"  [bold]{escape(section)}[/] {escape(figure)}: {escape(value)}")
 
 
 def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:

@@ -82,12 +82,7 @@ class Writer:
                 conn.execute(f"INSERT INTO {TABLE} (run, seq) VALUES (%s, %s)", (self.run, seq))
             except psycopg.Error:
                 self.errors += 1
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:
-                        pass
-                conn = None
+                conn = _close(conn)
                 self._stop.wait(0.1)
                 continue
             if any("synchronous replication" in w for w in warned):
@@ -95,14 +90,10 @@ class Writer:
             else:
                 self.acked.append((seq, time.monotonic()))
             self._stop.wait(self.interval)
-        if conn is not None:
-            conn.close()
+        _close(conn)
 
     def first_ack_after(self, t: float) -> float | None:
         return next((at for _, at in list(self.acked) if at > t), None)
-
-    def count_after(self, t: float) -> int:
-        return sum(1 for _, at in list(self.acked) if at > t)
 
     def gap(self, start: float | None = None, end: float | None = None) -> tuple[float, float]:
         """(longest time without an acknowledged write within [start, end], when that gap ended)."""
@@ -111,8 +102,12 @@ class Writer:
         times = [lo] + [at for _, at in list(self.acked) if lo < at < hi] + [hi]
         return max(((b - a, b) for a, b in zip(times, times[1:], strict=False)), default=(0.0, hi))
 
-    def longest_gap(self, start: float | None = None, end: float | None = None) -> float:
-        return self.gap(start, end)[0]
+
+def _close(conn: object) -> None:
+    try:
+        conn.close() if conn is not None else None
+    except Exception:
+        pass
 
 
 def prepare_table(ctx: Ctx, leader: Host) -> None:
@@ -147,7 +142,7 @@ def prove(ctx: Ctx, w: Writer) -> dict:
     final = next((h.name for h in ctx.inventory.postgres if h.address == addr), addr)
     return {"final_primary": final, "acknowledged": len(acked), "present": len(present & set(acked)),
             "lost": len(lost), "lost_seqs": lost[:20], "local_only_commits": len(w.local_only),
-            "write_errors": w.errors, "longest_write_gap_s": round(w.longest_gap(), 2)}
+            "write_errors": w.errors, "longest_write_gap_s": round(w.gap()[0], 2)}
 
 
 # -- lab guard and helpers ----------------------------------------------------------------------
@@ -196,7 +191,7 @@ def start_writer(ctx: Ctx, kind: str) -> Writer:
 
 def log_lines(ctx: Ctx, h: Host) -> int:
     r = ctx.transport.run(h, f"cat {ctx.paths.patroni_log_dir}/patroni.log 2>/dev/null | wc -l", timeout=30)
-    return int(r.stdout.strip() or 0) if r.ok else 0
+    return int(r.stdout.strip() or 0) if r.ok and r.stdout.strip().isdigit() else 0
 
 
 def rewind_evidence(ctx: Ctx, h: Host, since: int) -> list[str]:
@@ -217,16 +212,24 @@ def rewind_verdict(lines: list[str], old_tl: int | None, new_tl: int | None) -> 
     return f"no pg_rewind in the Patroni log (not needed: no diverging WAL); {tl}"
 
 
-def figures_table(title: str, rows: list[tuple[str, object]]) -> Table:
-    t = Table(title=title, title_justify="left")
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    for k, v in rows:
-        t.add_row(k, str(v))
-    return t
-
-
 # -- failover -----------------------------------------------------------------------------------
+def restore_names(ctx: Ctx, h: Host) -> bool:
+    """The lab rewrites /etc/hosts at every boot (a real server keeps it): re-apply the etcd.names step
+    when its check fails, through the engine (recorded in the ledger). True when it had to."""
+    from .engine import Decision, evaluate_check, execute
+    from .sections.etcd import names
+    from .step import fingerprint
+
+    if evaluate_check(ctx, names, h):
+        return False
+    actions = names.actions_fn(ctx, h)
+    err = execute(ctx, Decision(h, names, True, "drifted", "lab boot reset /etc/hosts", actions,
+                                fingerprint(actions)), "drill")
+    if err:
+        raise Exit(f"{h.name}: re-applying etcd.names after the boot failed: {err}", code=1)
+    return True
+
+
 def _fresh_transport(ctx: Ctx) -> None:
     """Drop every cached SSH connection (a killed host's is dead); the others reconnect on demand."""
     ctx.transport.close()
@@ -273,6 +276,9 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         _fresh_transport(ctx)
         res["boot_s"] = round(time.monotonic() - t_boot, 2)
         ui.console.print(f"  {old.name} booted again in {res['boot_s']} s; waiting until it streams")
+        res["names_reapplied"] = restore_names(ctx, old)
+        if res["names_reapplied"]:
+            ui.console.print(f"  {old.name}: the lab boot reset /etc/hosts; etcd.names re-applied")
         back = wait(lambda: streams(lead.name), rejoin_timeout, 1)
         res["rejoined"] = bool(back)
         if back:
@@ -281,14 +287,13 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         writable = writable or wait(lambda: w.first_ack_after(t_off), 60, 0.2)
         res["writable_s"] = round(writable - t0, 2) if writable else None
         t_mark = time.monotonic()
-        wait(lambda: w.count_after(t_mark) >= 5, 10, 0.5)  # a few more writes with both members back
+        wait(lambda: sum(at > t_mark for _, at in list(w.acked)) >= 5, 10, 0.5)  # writes with both back
         ms = members(ctx, via=survivors)
         new_tl = next((m.timeline for m in ms if m.is_leader), None)
         old_tl = next((m.timeline for m in ms if m.name == lead.name), None)
         res["timelines"] = {"leader": new_tl, "old_leader": old_tl}
         res["rewind_log"] = [ctx.redact(x) for x in rewind_evidence(ctx, old, since)]
         res["rewind"] = rewind_verdict(res["rewind_log"], old_tl, new_tl)
-        res["failover_gap_s"] = round(w.longest_gap(t0, time.monotonic()), 2)
     finally:
         res["writer_stopped"] = w.stop(30)
         if not booted:  # never leave the lab with a host powered off
@@ -298,6 +303,17 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
                 ui.console.print(f"[red]could not boot {old.name} again: {exc}; run `inv lab.start {old.name}`[/]")
     res.update(prove(ctx, w))
     return res
+
+
+FAILOVER_FIGURES = [
+    ("new leader", "new_leader"), ("promoted after (s)", "promoted_s"),
+    ("writes acknowledged again after (s)", "writable_s"),
+    ("writable before the old leader was back", "writable_before_old_leader_back"),
+    ("old leader boot (s)", "boot_s"), ("old leader streaming, after its boot (s)", "rejoin_after_boot_s"),
+    ("old leader streaming, after the kill (s)", "old_leader_streaming_s"), ("rewind", "rewind"),
+    ("longest write gap (s)", "longest_write_gap_s"), ("rows acknowledged", "acknowledged"),
+    ("rows present on the final primary", "present"), ("final primary", "final_primary"), ("lost", "lost"),
+    ("write errors (retried)", "write_errors")]
 
 
 @task(help={"write_wait": "seconds to wait for writes on the new primary before booting the old leader "
@@ -311,19 +327,12 @@ def failover(c, write_wait=15, rejoin_timeout=240):
         res = failover_drill(ctx, float(write_wait), float(rejoin_timeout))
         ok = res["lost"] == 0 and res.get("rejoined") and res.get("writable_s") is not None
         ctx.ledger.event(res["killed"], "drill.failover", "result", json.dumps(res), 0 if ok else 1)
-        ui.console.print(figures_table(f"drill.failover: {res['killed']} powered off", [
-            ("new leader", res.get("new_leader")), ("promoted after (s)", res.get("promoted_s")),
-            ("writes acknowledged again after (s)", res.get("writable_s")),
-            ("writable before the old leader was back", res.get("writable_before_old_leader_back")),
-            ("old leader boot (s)", res.get("boot_s")),
-            ("old leader streaming, after its boot (s)", res.get("rejoin_after_boot_s")),
-            ("old leader streaming after kill (s)", res.get("old_leader_streaming_s")),
-            ("rewind", res.get("rewind")), ("longest write gap (s)", res["longest_write_gap_s"]),
-            ("write gap around the failover (s)", res.get("failover_gap_s")),
-            ("rows acknowledged", res["acknowledged"]), ("present on " + res["final_primary"], res["present"]),
-            ("lost", res["lost"]), ("write errors (retried)", res["write_errors"])]))
+        t = Table("figure", "value", title=f"drill.failover: {res['killed']} powered off", title_justify="left")
+        for label, key in FAILOVER_FIGURES:
+            t.add_row(label, str(res.get(key)))
+        ui.console.print(t)
         for line in res.get("rewind_log", []):
-            ui.console.print(f"  [dim]{ctx.redact(line)}[/]", markup=False)
+            ui.console.print(f"  {line}", style="dim", markup=False)
         if not ok:
             raise Exit(f"drill.failover failed: lost {res['lost']}, rejoined {res.get('rejoined')}, "
                        f"writable {res.get('writable_s')}", code=1)
@@ -331,14 +340,8 @@ def failover(c, write_wait=15, rejoin_timeout=240):
 
 
 # -- switchover ---------------------------------------------------------------------------------
-def ready_for_switchover(ctx: Ctx) -> bool:
-    from .switchover import prechecks
-
-    return not prechecks(ctx, members(ctx), None)[2]
-
-
 def switchover_drill(ctx: Ctx, count: int) -> dict:
-    from .switchover import do_switchover
+    from .switchover import do_switchover, prechecks
 
     lead = one_leader(members(ctx))
     prepare_table(ctx, host_of(ctx, lead.name))
@@ -346,12 +349,11 @@ def switchover_drill(ctx: Ctx, count: int) -> dict:
     rounds: list[dict] = []
     try:
         for i in range(count):
-            if not wait(lambda: ready_for_switchover(ctx), 90, 2):
+            if not wait(lambda: not prechecks(ctx, members(ctx), None)[2], 90, 2):
                 raise Exit(f"switchover {i + 1}: no sync standby with lag 0 (or etcd unhealthy) within 90 s", code=1)
             t0 = time.monotonic()
             res = do_switchover(ctx, None)
-            gap, resumed = w.gap(t0, time.monotonic())
-            res["writer_gap_s"], res["writer_resumed_s"] = round(gap, 2), round(resumed - t0, 2)
+            res["writer_gap_s"] = round(w.gap(t0, time.monotonic())[0], 2)
             rounds.append(res)
             ui.console.print(f"  [green]✓[/] switchover {i + 1}/{count} {res['from']} -> {res['to']}")
         time.sleep(1)
@@ -373,12 +375,11 @@ def switchover(c, count=2):
         ok = res["lost"] == 0
         ctx.ledger.event("local", "drill.switchover", "result", json.dumps(res), 0 if ok else 1)
         t = Table(title=f"drill.switchover x{count}", title_justify="left")
-        for col in ("#", "from", "to", "command s", "writable s", "writer resumed s", "old leader streams s",
-                    "longest writer gap s"):
+        for col in ("#", "from", "to", "command s", "writable s", "old leader streams s", "longest writer gap s"):
             t.add_column(col, justify="right" if col.endswith("s") else "left")
         for i, r in enumerate(res["rounds"], 1):
-            t.add_row(str(i), r["from"], r["to"], str(r["command_s"]), str(r["writable_s"]),
-                      str(r["writer_resumed_s"]), str(r["old_leader_streaming_s"]), str(r["writer_gap_s"]))
+            t.add_row(str(i), *(r[k].removeprefix("patroni_") for k in ("from", "to")),
+                      *(str(r[k]) for k in ("command_s", "writable_s", "old_leader_streaming_s", "writer_gap_s")))
         ui.console.print(t)
         ui.console.print(f"rows acknowledged {res['acknowledged']}, present on {res['final_primary']} "
                          f"{res['present']}, lost {res['lost']}; longest write gap {res['longest_write_gap_s']} s; "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import shlex
+from dataclasses import replace
 
 from .context import Ctx
 from .engine import RunFailed, execute, Decision, evaluate_check  # noqa: F401  (re-exported)
@@ -53,12 +54,23 @@ def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade:
             raise RunFailed(f"refusing to roll back {name} on {h.name}: later steps are done there "
                             f"({', '.join(s.name for s in later)}); roll those back first or pass --cascade")
         plan += [(h, s) for s in later] + [(h, step)]
-    done: list[tuple[str, str]] = []
+    # Refuse before anything is undone: a step without an undo, or a data dir the undo would delete.
     for h, s in plan:
         if s.undo_fn is None:
             raise RunFailed(f"{s.name} on {h.name} cannot be rolled back: {s.undo_reason or 'no undo defined'}")
+    for h, s in plan:
+        for g in data_guard(ctx, s, h):
+            r = ctx.transport_for(h).run(h, g.cmd, timeout=60)
+            if not r.ok:
+                why = (r.stderr.strip() or r.stdout.strip())[-300:] or f"{s.guards_data(ctx, h)} is not empty"
+                hint = "" if "--destroy-data" in why else "; pass --destroy-data to delete it"
+                raise RunFailed(f"refusing to roll back {name} on {h.name}: the undo of {s.name} would delete "
+                                f"data: {why}{hint}; nothing was rolled back")
+    done: list[tuple[str, str]] = []
+    for h, s in plan:
         actions = data_guard(ctx, s, h) + s.undo_fn(ctx, h)
-        dec = Decision(h, s, True, "rollback", "rollback", actions, fingerprint(actions))
+        # The step's check probes the step's effect, which the undo removes: it must not judge the undo.
+        dec = Decision(h, replace(s, check_fn=None), True, "rollback", "rollback", actions, fingerprint(actions))
         err = execute(ctx, dec, mode="rollback")
         if err:
             raise RunFailed(f"rollback of {s.name} on {h.name} failed: {err}\nnothing after it was rolled back; "

@@ -128,14 +128,33 @@ class SshTransport(Transport):
                 raise TransportError(f"{host.name}: known_hosts {host.known_hosts} does not exist "
                                      "(hosts.yml ssh.known_hosts); record the host keys first")
             conn.client.load_host_keys(str(host.known_hosts))
+        kh = host.known_hosts or "~/.ssh/known_hosts"
         try:
             conn.open()
+        except paramiko.BadHostKeyException as exc:
+            raise TransportError(f"{host.name} ({host.address}): host key mismatch: the host's "
+                                 f"{exc.key.get_name()} key differs from the one in {kh} (hosts.yml "
+                                 "ssh.known_hosts); refused - the host was reinstalled or is not the one you "
+                                 "mean. Verify its key out of band, then replace its line: "
+                                 f"ssh-keygen -R {host.address} -f {kh}") from exc
+        except paramiko.AuthenticationException as exc:
+            raise TransportError(f"{host.name} ({host.address}): authentication as {host.user!r} failed "
+                                 f"(key {host.key or 'agent / ~/.ssh'}): {exc}; check ssh.user and ssh.key in "
+                                 f"hosts.yml and that the public key is in ~{host.user}/.ssh/authorized_keys "
+                                 "on the host") from exc
         except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise TransportError(f"{host.name} ({host.address}): unknown host key: {host.address} is not in "
+                                     f"{kh} (hosts.yml ssh.known_hosts); refused. Verify the host's key and add "
+                                     f"it (ssh-keyscan {host.address} >> {kh}), or run `inv lab.up` for the "
+                                     "lab") from exc
             raise TransportError(f"{host.name} ({host.address}): SSH refused: {exc}; check the host key in "
-                                 f"{host.known_hosts or '~/.ssh/known_hosts'} and the key/user in hosts.yml") from exc
+                                 f"{kh} and the key/user in hosts.yml") from exc
         except (OSError, socket.timeout) as exc:
-            raise TransportError(f"{host.name} ({host.address}:{host.port}): unreachable: {exc}; "
-                                 "is the host up and the address right?") from exc
+            errors = getattr(exc, "errors", None) or {}  # paramiko's NoValidConnectionsError: the real causes
+            why = "; ".join(sorted({e.strerror or str(e) for e in errors.values()})) or exc.strerror or str(exc)
+            raise TransportError(f"{host.name} ({host.address}:{host.port}): unreachable: {why}; is the host up "
+                                 f"and the address right (hosts.yml hosts.{host.name}.address)?") from exc
         with self._mu:
             self._conns[host.name] = conn
         return conn
@@ -169,7 +188,15 @@ class SshTransport(Transport):
             chan.close()
             return Result(124, out.decode(errors="replace"), f"timed out after {timeout}s", time.monotonic() - t0)
         chan.close()
-        return Result(rc, out.decode(errors="replace"), err.decode(errors="replace"), time.monotonic() - t0)
+        stderr = err.decode(errors="replace")
+        denied = [ln for ln in stderr.splitlines() if ln.startswith("sudo: ") and any(
+            m in ln for m in ("a password is required", "not in the sudoers", "is not allowed to"))]
+        if rc == 1 and denied and wrap(host, cmd, user).startswith("sudo "):
+            raise TransportError(f"{host.name} ({host.address}): {host.user!r} cannot run commands as {user} with "
+                                 f"`sudo -n` ({denied[0]}); give it passwordless sudo (e.g. "
+                                 f"'{host.user} ALL=(ALL) NOPASSWD:ALL' in /etc/sudoers.d/), or set ssh.user "
+                                 "(or the host's user) in hosts.yml to a user that has it")
+        return Result(rc, out.decode(errors="replace"), stderr, time.monotonic() - t0)
 
     def upload(self, host: Host, src: Path, path: str, *, mode: str = "0644", owner: str = "root") -> None:
         """SFTP to a temp file in the login user's home, then sudo install into place."""

@@ -111,6 +111,8 @@ def _user_check(ctx: Ctx, host: Host) -> str:
 
 @user.undo
 def _user_undo(ctx: Ctx, host: Host) -> list:
+    # With --destroy-data on a member that has joined the cluster, the member's data is gone for good:
+    # etcd refuses it back under the same member ID; it must be removed and re-added (etcdctl member).
     return [Run(f"rm -rf {_data_root(ctx)}"), Run("id -u etcd >/dev/null 2>&1 && userdel etcd || true"),
             Run("getent group etcd >/dev/null && groupdel etcd || true")]
 
@@ -147,6 +149,13 @@ def _pki_check(ctx: Ctx, host: Host) -> bool:
         if check_cert(host_paths(ctx.pki_dir, h.name)[0], ca, dns + ips):
             return False
     return True
+
+
+@pki.undo
+def _pki_undo(ctx: Ctx, host: Host) -> list:
+    # Not reversible: deleting the CA would orphan every certificate on the hosts, and a new CA would
+    # break a running cluster. The CA and certificates stay; re-applying reuses them.
+    return []
 
 
 @section.step("tls", role="etcd")

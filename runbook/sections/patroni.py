@@ -165,9 +165,10 @@ def _unit_undo(ctx: Ctx, host: Host) -> list:
 
 @section.step("bootstrap", role="postgres", only=bootstrap_host)
 def bootstrap(ctx: Ctx, host: Host) -> list:
-    """Start the first node: Patroni initialises the cluster; bounded wait until it is the leader"""
+    """Start the first node: Patroni initialises the cluster; bounded wait until it is the leader
+    (or, re-applied after a rollback while the other node took over, until it streams from it)"""
     return [Run("systemctl start patroni"),
-            Run(wait_for(member_ok(ctx, host, leader=True), 180, 2), user="postgres", timeout=240)]
+            Run(wait_for(member_ok(ctx, host), 180, 2), user="postgres", timeout=240)]
 
 
 @bootstrap.check

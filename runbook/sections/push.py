@@ -19,7 +19,8 @@ def verify(ctx: Ctx, host: Host) -> list:
     m = manifest(ctx)
 
     def run() -> str:
-        verify_bundle(ctx.bundle_dir)
+        verified = verify_bundle(ctx.bundle_dir)
+        verified.etcd_tarball(), verified.requirements()  # complete: later steps need both
         return f"{len(m.files)} files verified"
 
     return [Local(f"verify {ctx.bundle_dir} against manifest.json", run, key=_key(m))]
@@ -30,10 +31,16 @@ def _verify_check(ctx: Ctx, host: Host) -> bool:
     from ..bundle.manifest import BundleError, verify_bundle
 
     try:
-        verify_bundle(ctx.bundle_dir)
+        verified = verify_bundle(ctx.bundle_dir)
+        verified.etcd_tarball(), verified.requirements()
         return True
     except BundleError:
         return False
+
+
+@verify.undo
+def _verify_undo(ctx: Ctx, host: Host) -> list:
+    return []  # a probe of the control machine's bundle: nothing to revert
 
 
 def _key(m) -> str:

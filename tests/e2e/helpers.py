@@ -16,6 +16,7 @@ SCALE = float(os.environ.get("RUNBOOK_TIMEOUT_SCALE", "1"))  # slow CI: multiply
 
 def env(state: Path, inventory: Path | None = None) -> dict:
     e = dict(os.environ, INVOKE_RUNBOOK_STATE_DIR=str(state), COLUMNS="160")
+    inventory = inventory or os.environ.get("RUNBOOK_E2E_INVENTORY")  # the `lab` fixture's inventory
     if inventory:
         e["INVOKE_RUNBOOK_INVENTORY"] = str(inventory)
     return e

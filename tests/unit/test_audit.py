@@ -1,0 +1,223 @@
+"""cluster.audit's pure checks on captured lab output (a-* lab, 2026-11) and constructed bad cases;
+run_audit wired on the fake transport; the drill's pure figures (write gaps, rewind verdict)."""
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from invoke.exceptions import Exit
+
+from runbook import audit as a
+from runbook.drill import Writer, rewind_verdict
+
+ETCD_STAT = "/etc/etcd/tls|750|etcd\n/etc/etcd/tls/a-etcd01.key|600|etcd\n"
+PATRONI_STAT = ("/opt/patroni/.tls|750|postgres\n/opt/patroni/.tls/a-node01.key|600|postgres\n"
+                "/etc/patroni/config.yml|600|postgres\n/etc/patroni/post_bootstrap.sh|700|postgres\n")
+HBA = """3|local|all|all||peer|
+4|hostnossl|all|all|0.0.0.0|reject|
+5|hostnossl|replication|all|0.0.0.0|reject|
+6|hostssl|replication|replicator|127.0.0.1|scram-sha-256|
+7|hostssl|replication|replicator|192.168.63.131|scram-sha-256|
+9|hostssl|all|all|127.0.0.1|scram-sha-256|
+10|hostssl|all|all|192.168.63.0|scram-sha-256|
+"""
+LOG_SCAN_OK = ("journal (patroni, etcd)|0\n/data/log/patroni/patroni.log|0\n"
+               "/data/log/postgresql-2026-11-26.log|0\n")
+ETCD_RULES = [a.Rule("/etc/etcd/tls", "0750", "etcd"), a.Rule("/etc/etcd/tls/*.key", "0600", "etcd")]
+SECRETS = {"admin": {"username": "admin", "password": "A" * 32}, "restapi": {"username": "patroni",
+                                                                            "password": "B" * 32}}
+
+
+# -- modes ---------------------------------------------------------------------------------------
+def test_modes_captured_ok():
+    assert a.check_modes(ETCD_STAT, ETCD_RULES) == []
+
+
+def test_modes_wrong_mode_owner_and_missing():
+    out = ("/etc/etcd/tls|755|root\n/etc/etcd/tls/a-etcd01.key|644|etcd\n/etc/etcd/tls/old.key|600|root\n")
+    assert a.check_modes(out, ETCD_RULES) == [
+        "/etc/etcd/tls is 0755 root, want 0750 etcd",
+        "/etc/etcd/tls/a-etcd01.key is 0644 etcd, want 0600 etcd",
+        "/etc/etcd/tls/old.key is 0600 root, want 0600 etcd"]
+    missing = "stat: cannot statx '/etc/etcd/tls/*.key': No such file or directory\n/etc/etcd/tls|750|etcd\n"
+    assert a.check_modes(missing, ETCD_RULES) == ["/etc/etcd/tls/*.key: missing"]
+
+
+def test_patroni_rules_on_captured_stat(ctx):
+    assert a.check_modes(PATRONI_STAT, a.patroni_rules(ctx)) == []
+    bad = PATRONI_STAT.replace("config.yml|600", "config.yml|644").replace("bootstrap.sh|700", "bootstrap.sh|755")
+    assert a.check_modes(bad, a.patroni_rules(ctx)) == ["/etc/patroni/config.yml is 0644 postgres, want 0600 postgres",
+                                                        "/etc/patroni/post_bootstrap.sh is 0755 postgres, want 0700 "
+                                                        "postgres"]
+
+
+def test_local_mode(tmp_path):
+    f = tmp_path / "secrets.yml"
+    assert a.check_local_mode(f, None) == [f"{f}: missing"]
+    assert a.check_local_mode(f, 0o100600) == []
+    assert a.check_local_mode(f, 0o100644) == [f"{f} is 0644, want 0600"]
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+def test_etcd_tls():
+    assert a.check_etcd_tls(0, 1, 1) == []
+    assert a.check_etcd_tls(0, 0, 1) == ["plain http on the client port was accepted"]
+    assert a.check_etcd_tls(0, 1, 0) == ["a TLS client without a certificate was accepted (client-cert-auth off)"]
+    assert "prove nothing" in a.check_etcd_tls(1, 1, 1)[0]  # etcd down: the refusals mean nothing
+
+
+def test_etcd_config_client_cert_auth():
+    assert a.check_etcd_config("2\n") == []
+    assert a.check_etcd_config("1\n") == ["client-cert-auth: true on 1 of 2 transports (client, peer)"]
+    assert a.check_etcd_config("") != []
+
+
+def test_verify_client():
+    assert a.check_verify_client("   verify_client: required\n") == []
+    assert a.check_verify_client("  verify_client: optional\n") == [
+        "restapi verify_client is optional, want required"]
+    assert a.check_verify_client("") == ["restapi verify_client is not set, want required"]
+
+
+def test_rest_probe():
+    assert a.check_rest_probe("cert_no_auth=401\nno_cert=refused:URLError\n") == []  # captured
+    assert a.check_rest_probe("cert_no_auth=400\nno_cert=refused:SSLError\n") == [
+        "POST without basic auth answered 400, want 401"]
+    assert a.check_rest_probe("cert_no_auth=401\nno_cert=401\n") == [
+        "a client without a certificate got 401, want a TLS refusal"]
+    assert len(a.check_rest_probe("")) == 2
+
+
+def test_ssl_on():
+    assert a.check_ssl("on\n") == []
+    assert a.check_ssl("off\n") == ["ssl is off, want on"]
+
+
+def test_pg_hba_captured_ok():
+    assert a.check_pg_hba(HBA) == []
+
+
+def test_pg_hba_bad_methods_no_reject_and_errors():
+    bad = ("3|local|all|all||trust|\n11|host|all|all|0.0.0.0|md5|\n12|hostssl|all|all|10.0.0.0|password|\n"
+           "13|hostssl|all|all|10.0.0.0|scram-sha-256|invalid IP address\n")
+    assert a.check_pg_hba(bad) == [
+        "pg_hba line 3: local all all trust", "pg_hba line 11: host all all 0.0.0.0 md5",
+        "pg_hba line 12: hostssl all all 10.0.0.0 password", "pg_hba line 13: invalid IP address",
+        "pg_hba has no hostnossl ... reject rule"]
+
+
+def test_unit_user():
+    assert a.check_unit_user("User=etcd\n", "etcd") == []
+    assert a.check_unit_user("User=\n", "etcd") == ["unit runs as root (User= empty), want etcd"]
+    assert a.check_unit_user("User=root\n", "postgres") == ["unit runs as root, want postgres"]
+
+
+# -- secrets -------------------------------------------------------------------------------------
+def test_find_secrets_names_roles_never_values():
+    token = base64.b64encode(f"patroni:{'B' * 32}".encode()).decode()
+    assert a.find_secrets("INSERT INTO events VALUES ('ok')", SECRETS) == []
+    assert a.find_secrets(f"x {'A' * 32} y", SECRETS) == ["admin"]
+    assert a.find_secrets(f"Authorization: Basic {token}", SECRETS) == ["restapi"]
+
+
+def test_log_scan():
+    assert a.check_log_scan(LOG_SCAN_OK) == []
+    assert a.check_log_scan(LOG_SCAN_OK + "/data/log/leak-probe.log|1\n") == [
+        "/data/log/leak-probe.log: 1 line(s) hold a secret"]
+    assert a.check_log_scan("") == ["the log scan returned nothing"]
+
+
+def test_log_scan_command_keeps_secrets_off_argv():
+    assert "$(cat)" in a.LOG_SCAN and "-f /dev/fd/3" in a.LOG_SCAN  # patterns come on stdin only
+
+
+# -- run_audit on the fake transport -------------------------------------------------------------
+def _lab_answers(ctx, bad_mode: bool = False) -> None:
+    t = ctx.transport
+    t.on(r"", (0, ""))
+
+    def stat(host, cmd):
+        if "/etc/etcd/tls" in cmd:
+            return 0, f"/etc/etcd/tls|750|etcd\n/etc/etcd/tls/{host.name}.key|600|etcd\n"
+        out = PATRONI_STAT.replace("a-node01", host.name)
+        return 0, out.replace("config.yml|600", "config.yml|644") if bad_mode and host.name == "node01" else out
+
+    t.on(r"^stat -c", stat)
+    t.on(r"etcdctl .*get /runbook-audit-probe", 1)
+    t.on(r"etcdctl --cacert=\S+ --cert=", (0, ""))
+    t.on(r"grep -c '\^ \*client-cert-auth", (0, "2\n"))
+    t.on(r"systemctl show -p User etcd", (0, "User=etcd\n"))
+    t.on(r"systemctl show -p User patroni", (0, "User=postgres\n"))
+    t.on(r"verify_client", (0, "  verify_client: required\n"))
+    t.on(r"bin/python -", (0, "cert_no_auth=401\nno_cert=refused:URLError\n"))
+    t.on(r"pg_hba_file_rules", (0, HBA))
+    t.on(r"show ssl", (0, "on\n"))
+    t.on(r"^p=\$\(cat\)", (0, LOG_SCAN_OK))
+
+
+def _state(ctx) -> None:
+    from runbook.ledger import Ledger
+
+    assert ctx.secrets["admin"]["password"]  # generates state/secrets.yml (0600)
+    (ctx.pki_dir).mkdir(parents=True, exist_ok=True)
+    key = ctx.pki_dir / "ca.key"
+    key.write_text("k")
+    os.chmod(key, 0o600)
+    Ledger(ctx.state_dir / f"{ctx.inventory.cluster.name}.db").db.conn.close()
+
+
+def test_run_audit_clean_on_fake_hosts(ctx):
+    _state(ctx)
+    _lab_answers(ctx)
+    checks = a.run_audit(ctx)
+    assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
+    assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
+    assert len(checks) == 2 + 3 * 5 + 2 * 7
+    sent = " ".join(ctx.transport.commands())
+    assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
+
+
+def test_run_audit_reports_a_bad_mode_a_leak_and_an_unreachable_host(ctx):
+    _state(ctx)
+    _lab_answers(ctx, bad_mode=True)
+    key = ctx.pki_dir / "ca.key"
+    os.chmod(key, 0o644)
+    ctx.transport.down.add("etcd03")
+    db = ctx.state_dir / f"{ctx.inventory.cluster.name}.db"
+    with sqlite3.connect(db) as conn:  # a secret that slipped into the ledger unredacted
+        conn.execute("INSERT INTO events (kind, action) VALUES ('run', ?)", (ctx.secrets["rewind"]["password"],))
+    found = {(c.host, p) for c in a.run_audit(ctx) for p in c.problems}
+    assert ("node01", "/etc/patroni/config.yml is 0644 postgres, want 0600 postgres") in found
+    assert ("local", f"{key} is 0644, want 0600") in found
+    assert ("local", "the password of rewind appears in the ledger") in found
+    assert any(h == "etcd03" and "unreachable" in p for h, p in found)
+    assert not [p for _, p in found if ctx.secrets["rewind"]["password"] in p]
+
+
+def test_run_audit_refuses_without_secrets(ctx):
+    with pytest.raises(Exit):
+        a.run_audit(ctx)
+    assert not Path(ctx.state_dir / "secrets.yml").exists()  # read-only: nothing generated
+
+
+# -- the drill's pure figures --------------------------------------------------------------------
+def test_writer_gap():
+    w = Writer("", "r")
+    w.started, w.stopped = 100.0, 110.0
+    w.acked = [(1, 100.5), (2, 101.0), (3, 107.0), (4, 107.2)]
+    assert w.gap() == (6.0, 107.0)
+    assert w.gap(107.1, 108.0) == (pytest.approx(0.8), 108.0)
+    assert w.first_ack_after(101.0) == 107.0
+
+
+def test_rewind_verdict_on_captured_patroni_log():
+    lines = ["2026-11-26 13:30:24,515 INFO: running pg_rewind from patroni_a-node02",
+             "2026-11-26 13:30:25,240 INFO: pg_rewind exit code=0",
+             "2026-11-26 13:30:25,241 INFO:  stderr=pg_rewind: servers diverged at WAL location 0/307B910 on "
+             "timeline 1"]
+    assert rewind_verdict(lines, 2, 2) == "pg_rewind ran; timeline 2 = leader's 2"
+    assert rewind_verdict([], 3, 3).startswith("no pg_rewind in the Patroni log")
+    assert "!=" in rewind_verdict([], 2, 3)
