@@ -260,6 +260,9 @@ def show_plan(ctx: Ctx, report) -> None:
         if d.run:
             for diff in file_diffs(ctx, d):
                 ui.console.print(diff, markup=False)
+    failed = getattr(ctx.transport, "_failed", {})
+    if failed:  # the plan is shown, but it could not be compared with those hosts: say so in the exit code
+        raise Exit("dry run incomplete: could not reach " + "; ".join(str(e) for e in failed.values()), code=1)
 
 
 def section_install(section_name: str, steps_fn, doc: str):

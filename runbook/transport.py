@@ -102,14 +102,33 @@ class Transport:
 class SshTransport(Transport):
     def __init__(self) -> None:
         self._conns: dict[str, object] = {}
+        self._failed: dict[str, TransportError] = {}  # a host that failed once fails fast for this run
         self._mu = threading.Lock()
         self.bytes_sent = 0
 
     def _conn(self, host: Host):
         with self._mu:
+            if host.name in self._failed:
+                raise self._failed[host.name]
             c = self._conns.get(host.name)
             if c is not None:
-                return c
+                t = c.client.get_transport()
+                if t is not None and t.is_active():
+                    return c
+                del self._conns[host.name]  # the host rebooted or dropped us: connect again
+        try:
+            return self._open(host)
+        except TransportError as exc:
+            with self._mu:
+                self._failed[host.name] = exc
+            raise
+
+    def forget_failures(self) -> None:
+        """Let hosts that failed be tried again (a drill that restarts a host)."""
+        with self._mu:
+            self._failed.clear()
+
+    def _open(self, host: Host):
         import paramiko
         from fabric import Connection
 
