@@ -492,8 +492,8 @@ def phase_failover(a) -> list[str]:
         (a.state.parent / "drill-failover.txt").write_text(r.out + r.err)
         figs = re.findall(r"│ ([^│]*?) +│ +([^│]*?) │", r.out)
         keep = ("promoted", "writable", "gap", "streaming", "boot")
-        record("failover[inv drill]", f"inv drill.failover (kills {h}): wall, rc",
-               f"{r.wall:.1f}s, rc {r.rc}: " + "; ".join(f"{k} {v}" for k, v in figs if any(x in k for x in keep)))
+        said = "; ".join(f"{k.strip()} {v.strip()}" for k, v in figs if any(x in k for x in keep))
+        record("failover[inv drill]", f"inv drill.failover (kills {h}): wall, rc", f"{r.wall:.1f}s, rc {r.rc}: {said}")
         if r.rc != 0:
             failures.append(f"inv drill.failover exited {r.rc}: {(r.out + r.err).strip().splitlines()[-1]}")
             repair(a, h, "failover[inv drill]")

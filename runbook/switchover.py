@@ -139,6 +139,14 @@ def _rolling(c, verb: str) -> None:
             if not ok:
                 raise Exit(f"{m.name} did not come back (running/streaming) within 120 s; stopping here", code=1)
             ui.console.print(f"  [green]✓[/] {verb} {m.name} ({m.role}) {time.monotonic() - t0:.1f}s")
+        # restarting the leader drops the replicas' streams for a moment: done = all healthy again
+        if not wait(lambda: _healthy(members(ctx)), 120, 1):
+            raise Exit(f"after the {verb} the cluster is not healthy (a leader and streaming replicas) "
+                       "within 120 s; see `inv cluster.status`", code=1)
+
+
+def _healthy(ms: list[Member]) -> bool:
+    return sum(m.is_leader for m in ms) == 1 and all(m.is_leader or m.streaming for m in ms)
 
 
 @task

@@ -84,8 +84,11 @@ class Transport:
         return True
 
     def remote_sha256(self, host: Host, path: str) -> str | None:
+        """The file's sha256, None when it is absent; a failed probe is an error, never 'absent'."""
         r = self.run(host, stat_command(path))
-        st = parse_stat(r.stdout) if r.ok else None
+        if not r.ok:
+            raise TransportError(f"{host.name}: could not stat {path}: {r.stderr.strip() or f'exit {r.rc}'}")
+        st = parse_stat(r.stdout)
         return st[3] if st else None
 
     def read(self, host: Host, path: str) -> str | None:

@@ -170,7 +170,8 @@ class Machine:
         """Make the overlay a freshly installed bare server named NAME (idempotent, before boot)."""
         r = self.root
         (r / "etc/hostname").write_text(f"{self.name}\n")
-        (r / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
+        if not (self.upper / "etc/hosts").exists():  # first boot only: a server keeps its /etc/hosts
+            (r / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")
         resolv = r / "etc/resolv.conf"
         if resolv.is_symlink() or not resolv.exists() or resolv.read_text():
             resolv.unlink(missing_ok=True)

@@ -24,8 +24,12 @@ def packages(ctx: Ctx, host: Host) -> list:
     debs = manifest(ctx).debs()
     return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
-            Run(f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {REMOTE_BUNDLE}/debs/debian12/*.deb "
-                ">/tmp/runbook-dpkg.log 2>&1 || { tail -20 /tmp/runbook-dpkg.log >&2; exit 1; }", timeout=1800)]
+            # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
+            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it.
+            Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
+                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {REMOTE_BUNDLE}/debs/debian12/*.deb "
+                ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
+                "tail -20 $log >&2; exit 1", timeout=1800)]
 
 
 @packages.check

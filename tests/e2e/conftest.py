@@ -59,3 +59,28 @@ def lab_transport(lab):
     t = SshTransport()
     yield t
     t.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(lab, tmp_path_factory):
+    """(inventory, state dir): the lab's hosts made bare again, the bundle built, an empty runbook state.
+
+    One per session: test_cluster installs on it from bare hosts; later modules use `converged`."""
+    from helpers import inv
+    from runbook.lab import lab as labmod
+
+    labmod.down(lab)
+    labmod.up(lab)
+    state = tmp_path_factory.mktemp("runbook") / "state"
+    inv(state, "bundle.build", timeout=1200)
+    return lab, state
+
+
+@pytest.fixture(scope="module")
+def converged(cluster):
+    """The session's cluster, converged and verified against reality (repairs what an earlier drill left)."""
+    from helpers import inv
+
+    inventory, state = cluster
+    inv(state, "cluster.up", "--verify", timeout=1500)
+    return inventory, state

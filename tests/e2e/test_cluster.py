@@ -23,18 +23,6 @@ ETCD = "etcd01,etcd02,etcd03"
 
 
 @pytest.fixture(scope="module")
-def cluster(lab, tmp_path_factory):
-    """Bare lab hosts (recreated), the bundle, and an empty state dir for this module's runbook."""
-    from runbook.lab import lab as labmod
-
-    labmod.down(lab)
-    labmod.up(lab)
-    state = tmp_path_factory.mktemp("runbook") / "state"
-    inv(state, "bundle.build", timeout=1200)
-    return lab, state
-
-
-@pytest.fixture(scope="module")
 def tr(cluster):
     """This module's own SSH transport (its hosts are recreated, so no session-wide connections)."""
     from runbook.transport import SshTransport
