@@ -90,7 +90,8 @@ def update_known_hosts(inv: Inventory, hosts: list[Host], remove_only: bool = Fa
     old = kh.read_text().splitlines() if kh.exists() else []
     keep = [ln for ln in old if not (ln.split() and set(ln.split()[0].split(",")) & names)]
     new = [] if remove_only else [f"{n} {k}" for h in hosts for k in machine(inv, h).host_keys() for n in _kh_names(h)]
-    text = "\n".join(keep + new) + "\n" if keep + new else ""
+    lines = sorted(set(keep + new))  # canonical: restarting one host rewrites nothing when its keys are known
+    text = "\n".join(lines) + "\n" if lines else ""
     if not kh.exists() or kh.read_text() != text:
         kh.parent.mkdir(parents=True, exist_ok=True)
         tmp = kh.with_name(kh.name + ".tmp")
