@@ -55,7 +55,7 @@ def evaluate_check(ctx: Ctx, step: Step, host: Host) -> bool | None:
     probe = step.check_fn(ctx, host)
     if probe is None or isinstance(probe, bool):
         return probe
-    r = ctx.transport_for(host).run(host, probe, timeout=300)
+    r = ctx.transport_for(host).run(host, probe, timeout=300, lock=True)
     return r.ok
 
 
@@ -120,7 +120,7 @@ def _act(ctx: Ctx, tr, host: Host, step: Step, a: Action) -> str | None:
     t = time.time()
     led = ctx.ledger
     if isinstance(a, Run):
-        r = tr.run(host, a.cmd, user=a.user, stdin=a.stdin, timeout=a.timeout)
+        r = tr.run(host, a.cmd, user=a.user, stdin=a.stdin, timeout=a.timeout, lock=True)
         led.event(host.name, step.name, "run", a.describe(), r.rc, r.stdout, r.stderr, round(time.time() - t, 3))
         if not r.ok:
             tail = (r.stderr.strip() or r.stdout.strip())[-600:]

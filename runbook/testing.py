@@ -27,7 +27,7 @@ class FakeTransport(Transport):
         self.rules.insert(0, (re.compile(pattern), result))
 
     def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
-            timeout: float = 900) -> Result:
+            timeout: float = 900, lock: bool = False) -> Result:
         if host.name in self.down:
             raise TransportError(f"{host.name} ({host.address}): unreachable (fake)")
         with self._mu:

@@ -34,12 +34,21 @@ class Result:
         return self.rc == 0
 
 
-def wrap(host: Host, cmd: str, user: str = "root") -> str:
-    """The command line for `cmd` run as `user` on `host` (sudo -n when the login user differs)."""
+HOST_LOCK = "/run/lock/pg-ha-runbook.lock"
+
+
+def wrap(host: Host, cmd: str, user: str = "root", lock: bool = False) -> str:
+    """The command line for `cmd` run as `user` on `host` (sudo -n when the login user differs).
+
+    lock: hold the host's runbook lock while it runs. A killed runbook's remote command keeps running
+    (no pty, no SIGHUP); the resumed run's actions and checks wait for it instead of racing it."""
+    sh = f"sh -c {shlex.quote(cmd)}"
+    if lock:
+        sh = f"flock -w 900 -E 75 {HOST_LOCK} {sh}"
     if user == host.user or (not host.sudo and user == "root"):
-        return f"sh -c {shlex.quote(cmd)}"
+        return sh
     target = "" if user == "root" else f"-u {shlex.quote(user)} "
-    return f"sudo -n -H {target}-- sh -c {shlex.quote(cmd)}"
+    return f"sudo -n -H {target}-- {sh}"
 
 
 def put_command(path: str, mode: str, owner: str, group: str | None) -> str:
@@ -66,7 +75,7 @@ class Transport:
     """The command boundary: everything a step does to a host goes through run() and put()."""
 
     def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
-            timeout: float = 900) -> Result:
+            timeout: float = 900, lock: bool = False) -> Result:
         raise NotImplementedError
 
     def put(self, host: Host, path: str, content: bytes, *, mode: str = "0644", owner: str = "root",
@@ -75,17 +84,17 @@ class Transport:
         import hashlib
 
         want = (mode.zfill(4), owner, group or owner, hashlib.sha256(content).hexdigest())
-        r = self.run(host, stat_command(path))
+        r = self.run(host, stat_command(path), lock=True)
         if r.ok and parse_stat(r.stdout) == want:
             return False
-        w = self.run(host, put_command(path, mode, owner, group), stdin=content)
+        w = self.run(host, put_command(path, mode, owner, group), stdin=content, lock=True)
         if not w.ok:
             raise TransportError(f"{host.name}: writing {path} failed: {w.stderr.strip() or w.stdout.strip()}")
         return True
 
     def remote_sha256(self, host: Host, path: str) -> str | None:
         """The file's sha256, None when it is absent; a failed probe is an error, never 'absent'."""
-        r = self.run(host, stat_command(path))
+        r = self.run(host, stat_command(path), lock=True)
         if not r.ok:
             raise TransportError(f"{host.name}: could not stat {path}: {r.stderr.strip() or f'exit {r.rc}'}")
         st = parse_stat(r.stdout)
@@ -182,12 +191,12 @@ class SshTransport(Transport):
         return conn
 
     def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
-            timeout: float = 900) -> Result:
+            timeout: float = 900, lock: bool = False) -> Result:
         t0 = time.monotonic()
         conn = self._conn(host)
         chan = conn.client.get_transport().open_session(timeout=host.connect_timeout)
         chan.settimeout(timeout)
-        chan.exec_command(wrap(host, cmd, user))
+        chan.exec_command(wrap(host, cmd, user, lock))
         if stdin is not None:
             chan.sendall(stdin)
             self.bytes_sent += len(stdin)
@@ -229,7 +238,7 @@ class SshTransport(Transport):
         self.bytes_sent += src.stat().st_size
         home = self.run(host, "pwd", user=host.user).stdout.strip() or "."
         r = self.run(host, f"install -D -m {mode} -o {owner} -g {owner} {shlex.quote(home + '/' + tmp)} "
-                           f"{shlex.quote(path)} && rm -f {shlex.quote(home + '/' + tmp)}")
+                           f"{shlex.quote(path)} && rm -f {shlex.quote(home + '/' + tmp)}", lock=True)
         if not r.ok:
             raise TransportError(f"{host.name}: installing {path} failed: {r.stderr.strip()}")
 
@@ -244,7 +253,7 @@ class LocalTransport(Transport):
     """The control machine (steps with role `local`)."""
 
     def run(self, host: Host, cmd: str, *, user: str = "root", stdin: bytes | None = None,
-            timeout: float = 900) -> Result:
+            timeout: float = 900, lock: bool = False) -> Result:
         t0 = time.monotonic()
         try:
             p = subprocess.run(["sh", "-c", cmd], input=stdin, capture_output=True, timeout=timeout)

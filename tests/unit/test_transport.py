@@ -31,5 +31,8 @@ def test_commands_run_through_sudo_and_content_never_in_argv(inv):
     assert wrap(h, "id -u") == "sudo -n -H -- sh -c 'id -u'"
     assert wrap(h, "id -u", user="postgres") == "sudo -n -H -u postgres -- sh -c 'id -u'"
     assert wrap(h, "pwd", user="runbook") == "sh -c pwd"
+    # the runbook's own actions and checks hold the host lock: a killed run's leftover finishes first
+    assert wrap(h, "dpkg -i x.deb", lock=True) == \
+        "sudo -n -H -- flock -w 900 -E 75 /run/lock/pg-ha-runbook.lock sh -c 'dpkg -i x.deb'"
     cmd = put_command("/etc/patroni/config.yml", "0600", "postgres", None)
     assert 'cat > "$t"' in cmd and "umask 077" in cmd and "chmod 0600" in cmd
