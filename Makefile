@@ -45,7 +45,8 @@ soak: deps venv  ## the long versions: kill -9 after every step, rollback every 
 	RUNBOOK_SOAK=1 $(BIN)/pytest -q tests/e2e
 
 bench: deps venv  ## benchmarks: they print figures, they assert nothing
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	$(BIN)/pip install -q -e '.[test,bench]'
+	@rc=0; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || { echo "!! $$b failed"; rc=1; }; done; exit $$rc
 
 lint: venv
 	$(BIN)/ruff check runbook tests tasks.py bench

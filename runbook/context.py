@@ -1,6 +1,7 @@
 """What a step sees: the inventory, the transports, the ledger, paths, secrets and run options."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -8,6 +9,9 @@ from typing import Callable
 
 from .inventory import LOCAL, Host, Inventory
 from .transport import LocalTransport, Transport
+
+
+_SECRETS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -29,7 +33,8 @@ class Ctx:
     options: Options = field(default_factory=Options)
     local: Transport = field(default_factory=LocalTransport)
     ledger: object = None  # runbook.ledger.Ledger, set by the engine
-    selected: list = field(default_factory=list)  # the hosts --hosts selected (all by default)
+    selected: list = field(default_factory=list)
+    _secrets: dict | None = field(default=None, repr=False)  # the hosts --hosts selected (all by default)
 
     def transport_for(self, host: Host) -> Transport:
         return self.local if host.name == LOCAL.name else self.transport
@@ -40,11 +45,15 @@ class Ctx:
 
         return Paths(pg_major=self.inventory.cluster.postgres_major)
 
-    @cached_property
+    @property
     def secrets(self) -> dict:
+        """state/secrets.yml, generated once; thread-safe (hosts are decided in parallel)."""
         from .secrets import ensure_secrets
 
-        return ensure_secrets(self.state_dir)
+        with _SECRETS_LOCK:
+            if self._secrets is None:
+                self._secrets = ensure_secrets(self.state_dir)
+            return self._secrets
 
     @property
     def pki_dir(self) -> Path:

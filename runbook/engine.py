@@ -166,7 +166,7 @@ def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
         hosts = targets(ctx, step, selected)
         if not hosts:
             continue
-        decs = [decide(ctx, step, h) for h in hosts]
+        decs = _decide_all(ctx, step, hosts)
         report.plan.extend(decs)
         todo = [d for d in decs if d.run]
         for d in decs:
@@ -192,6 +192,14 @@ def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
         if errors:
             raise RunFailed(ui.failure_summary(step, errors, report))
     return report
+
+
+def _decide_all(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Decision]:
+    """Decide for every host; checks are remote probes, so they run in parallel like the actions."""
+    if len(hosts) == 1:
+        return [decide(ctx, step, hosts[0])]
+    with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(hosts)))) as pool:
+        return list(pool.map(lambda h: decide(ctx, step, h), hosts))
 
 
 def _run_step(ctx: Ctx, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -40,13 +41,17 @@ def sans(ctx: Ctx, host: Host) -> tuple[list[str], list[str]]:
     return dns, [host.address]
 
 
+_PKI_LOCK = threading.Lock()  # hosts are decided in parallel; the CA is made once, by one of them
+
+
 def cert_material(ctx: Ctx, host: Host) -> tuple[bytes, bytes, bytes, Path]:
     """(ca.crt, host.crt, host.key, key path) from state/pki; issued on first use, reused while valid."""
     from ..pki import ensure_ca, ensure_host_cert
 
-    ca = ensure_ca(ctx.pki_dir)
     dns, ips = sans(ctx, host)
-    crt, key, _ = ensure_host_cert(ctx.pki_dir, ca, host.name, dns, ips)
+    with _PKI_LOCK:
+        ca = ensure_ca(ctx.pki_dir)
+        crt, key, _ = ensure_host_cert(ctx.pki_dir, ca, host.name, dns, ips)
     return ca.cert_path.read_bytes(), crt.read_bytes(), key.read_bytes(), key
 
 
