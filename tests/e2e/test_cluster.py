@@ -132,6 +132,12 @@ def test_push_again_sends_nothing_and_resends_a_damaged_file(cluster, tr):
     assert executed(out) == 1  # node02 only: its check (sha256sum -c) failed
     assert _upload_events(state, _last_run(state)).count("sent") == 1
     assert sh(tr, inventory, "node02", "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
+    # same size, other bytes: only the full check of --verify can see it
+    assert sh(tr, inventory, "node01", f"printf XXXX | dd of={deb} bs=1 seek=100 conv=notrunc status=none").ok
+    assert executed(inv(state, "bundle.push").stdout) == 0
+    out = inv(state, "bundle.push", "--verify").stdout
+    assert executed(out) == 1 and _upload_events(state, _last_run(state)).count("sent") == 1
+    assert sh(tr, inventory, "node01", "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
 
 
 def test_lost_replication_role_is_detected_and_repaired(cluster, tr):
