@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from .step import Step
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 
 STYLE = {"done": "green", "manual": "cyan", "will run": "yellow", "changed": "magenta",
          "interrupted": "red", "drifted": "red", "failed": "red", "running": "red",

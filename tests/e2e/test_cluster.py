@@ -166,6 +166,32 @@ def test_a_step_done_by_hand_is_recorded_and_skipped(cluster, tr):
     assert sh(tr, inventory, "etcd02", "ectl endpoint health").ok
 
 
+def test_step_mode_asks_before_each_step_and_records_the_answers(cluster, tr):
+    import os
+    import subprocess
+
+    from helpers import INV, REPO, env
+
+    inventory, state = cluster
+    inv(state, "runbook.rollback", "etcd.existing", "--hosts", "etcd01")
+
+    def step_mode(answers: str) -> subprocess.CompletedProcess:
+        e = dict(env(state), RUNBOOK_STEP_ANSWERS=answers)
+        return subprocess.run([INV, "etcd.install", "--step"], cwd=REPO, env=e, capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+
+    quit_ = step_mode("quit")
+    assert quit_.returncode == 4 and "stopped by the operator before etcd.existing" in quit_.stdout + quit_.stderr
+    assert "initial-cluster-state: new" in sh(tr, inventory, "etcd01", "cat /etc/etcd/etcd.conf.yml").stdout
+    yes = step_mode("yes")
+    assert yes.returncode == 0 and executed(yes.stdout) == 1
+    with ledger(state) as db:
+        answers = [r[0] for r in db.execute("select action from events where kind = 'answer' and host = 'etcd01'")]
+        mode = db.execute("select mode from checkpoints where host = 'etcd01' and step = 'etcd.existing'").fetchone()
+    assert answers[-2:] == ["--step answer: quit", "--step answer: yes"] and mode == ("step",)
+    assert os.path.exists(state / "patroni_cluster.db")
+
+
 def test_dry_run_shows_plan_and_diff_without_changing_anything(cluster, tr):
     inventory, state = cluster
     assert sh(tr, inventory, "etcd03", "echo '# drift' >> /etc/etcd/etcd.conf.yml").ok
