@@ -51,8 +51,8 @@ def _key(m) -> str:
 @section.step("push", role="all", always_check=True)
 def push(ctx: Ctx, host: Host) -> list:
     """Copy the bundle files this host's roles need to /opt/runbook-bundle
-    Files already there with the right sha256 are skipped; a damaged or half-copied one is sent again;
-    everything is verified on the host with sha256sum."""
+    Files already there with the right sha256 are skipped, a damaged one is sent again, and everything is
+    verified on the host with sha256sum. Later runs check sizes (a half-copied file); --verify re-hashes."""
     entries = manifest(ctx).files_for(set(host.roles))
     sizes = "".join(f"{e.size} {remote(e)}\n" for e in entries).encode()
     return ([Run(f"install -d -m 0755 {REMOTE_BUNDLE}")]
