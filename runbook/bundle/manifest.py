@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+
+from ..fsutil import write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -120,17 +121,7 @@ def write_manifest(root: Path, entries: list[Entry], *, etcd_version: str, targe
     doc = {"format": FORMAT, "created": created, "target": target, "etcd_version": etcd_version,
            "files": [e.to_json() for e in sorted(entries, key=lambda e: e.path)]}
     dest = root / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(dest, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode(), 0o644)
     return dest
 
 
