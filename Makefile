@@ -23,7 +23,7 @@ venv: $(BIN)/inv
 demo: deps venv  ## build the lab and the offline bundle, bring the cluster up, show its status
 	$(INV) lab.up
 	$(INV) bundle.build
-	$(INV) cluster.up
+	$(INV) cluster.up --verify   # --verify: a re-run on re-created lab hosts redoes what is not there
 	$(INV) cluster.status
 
 # pytest exit code 5 = "no tests collected": that is a failure here, never a silent pass.
