@@ -11,6 +11,8 @@ APT_PACKAGES := debootstrap systemd-container iproute2 openssh-client python3-ve
 deps:  ## Debian packages the lab and the bundle builder need (idempotent)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	@# every lab host's systemd takes inotify instances; the default 128 runs out near 15 hosts
+	@if [ "$$(cat /proc/sys/fs/inotify/max_user_instances)" -lt 1024 ]; then sysctl -q -w fs.inotify.max_user_instances=1024; fi
 
 $(BIN)/inv: pyproject.toml
 	$(PY) -m venv $(VENV)
