@@ -20,7 +20,9 @@ PSQL = "/usr/lib/postgresql/15/bin/psql -X -q -h /var/run/postgresql -d postgres
 
 # -- switchover / failover ---------------------------------------------------------------------
 def members(a) -> list[dict]:
-    for h in ("b-node01", "b-node02"):
+    from runbook.inventory import load_inventory
+
+    for h in [x.name for x in load_inventory(a.inventory).postgres]:
         try:
             r = ssh(a.inventory, h, f"sudo -n -u postgres {PATRONICTL} list -f json", timeout=30)
         except subprocess.TimeoutExpired:
