@@ -41,9 +41,8 @@ from benchlib import (REPO, BenchFailed, checkpoints, fmt, host_sums, inv, inv_r
                       lab_up, ssh, step_spans, write_inventory)
 from benchlib.cluster import HOSTS, PATRONICTL, Writer, ensure_table, host_of, wait_healthy  # noqa: E402
 from benchlib.phases import load_noop, phase_ansible, phase_probe  # noqa: E402
-from benchlib.report import con, record, results, say  # noqa: E402
+from benchlib.report import con, finish, record, say  # noqa: E402
 from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 BASE = Path("/tmp/bench-cluster")
 PHASES = ["up", "noop", "ansible", "probe", "switchover", "failover", "resume"]
@@ -278,16 +277,7 @@ def main() -> int:
         con.print(f"[red]functional failure:[/] {escape(str(exc))}")
         rc = 1
     finally:
-        t = Table(title=f"bench/cluster_up.py on {a.inventory} (load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)",
-                  title_justify="left")
-        for c in ("section", "figure", "value"):
-            t.add_column(c)
-        for row in results:
-            t.add_row(*row)
-        con.print(t)
-        if not a.keep:
-            say("tearing the lab down (inv lab.down) ...")
-            lab_down(a.inventory, a.state)
+        finish("bench/cluster_up.py", a, lab_down)
     return rc
 
 

@@ -29,24 +29,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import REPO, BenchFailed, fmt, inv, inv_rss, lab_down, lab_up, med, now, write_inventory  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
+from benchlib import REPO, BenchFailed, fmt, inv, inv_rss, lab_down, lab_up, med, write_inventory  # noqa: E402
+from benchlib.report import con, finish, record, say  # noqa: E402
 
-con = Console(highlight=False, width=160)
 BASE = Path("/tmp/bench-scale")
 HOSTS = [(f"c-h{i:02d}", f"192.168.65.{9 + i}", "etcd" if i <= 3 else "postgres") for i in range(1, 31)]
-results: list[tuple[str, str, str]] = []
-
-
-def say(msg: str) -> None:
-    con.print(f"[dim]{now()}[/] {msg}")
-
-
-def record(section: str, figure: str, value: str) -> None:
-    results.append((escape(section), escape(figure), escape(value)))
-    con.print(f"  [bold]{escape(section)}[/] {escape(figure)}: {escape(value)}")
 
 
 def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
@@ -155,16 +142,7 @@ def main() -> int:
         con.print(f"[red]functional failure:[/] {exc}")
         rc = 1
     finally:
-        t = Table(title=f"bench/scale.py on {a.inventory} (load {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs)",
-                  title_justify="left")
-        for c in ("section", "figure", "value"):
-            t.add_column(c)
-        for row in results:
-            t.add_row(*row)
-        con.print(t)
-        if not a.keep:
-            say("tearing the lab down (inv lab.down) ...")
-            lab_down(a.inventory, a.state)
+        finish("bench/scale.py", a, lab_down)
     return rc
 
 
