@@ -37,8 +37,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import (REPO, BenchFailed, checkpoints, fmt, host_sums, inv, inv_rss, kill_when, lab_down,  # noqa: E402
-                      lab_up, ssh, step_spans, write_inventory)
+from benchlib import (  # noqa: E402
+    REPO,
+    BenchFailed,
+    checkpoints,
+    fmt,
+    host_sums,
+    inv,
+    inv_rss,
+    kill_when,
+    lab_down,
+    lab_up,
+    ssh,
+    step_spans,
+    write_inventory,
+)
 from benchlib.cluster import HOSTS, PATRONICTL, Writer, ensure_table, host_of, wait_healthy  # noqa: E402
 from benchlib.phases import load_noop, phase_ansible, phase_probe  # noqa: E402
 from benchlib.report import con, finish, record, say  # noqa: E402

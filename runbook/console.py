@@ -13,8 +13,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from .engine import Decision, Report
-    from .step import Step
+    from runbook.core.engine import Decision, Report
+    from runbook.core.step import Step
 
 console = Console(highlight=False)
 
@@ -39,16 +39,6 @@ def step_progress(step: "Step", hosts: list[str]) -> Iterator[Callable[[str, str
                               + (f"  [red]{err[:300]}[/]" if err else ""))
                 status.update(f"{step.name}: waiting for {', '.join(sorted(left)) or '-'}")
         yield done
-
-
-def failure_summary(step: "Step", errors: dict[str, str], report: "Report") -> str:
-    lines = [f"step {step.name} failed on {len(errors)} host(s):"]
-    for host, err in sorted(errors.items()):
-        lines.append(f"  {host}: {err}")
-    lines.append(f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after "
-                 f"{step.name} was started. Fix the cause, then run the same command again: done steps are "
-                 "skipped and each host resumes where it stopped (`inv runbook.history` shows the output).")
-    return "\n".join(lines)
 
 
 def plan_table(report: "Report", title: str = "Plan") -> Table:
@@ -94,6 +84,17 @@ def status_table(steps: list["Step"], hosts: list[str], records: dict[tuple[str,
             cells.append(f"[{STYLE.get(st, 'white')}]{st}[/]" if st else "[dim]·[/]")
         t.add_row(s.name, *cells)
     return t
+
+
+class RichObserver:
+    """The engine's observer on a terminal (or a log): per-host progress lines and the --step prompt."""
+
+    def step_progress(self, step: "Step", hosts: list[str]):
+        return step_progress(step, hosts)
+
+    def ask_step(self, step: "Step", decisions: list["Decision"], mask: Callable[[str], str]) -> str:
+        show_step_detail(step, decisions, mask)
+        return ask_step(step.name)
 
 
 def show_step_detail(step: "Step", decs: list["Decision"], mask: Callable[[str], str]) -> None:

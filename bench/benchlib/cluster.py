@@ -6,7 +6,6 @@ import subprocess
 import threading
 import time
 
-
 from . import BenchFailed, ssh
 
 HOSTS = [("b-etcd01", "192.168.64.141", "etcd"), ("b-etcd02", "192.168.64.142", "etcd"),

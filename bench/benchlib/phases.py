@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from . import REPO, BenchFailed, fmt, inv, med, ssh
 from .report import record, say
 
@@ -21,9 +20,9 @@ def load_noop(a) -> dict[str, list[float]] | None:
 
 # -- phase: ansible ----------------------------------------------------------------------------
 def make_ctx(a):
-    from runbook.context import Ctx, Options
+    from runbook.core.context import Ctx, Options
+    from runbook.core.transport import SshTransport
     from runbook.inventory import load_inventory
-    from runbook.transport import SshTransport
 
     return Ctx(inventory=load_inventory(a.inventory), transport=SshTransport(), state_dir=a.state,
                bundle_dir=REPO / "bundle", options=Options())
@@ -36,7 +35,7 @@ def q(s: str) -> str:
 def generate_ansible(a, d: Path) -> tuple[Path, Path, int, list[str]]:
     """Inventory + playbook: for each runbook step with a string check, a shell task with that
     check (per host, as host vars tagged !unsafe so Jinja never touches them) on that step's hosts."""
-    from runbook.engine import targets
+    from runbook.core.engine import targets
     from runbook.sections import all_steps
 
     ctx = make_ctx(a)
@@ -133,10 +132,10 @@ def phase_ansible(a, noop: dict[str, list[float]] | None) -> None:
 def phase_probe(a) -> None:
     """In-process: the engine's own apply() with a transport that counts and times each SSH exec."""
     from runbook.bundle.manifest import verify_bundle
-    from runbook.engine import apply
-    from runbook.ledger import Ledger
+    from runbook.core.engine import apply
+    from runbook.core.ledger import Ledger
+    from runbook.core.transport import SshTransport
     from runbook.sections import all_steps
-    from runbook.transport import SshTransport
 
     class Counting(SshTransport):
         def __init__(self):

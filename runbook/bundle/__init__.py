@@ -27,6 +27,6 @@ Hosts install the wheels with
 ``pip install --no-index --find-links DIR --require-hashes -r DIR/requirements.txt``.
 Building: ``runbook.bundle.build.build_bundle(BuildOptions(...))`` or ``inv bundle.build``.
 """
-from .manifest import BundleError, Entry, Manifest, load_manifest, verify_bundle
+from runbook.bundle.manifest import BundleError, Entry, Manifest, load_manifest, verify_bundle
 
 __all__ = ["BundleError", "Entry", "Manifest", "load_manifest", "verify_bundle"]

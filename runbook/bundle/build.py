@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import debs as debs_mod
-from . import etcd as etcd_mod
-from . import wheels as wheels_mod
-from .manifest import (
+from runbook.bundle import debs as debs_mod
+from runbook.bundle import etcd as etcd_mod
+from runbook.bundle import wheels as wheels_mod
+from runbook.bundle.manifest import (
     MANIFEST,
     REQUIREMENTS,
     BundleError,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from .manifest import BundleError
+from runbook.bundle.manifest import BundleError
 
 SOURCES = """\
 deb http://deb.debian.org/debian bookworm main

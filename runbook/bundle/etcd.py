@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import BundleError, sha256_file
+from runbook.bundle.manifest import BundleError, sha256_file
 
 TARBALL_RE = re.compile(r"^etcd-v(\d+\.\d+\.\d+)-linux-amd64\.tar\.gz$")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"

@@ -18,7 +18,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..fsutil import write_atomic
+from runbook.core.fsutil import write_atomic
+from runbook.errors import RunbookError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -28,7 +29,7 @@ REQUIREMENTS = "wheels/requirements.txt"
 REBUILD_HINT = "re-copy the bundle from the build machine, or rebuild it with `inv bundle.build`"
 
 
-class BundleError(Exception):
+class BundleError(RunbookError):
     """The bundle is missing, malformed or does not match its manifest; the message says what to do."""
 
 

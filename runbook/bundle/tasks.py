@@ -17,9 +17,9 @@ from invoke import Collection, Context, Exit, task
 from rich.console import Console
 from rich.table import Table
 
-from .build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
-from .etcd import build_from_debian
-from .manifest import BundleError, Manifest, verify_bundle
+from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
+from runbook.bundle.etcd import build_from_debian
+from runbook.bundle.manifest import BundleError, Manifest, verify_bundle
 
 console = Console(highlight=False)
 

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .manifest import BundleError, sha256_file
+from runbook.bundle.manifest import BundleError, sha256_file
 
 DEFAULT_REQUIREMENTS = ("patroni[etcd3]==4.1.5", "psycopg2-binary==2.9.13")
 DEFAULT_INDEX = "https://pypi.org/simple"

@@ -13,10 +13,12 @@ import os
 import subprocess
 from pathlib import Path
 
+from runbook.errors import RunbookError
+
 NETNS_DIR = Path("/run/netns")
 
 
-class LabError(Exception):
+class LabError(RunbookError):
     """The lab cannot do what was asked; the message says why and what to do."""
 
 

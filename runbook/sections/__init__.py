@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from ..step import Section, Step
+from runbook.core.step import Section, Step
 
 MODULES = ("push", "etcd", "postgres", "patroni", "verify")
 

@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import shlex
 
-from ..context import Ctx
-from ..inventory import Host
-from ..render import etcd_context
-from ..step import Local, Put, Run, Section, wait_for
-from .common import REMOTE_BUNDLE, manifest, remote, template, tls_check, tls_files, unit_actions, unit_undo
+from runbook.cluster.commands import etcdctl
+from runbook.cluster.render import etcd_context
+from runbook.core.context import Ctx
+from runbook.core.step import Local, Put, Run, Section, wait_for
+from runbook.inventory import Host
+from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote
+from runbook.sections.tls_files import tls_check, tls_files
+from runbook.sections.units import template, unit_actions, unit_undo
 
 section = Section("etcd", 20, "etcd: a three-member cluster with TLS on client and peer traffic")
 BEGIN, END = "# BEGIN pg-ha-runbook", "# END pg-ha-runbook"
-
-
-def etcdctl(ctx: Ctx, host: Host, args: str, endpoints: str | None = None) -> str:
-    """etcdctl with this host's own client certificate (the ectl wrapper, usable before it exists)."""
-    c = etcd_context(ctx.inventory, host, ctx.paths)
-    ep = endpoints or f"https://{host.name}:2379"
-    return (f"ETCDCTL_API=3 {c['etcd_bin_dir']}/etcdctl --cacert={c['trusted_ca_file']} --cert={c['cert_file']} "
-            f"--key={c['key_file']} --endpoints={ep} --command-timeout=5s {args}")
 
 
 def _ctx(ctx: Ctx, host: Host, state: str = "new") -> dict:
@@ -126,8 +121,8 @@ def pki(ctx: Ctx, host: Host) -> list:
     """PKI: a local CA under state/pki (made once) and a certificate per host
     SANs: host name, FQDN if given, address; reused while valid with matching SANs, re-issued otherwise.
     Made with the cryptography library on the control machine: no private key leaves it unasked."""
-    from ..pki import ensure_ca
-    from .common import cert_material
+    from runbook.credentials.pki import ensure_ca
+    from runbook.sections.tls_files import cert_material
 
     def run() -> str:
         ensure_ca(ctx.pki_dir)
@@ -141,8 +136,8 @@ def pki(ctx: Ctx, host: Host) -> list:
 
 @pki.check
 def _pki_check(ctx: Ctx, host: Host) -> bool:
-    from ..pki import check_cert, ensure_ca, host_paths
-    from .common import sans
+    from runbook.credentials.pki import check_cert, ensure_ca, host_paths
+    from runbook.sections.tls_files import sans
 
     if not (ctx.pki_dir / "ca.crt").exists():
         return False

@@ -3,30 +3,19 @@ from __future__ import annotations
 
 import shlex
 
-from ..context import Ctx
-from ..inventory import Host
-from ..render import member_name, patroni_context
-from ..step import Run, Section, wait_for
-from .common import REMOTE_BUNDLE, manifest, remote, template, unit_actions, unit_undo
+from runbook.cluster.commands import member_ok, psql
+from runbook.cluster.render import patroni_context
+from runbook.core.context import Ctx
+from runbook.core.step import Run, Section, wait_for
+from runbook.inventory import Host
+from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote
+from runbook.sections.units import template, unit_actions, unit_undo
 
 section = Section("patroni", 40, "Patroni: venv, offline wheels, config, unit and an ordered start")
 
 
 def pctx(ctx: Ctx, host: Host) -> dict:
     return patroni_context(ctx.inventory, host, ctx.secrets, ctx.paths)
-
-
-def patronictl(ctx: Ctx, args: str) -> str:
-    return f"{ctx.paths.patroni_venv}/bin/patronictl -c {ctx.paths.patroni_conf} {args}"
-
-
-def member_ok(ctx: Ctx, host: Host, leader: bool = False) -> str:
-    """rc 0 when the member is the running leader (leader=True) or a running leader / streaming replica."""
-    accept = "r == 'Leader' and s == 'running'" + ("" if leader else " or s == 'streaming'")
-    py = ("import json,sys; m={x['Member']: x for x in json.load(sys.stdin)}.get(sys.argv[1]) or {}; "
-          f"r, s = m.get('Role', ''), m.get('State', ''); sys.exit(0 if {accept} else 1)")
-    return (f"{patronictl(ctx, 'list -f json')} | {ctx.paths.patroni_venv}/bin/python -c "
-            f"{shlex.quote(py)} {member_name(host)}")
 
 
 def bootstrap_host(ctx: Ctx, hosts: list[Host]) -> list[Host]:
@@ -195,11 +184,6 @@ def roles_sql(ctx: Ctx) -> bytes:
                "pg_read_binary_file(text)", "pg_read_binary_file(text, bigint, bigint, boolean)"):
         out.append(f"GRANT EXECUTE ON FUNCTION pg_catalog.{fn} TO {ru};")
     return ("\n".join(out) + "\n").encode()
-
-
-def psql(ctx: Ctx, args: str) -> str:
-    return (f"{ctx.paths.pg_bin_dir(ctx.inventory.cluster.postgres_major)}/psql -X -q -h {ctx.paths.socket_dir} "
-            f"-d postgres {args}")
 
 
 @section.step("roles", role="postgres", only=bootstrap_host)

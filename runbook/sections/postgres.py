@@ -1,10 +1,11 @@
 """PostgreSQL section: packages from the bundle, no distribution cluster, PGDATA and TLS files."""
 from __future__ import annotations
 
-from ..context import Ctx
-from ..inventory import Host
-from ..step import Put, Run, Section
-from .common import REMOTE_BUNDLE, manifest, remote, sums, tls_check, tls_files
+from runbook.core.context import Ctx
+from runbook.core.step import Put, Run, Section
+from runbook.inventory import Host
+from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote, sums
+from runbook.sections.tls_files import tls_check, tls_files
 
 section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
 CREATECLUSTER = "/etc/postgresql-common/createcluster.conf"

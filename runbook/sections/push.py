@@ -1,10 +1,10 @@
 """Bundle section: check the offline bundle on the control machine, then push what each host needs."""
 from __future__ import annotations
 
-from ..context import Ctx
-from ..inventory import Host
-from ..step import Local, Put, Run, Section, Upload
-from .common import REMOTE_BUNDLE, manifest, remote, sums
+from runbook.core.context import Ctx
+from runbook.core.step import Local, Put, Run, Section, Upload
+from runbook.inventory import Host
+from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote, sums
 
 SUMS = f"{REMOTE_BUNDLE}/SHA256SUMS"  # what this host should hold (checked with --verify)
 SIZES = f"{REMOTE_BUNDLE}/SIZES"  # the cheap check of every run
@@ -15,7 +15,7 @@ section = Section("bundle", 10, "Push the offline bundle to the hosts")
 def verify(ctx: Ctx, host: Host) -> list:
     """Verify the bundle against its manifest on the control machine
     Every file is re-hashed; a missing, extra or altered file stops the run before any host is touched."""
-    from ..bundle.manifest import verify_bundle
+    from runbook.bundle.manifest import verify_bundle
 
     m = manifest(ctx)
 
@@ -29,7 +29,7 @@ def verify(ctx: Ctx, host: Host) -> list:
 
 @verify.check
 def _verify_check(ctx: Ctx, host: Host) -> bool:
-    from ..bundle.manifest import BundleError, verify_bundle
+    from runbook.bundle.manifest import BundleError, verify_bundle
 
     try:
         verified = verify_bundle(ctx.bundle_dir)

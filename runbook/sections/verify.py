@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import shlex
 
-from ..context import Ctx
-from ..inventory import Host
-from ..step import Local, Section
+from runbook.core.context import Ctx
+from runbook.core.step import Local, Section
+from runbook.inventory import Host
 
 section = Section("cluster", 50, "Cluster: end-to-end verification")
 
 
 def write_and_read(ctx: Ctx) -> str:
-    from ..patroni_api import host_of, members, wait
-    from .patroni import psql
+    from runbook.cluster.commands import psql
+    from runbook.cluster.readers import host_of, members, wait
 
     ms = members(ctx)
     lead = [m for m in ms if m.is_leader]

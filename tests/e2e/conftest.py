@@ -54,7 +54,7 @@ def lab(lab_prerequisites_met) -> Inventory:
 @pytest.fixture(scope="session")
 def lab_transport(lab):
     """A runbook SshTransport to the lab's hosts (closed at the end of the session)."""
-    from runbook.transport import SshTransport
+    from runbook.core.transport import SshTransport
 
     t = SshTransport()
     yield t
@@ -67,6 +67,7 @@ def cluster(lab, tmp_path_factory):
 
     One per session: test_cluster installs on it from bare hosts; later modules use `converged`."""
     from helpers import inv
+
     from runbook.lab import lab as labmod
 
     labmod.down(lab)

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from helpers import INV, REPO, SCALE
 
+from runbook.core.transport import SshTransport, TransportError
 from runbook.inventory import Inventory, load_inventory
-from runbook.transport import SshTransport, TransportError
 
 pytestmark = pytest.mark.e2e
 NOSUDO = "rbnosudo"  # a login user without sudo, made on one lab host for the no-sudo case

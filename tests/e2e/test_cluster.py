@@ -15,7 +15,6 @@ import urllib.request
 import psycopg
 import pytest
 import yaml
-
 from helpers import executed, inv, kill_when, ledger, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +24,7 @@ ETCD = "etcd01,etcd02,etcd03"
 @pytest.fixture(scope="module")
 def tr(cluster):
     """This module's own SSH transport (its hosts are recreated, so no session-wide connections)."""
-    from runbook.transport import SshTransport
+    from runbook.core.transport import SshTransport
 
     t = SshTransport()
     yield t
@@ -58,7 +57,7 @@ def test_etcd_install_again_executes_nothing(cluster):
 
 def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_path):
     inventory, state = cluster
-    from runbook.pki import ensure_ca, ensure_host_cert
+    from runbook.credentials.pki import ensure_ca, ensure_host_cert
 
     tls = "/etc/etcd/tls"
     base = "ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s"

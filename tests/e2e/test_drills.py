@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import INV, REPO, SCALE, env, ledger
 
 pytestmark = pytest.mark.e2e
@@ -78,7 +77,7 @@ def test_audit_passes(drills):
 
 def test_audit_finds_a_world_readable_config_then_the_runbook_repairs_it(drills):
     inventory, state = drills
-    from runbook.transport import SshTransport
+    from runbook.core.transport import SshTransport
 
     node = inventory.postgres[0]
     t = SshTransport()

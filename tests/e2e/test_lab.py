@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from runbook.core.transport import SshTransport
 from runbook.inventory import load_inventory
 from runbook.lab import lab as labmod
 from runbook.lab import net
 from runbook.lab.machine import CGROUP_GROUP, Machine, cgroup_roots
-from runbook.transport import SshTransport
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,6 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import INV, REPO, SCALE, env, executed, inv, ledger
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +67,7 @@ def soak(lab, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tr(soak):
-    from runbook.transport import SshTransport
+    from runbook.core.transport import SshTransport
 
     t = SshTransport()
     yield t

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from runbook.context import Ctx, Options
+from runbook.core.context import Ctx, Options
+from runbook.core.ledger import Ledger
+from runbook.core.testing import FakeTransport
 from runbook.inventory import load_inventory
-from runbook.ledger import Ledger
-from runbook.testing import FakeTransport
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,10 +8,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from invoke.exceptions import Exit
 
-from runbook import audit as a
-from runbook.drill import Writer, rewind_verdict
+from runbook.errors import ProcedureFailed
+from runbook.procedures import audit as a
+from runbook.procedures.drill import Writer, rewind_verdict
 
 ETCD_STAT = "/etc/etcd/tls|750|etcd\n/etc/etcd/tls/a-etcd01.key|600|etcd\n"
 PATRONI_STAT = ("/opt/patroni/.tls|750|postgres\n/opt/patroni/.tls/a-node01.key|600|postgres\n"
@@ -159,7 +159,7 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
 
 
 def _state(ctx) -> None:
-    from runbook.ledger import Ledger
+    from runbook.core.ledger import Ledger
 
     assert ctx.secrets["admin"]["password"]  # generates state/secrets.yml (0600)
     (ctx.pki_dir).mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def test_run_audit_reports_a_bad_mode_a_leak_and_an_unreachable_host(ctx):
 
 
 def test_run_audit_refuses_without_secrets(ctx):
-    with pytest.raises(Exit):
+    with pytest.raises(ProcedureFailed, match="secrets.yml does not exist"):
         a.run_audit(ctx)
     assert not Path(ctx.state_dir / "secrets.yml").exists()  # read-only: nothing generated
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from test_bad_inputs import VALID, checkpoints, inv_run, make_bundle, refused  # noqa: F401
 from test_cli_errors import GUARD
 
-from runbook import pki
-from runbook.engine import RunFailed, apply
+from runbook.core.engine import RunFailed, apply
+from runbook.credentials import pki
 from runbook.inventory import LOCAL
 from runbook.sections import section_steps
-from runbook.sections.common import sans
+from runbook.sections.tls_files import sans
 
 
 @pytest.fixture(scope="module")

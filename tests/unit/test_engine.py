@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from runbook.engine import Quit, RunFailed, apply
-from runbook.ledger import Ledger, LedgerLocked
-from runbook.ops import export_markdown, mark_done, rollback
-from runbook.step import Put, Run, Section
+from runbook.core.engine import Quit, RunFailed, apply
+from runbook.core.export import export_markdown
+from runbook.core.ledger import Ledger, LedgerLocked
+from runbook.core.rollback import mark_done, rollback
+from runbook.core.step import Put, Run, Section
 
 
 def make_section(content: bytes = b"v1\n"):

@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runbook.inventory import (
-    LOCAL,
-    Host,
-    Inventory,
-    InventoryError,
-    UniqueKeyLoader,
-    load_inventory,
-    load_yaml,
-)
+from runbook.inventory import LOCAL, Host, Inventory, InventoryError, load_inventory
+from runbook.inventory.yamlio import UniqueKeyLoader, load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "tests" / "data" / "inventories"

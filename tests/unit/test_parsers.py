@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runbook.patroni_api import parse_endpoint_health, parse_endpoint_status, parse_members
-from runbook.transport import parse_stat
+from runbook.cluster.readers import parse_endpoint_health, parse_endpoint_status, parse_members
+from runbook.core.transport import parse_stat
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "captured"
 

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from runbook import pki
+from runbook.credentials import pki
 
 SANS = ["etcd01", "localhost", "192.168.60.141", "127.0.0.1"]
 

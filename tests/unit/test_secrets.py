@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook import secrets as sec
+from runbook.credentials import secrets as sec
 
 
 def test_generated_once_with_expected_users(tmp_path: Path) -> None:

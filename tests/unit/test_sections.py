@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 
 from runbook.bundle.manifest import make_entry, write_manifest
-from runbook.engine import apply
-from runbook.ops import export_markdown
+from runbook.core.engine import apply
+from runbook.core.export import export_markdown
 from runbook.sections import all_steps, section_steps
-from runbook.sections.common import _manifest
+from runbook.sections.bundle_files import _manifest
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_export_is_complete_and_masks_secrets(ctx, inv, bundle):
 
 
 def test_tls_keys_are_0600_owned_by_the_service_user(ctx, inv, bundle):
-    from runbook.step import Put
+    from runbook.core.step import Put
 
     keys = [a for s in all_steps() if s.name in ("etcd.tls", "postgres.tls")
             for h in inv.role(s.role) for a in s.actions_fn(ctx, h)

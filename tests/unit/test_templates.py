@@ -10,8 +10,9 @@ import jinja2
 import pytest
 import yaml
 
-from runbook.inventory import UniqueKeyLoader, load_inventory
-from runbook.render import Paths, etcd_context, member_name, patroni_context, render, template_names
+from runbook.cluster.render import Paths, etcd_context, member_name, patroni_context, render, template_names
+from runbook.inventory import load_inventory
+from runbook.inventory.yamlio import UniqueKeyLoader
 
 REPO = Path(__file__).resolve().parents[2]
 TLS = "/opt/patroni/.tls"

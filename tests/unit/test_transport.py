@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runbook.transport import SshTransport, TransportError, put_command, wrap
+from runbook.core.transport import SshTransport, TransportError, put_command, wrap
 
 
 def test_a_host_that_failed_once_fails_fast(inv, monkeypatch):

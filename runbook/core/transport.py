@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inventory import Host
+from runbook.errors import RunbookError
+from runbook.inventory import Host
 
 
-class TransportError(Exception):
+class TransportError(RunbookError):
     """The host could not be reached or authenticated; the message says which and what to do."""
 
 

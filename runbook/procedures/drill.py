@@ -13,16 +13,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from invoke import Collection, task
-from invoke.exceptions import Exit
-from rich.table import Table
-
-from . import console as ui
-from .cli import session
-from .context import Ctx
-from .inventory import Host
-from .patroni_api import Member, host_of, members, wait
-from .transport import SshTransport
+from runbook import console as ui
+from runbook.cluster.readers import Member, host_of, members, wait
+from runbook.core.context import Ctx
+from runbook.core.transport import SshTransport
+from runbook.errors import ProcedureFailed
+from runbook.inventory import Host
 
 TABLE = "runbook_drill"
 PG_PORT = 5432
@@ -112,7 +108,7 @@ def _close(conn: object) -> None:
 
 def prepare_table(ctx: Ctx, leader: Host) -> None:
     """The writer's table, created by postgres on the leader (admin may not create in public on PG15)."""
-    from .sections.patroni import psql
+    from runbook.cluster.commands import psql
 
     admin = ctx.secrets["admin"]["username"]
     sql = (f"CREATE TABLE IF NOT EXISTS {TABLE} (run text, seq int, at timestamptz DEFAULT now(), "
@@ -120,7 +116,7 @@ def prepare_table(ctx: Ctx, leader: Host) -> None:
     r = ctx.transport.run(leader, psql(ctx, f"-v ON_ERROR_STOP=1 -c {shlex.quote(sql)}"), user="postgres",
                           timeout=60)
     if not r.ok:
-        raise Exit(f"creating {TABLE} on {leader.name} failed: {r.stderr.strip()}", code=1)
+        raise ProcedureFailed(f"creating {TABLE} on {leader.name} failed: {r.stderr.strip()}", 1)
 
 
 def prove(ctx: Ctx, w: Writer) -> dict:
@@ -135,7 +131,7 @@ def prove(ctx: Ctx, w: Writer) -> dict:
 
     got = wait(ask, 60, 1)
     if not got:
-        raise Exit("proof failed: no read-write primary answered within 60 s", code=1)
+        raise ProcedureFailed("proof failed: no read-write primary answered within 60 s", 1)
     addr, present = got
     acked = [s for s, _ in w.acked]
     lost = sorted(set(acked) - present)
@@ -148,7 +144,7 @@ def prove(ctx: Ctx, w: Writer) -> dict:
 # -- lab guard and helpers ----------------------------------------------------------------------
 def lab_problems(ctx: Ctx) -> list[str]:
     """Why this inventory's hosts are not (running) lab machines of this inventory; empty when they are."""
-    from .lab import lab as labmod
+    from runbook.lab import lab as labmod
 
     out = [] if os.geteuid() == 0 else ["the lab's kill/start need root"]
     for h in ctx.inventory.hosts:
@@ -168,15 +164,15 @@ def lab_problems(ctx: Ctx) -> list[str]:
 def require_lab(ctx: Ctx, what: str) -> None:
     problems = lab_problems(ctx)
     if problems:
-        raise Exit(f"{what} refused: it powers lab hosts off and on, and only runs against the lab "
-                   f"(runbook/lab) of {ctx.inventory.path}:\n  " + "\n  ".join(problems), code=2)
+        raise ProcedureFailed(f"{what} refused: it powers lab hosts off and on, and only runs against the lab "
+                   f"(runbook/lab) of {ctx.inventory.path}:\n  " + "\n  ".join(problems), 2)
 
 
 def one_leader(ms: list[Member]) -> Member:
     leaders = [m for m in ms if m.is_leader]
     if len(leaders) != 1 or not any(m.streaming for m in ms):
-        raise Exit("drill refused: needs one running leader and a streaming replica; now: "
-                   + ", ".join(f"{m.name}={m.role}/{m.state}" for m in ms), code=1)
+        raise ProcedureFailed("drill refused: needs one running leader and a streaming replica; now: "
+                   + ", ".join(f"{m.name}={m.role}/{m.state}" for m in ms), 1)
     return leaders[0]
 
 
@@ -185,7 +181,8 @@ def start_writer(ctx: Ctx, kind: str) -> Writer:
     w.start()
     if not wait(lambda: len(w.acked) >= 5, 30, 0.2):
         w.stop(5)
-        raise Exit(f"the writer could not write before the drill (errors: {w.errors}); is the cluster up?", code=1)
+        raise ProcedureFailed(f"the writer could not write before the drill (errors: {w.errors}); "
+                              "is the cluster up?", 1)
     return w
 
 
@@ -216,9 +213,9 @@ def rewind_verdict(lines: list[str], old_tl: int | None, new_tl: int | None) -> 
 def restore_names(ctx: Ctx, h: Host) -> bool:
     """The lab rewrites /etc/hosts at every boot (a real server keeps it): re-apply the etcd.names step
     when its check fails, through the engine (recorded in the ledger). True when it had to."""
-    from .engine import Decision, evaluate_check, execute
-    from .sections.etcd import names
-    from .step import fingerprint
+    from runbook.core.engine import Decision, evaluate_check, execute
+    from runbook.core.step import fingerprint
+    from runbook.sections.etcd import names
 
     if evaluate_check(ctx, names, h):
         return False
@@ -226,7 +223,7 @@ def restore_names(ctx: Ctx, h: Host) -> bool:
     err = execute(ctx, Decision(h, names, True, "drifted", "lab boot reset /etc/hosts", actions,
                                 fingerprint(actions)), "drill")
     if err:
-        raise Exit(f"{h.name}: re-applying etcd.names after the boot failed: {err}", code=1)
+        raise ProcedureFailed(f"{h.name}: re-applying etcd.names after the boot failed: {err}", 1)
     return True
 
 
@@ -237,7 +234,7 @@ def _fresh_transport(ctx: Ctx) -> None:
 
 
 def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
-    from .lab import lab as labmod
+    from runbook.lab import lab as labmod
 
     inv = ctx.inventory
     lead = one_leader(members(ctx))
@@ -262,7 +259,7 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         new = wait(lambda: next((m for m in members(ctx, via=survivors)
                                  if m.is_leader and m.name != lead.name), None), 120, 0.5)
         if not new:
-            raise Exit(f"no new leader within 120 s after powering off {old.name}", code=1)
+            raise ProcedureFailed(f"no new leader within 120 s after powering off {old.name}", 1)
         res.update(new_leader=new.name, promoted_s=round(time.monotonic() - t0, 2))
         ui.console.print(f"  {new.name} is the leader after {res['promoted_s']} s")
         writable = wait(lambda: w.first_ack_after(t_off), write_wait, 0.2)
@@ -305,43 +302,9 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
     return res
 
 
-FAILOVER_FIGURES = [
-    ("new leader", "new_leader"), ("promoted after (s)", "promoted_s"),
-    ("writes acknowledged again after (s)", "writable_s"),
-    ("writable before the old leader was back", "writable_before_old_leader_back"),
-    ("old leader boot (s)", "boot_s"), ("old leader streaming, after its boot (s)", "rejoin_after_boot_s"),
-    ("old leader streaming, after the kill (s)", "old_leader_streaming_s"), ("rewind", "rewind"),
-    ("longest write gap (s)", "longest_write_gap_s"), ("rows acknowledged", "acknowledged"),
-    ("rows present on the final primary", "present"), ("final primary", "final_primary"), ("lost", "lost"),
-    ("write errors (retried)", "write_errors")]
-
-
-@task(help={"write_wait": "seconds to wait for writes on the new primary before booting the old leader "
-                          "(with synchronous_mode_strict they only resume once it streams again)",
-            "rejoin_timeout": "seconds to wait for the old leader to stream again after it boots"})
-def failover(c, write_wait=15, rejoin_timeout=240):
-    """Lab drill: hard power-off of the leader under a writer; time until a new primary accepts writes,
-    boot the old leader and wait until it streams again (pg_rewind), then prove no acknowledged row was lost."""
-    with session(c, "drill.failover") as ctx:
-        require_lab(ctx, "drill.failover")
-        res = failover_drill(ctx, float(write_wait), float(rejoin_timeout))
-        ok = res["lost"] == 0 and res.get("rejoined") and res.get("writable_s") is not None
-        ctx.ledger.event(res["killed"], "drill.failover", "result", json.dumps(res), 0 if ok else 1)
-        t = Table("figure", "value", title=f"drill.failover: {res['killed']} powered off", title_justify="left")
-        for label, key in FAILOVER_FIGURES:
-            t.add_row(label, str(res.get(key)))
-        ui.console.print(t)
-        for line in res.get("rewind_log", []):
-            ui.console.print(f"  {line}", style="dim", markup=False)
-        if not ok:
-            raise Exit(f"drill.failover failed: lost {res['lost']}, rejoined {res.get('rejoined')}, "
-                       f"writable {res.get('writable_s')}", code=1)
-        ui.console.print(f"[bold green]✓[/] drill.failover: {res['acknowledged']} rows acknowledged, 0 lost")
-
-
 # -- switchover ---------------------------------------------------------------------------------
 def switchover_drill(ctx: Ctx, count: int) -> dict:
-    from .switchover import do_switchover, prechecks
+    from runbook.procedures.switchover import do_switchover, prechecks
 
     lead = one_leader(members(ctx))
     prepare_table(ctx, host_of(ctx, lead.name))
@@ -350,7 +313,8 @@ def switchover_drill(ctx: Ctx, count: int) -> dict:
     try:
         for i in range(count):
             if not wait(lambda: not prechecks(ctx, members(ctx), None)[2], 90, 2):
-                raise Exit(f"switchover {i + 1}: no sync standby with lag 0 (or etcd unhealthy) within 90 s", code=1)
+                raise ProcedureFailed(f"switchover {i + 1}: no sync standby with lag 0 (or etcd unhealthy) "
+                                      "within 90 s", 1)
             t0 = time.monotonic()
             res = do_switchover(ctx, None)
             res["writer_gap_s"] = round(w.gap(t0, time.monotonic())[0], 2)
@@ -362,31 +326,3 @@ def switchover_drill(ctx: Ctx, count: int) -> dict:
     return {"rounds": rounds, "writer_stopped": stopped, **prove(ctx, w)}
 
 
-@task(help={"count": "how many switchovers in a row (each back to the previous leader's standby)"})
-def switchover(c, count=2):
-    """Lab drill: N switchovers in a row under a writer; per switchover the command time, until writable,
-    until the old leader streams, the writer's longest gap; then proves no acknowledged row was lost."""
-    count = int(count)
-    if count < 1:
-        raise Exit("error: --count must be at least 1", code=2)
-    with session(c, "drill.switchover") as ctx:
-        require_lab(ctx, "drill.switchover")
-        res = switchover_drill(ctx, count)
-        ok = res["lost"] == 0
-        ctx.ledger.event("local", "drill.switchover", "result", json.dumps(res), 0 if ok else 1)
-        t = Table(title=f"drill.switchover x{count}", title_justify="left")
-        for col in ("#", "from", "to", "command s", "writable s", "old leader streams s", "longest writer gap s"):
-            t.add_column(col, justify="right" if col.endswith("s") else "left")
-        for i, r in enumerate(res["rounds"], 1):
-            t.add_row(str(i), *(r[k].removeprefix("patroni_") for k in ("from", "to")),
-                      *(str(r[k]) for k in ("command_s", "writable_s", "old_leader_streaming_s", "writer_gap_s")))
-        ui.console.print(t)
-        ui.console.print(f"rows acknowledged {res['acknowledged']}, present on {res['final_primary']} "
-                         f"{res['present']}, lost {res['lost']}; longest write gap {res['longest_write_gap_s']} s; "
-                         f"write errors (retried) {res['write_errors']}")
-        if not ok:
-            raise Exit(f"drill.switchover: {res['lost']} acknowledged rows lost: {res['lost_seqs']}", code=1)
-        ui.console.print(f"[bold green]✓[/] drill.switchover: {count} switchovers, 0 rows lost")
-
-
-ns = Collection("drill", failover, switchover)

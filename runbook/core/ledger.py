@@ -19,11 +19,13 @@ from typing import Callable, Iterator
 
 import sqlite_utils
 
+from runbook.errors import RunbookError
+
 STATUSES = ("pending", "running", "done", "failed", "rolled_back", "manual")
 TAIL = 2000
 
 
-class LedgerLocked(Exception):
+class LedgerLocked(RunbookError):
     """Another live runbook process holds the run lock."""
 
 

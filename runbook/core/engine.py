@@ -5,18 +5,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from . import console as ui
-from .context import Ctx
-from .inventory import Host
-from .step import Action, Local, Put, Run, Step, Upload, fingerprint
-from .transport import TransportError
+from runbook.core.context import Ctx
+from runbook.core.step import Action, Local, Put, Run, Step, Upload, fingerprint
+from runbook.core.transport import TransportError
+from runbook.errors import RunbookError
+from runbook.inventory import Host
 
 
-class RunFailed(Exception):
+class RunFailed(RunbookError):
+    exit_code = 1
+
     """A step failed on at least one host; str() is the summary with what to do next."""
 
 
-class Quit(Exception):
+class Quit(RunbookError):
+    exit_code = 4
+
     """The operator answered quit in --step mode."""
 
 
@@ -150,12 +154,20 @@ def _act(ctx: Ctx, tr, host: Host, step: Step, a: Action) -> str | None:
 
 
 def _ask(ctx: Ctx, step: Step, decs: list[Decision]) -> str:
-    ui.show_step_detail(step, decs, ctx.redact)
-    ask = ctx.options.answer or ui.ask_step
-    answer = ask(step.name)
+    answer = ctx.options.answer(step.name) if ctx.options.answer else ctx.observer.ask_step(step, decs, ctx.redact)
     for d in decs:
         ctx.ledger.event(d.host.name, step.name, "answer", f"--step answer: {answer}")
     return answer
+
+
+def failure_summary(step: Step, errors: dict[str, str], report: Report) -> str:
+    lines = [f"step {step.name} failed on {len(errors)} host(s):"]
+    for host, err in sorted(errors.items()):
+        lines.append(f"  {host}: {err}")
+    lines.append(f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after "
+                 f"{step.name} was started. Fix the cause, then run the same command again: done steps are "
+                 "skipped and each host resumes where it stopped (`inv runbook.history` shows the output).")
+    return "\n".join(lines)
 
 
 def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
@@ -190,7 +202,7 @@ def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
             else:
                 report.executed.append((d.host.name, step.name))
         if errors:
-            raise RunFailed(ui.failure_summary(step, errors, report))
+            raise RunFailed(failure_summary(step, errors, report))
     return report
 
 
@@ -204,7 +216,7 @@ def _decide_all(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Decision]:
 
 def _run_step(ctx: Ctx, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
     errors: dict[str, str] = {}
-    with ui.step_progress(step, [d.host.name for d in todo]) as progress:
+    with ctx.observer.step_progress(step, [d.host.name for d in todo]) as progress:
         if step.kind == "serial":
             order = step.host_order(ctx, [d.host for d in todo]) if step.host_order else [d.host for d in todo]
             by_name = {d.host.name: d for d in todo}

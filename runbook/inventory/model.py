@@ -15,10 +15,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from .errors import InventoryError
-from .yamlio import UniqueKeyLoader, _parse, load_yaml  # noqa: F401  (re-exported)
+from runbook.errors import InventoryError
 
 ROLES = ("etcd", "postgres")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
@@ -188,46 +187,3 @@ class Inventory(BaseModel):
     @property
     def postgres(self) -> list[Host]:
         return self.role("postgres")
-
-
-
-
-def load_inventory(path: str | Path) -> Inventory:
-    """Read and validate hosts.yml; raise InventoryError naming file, line, YAML path and what to do."""
-    from .inventory_messages import _describe, _line_of, _loc, _message, _semantic_errors
-
-    path = Path(path).resolve()
-    data, root = _parse(path)
-
-    def line(loc: tuple, msg: str) -> str:
-        n = _line_of(root, loc)
-        return f"{path}{f':{n}' if n else ''}: {_loc(loc)}: {msg}"
-
-    if data is None:
-        raise InventoryError(f"{path}: the file is empty (or only comments); an inventory needs cluster: "
-                             f"(name), hosts: (name -> address, roles) and optionally ssh:; {EXAMPLE}")
-    if not isinstance(data, dict):
-        raise InventoryError(line((), f"expected a mapping with keys cluster, ssh and hosts, got "
-                                      f"{_describe(data)}; {EXAMPLE}"))
-    try:
-        spec = InventoryFile.model_validate(data)
-    except ValidationError as exc:
-        # Unknown keys first: a typo ('adress') usually explains the missing key that follows.
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise InventoryError("\n".join(line(tuple(e["loc"]), _message(e)) for e in errors)) from None
-    problems = _semantic_errors(spec)
-    if problems:
-        raise InventoryError("\n".join(line(loc, msg) for loc, msg in problems))
-    base = path.parent
-
-    def _path(p: str | None) -> Path | None:
-        return None if p is None else (base / Path(p).expanduser())
-
-    hosts = tuple(
-        Host(name=n, address=h.address, roles=tuple(h.roles), fqdn=h.fqdn, user=h.user or spec.ssh.user,
-             port=h.port or spec.ssh.port, key=_path(spec.ssh.key), known_hosts=_path(spec.ssh.known_hosts),
-             sudo=spec.ssh.sudo, connect_timeout=spec.ssh.connect_timeout)
-        for n, h in spec.hosts.items()
-    )
-    return Inventory(path=path, cluster=spec.cluster, hosts=hosts)
-

@@ -5,13 +5,13 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from . import console as ui
-from .cli import section_install, session
-from .sections import all_steps, section_steps
+from runbook import console as ui
+from runbook.sections import all_steps, section_steps
+from runbook.tasks.session import section_install, session
 
 
 def _etcd_table(ctx) -> Table:
-    from .patroni_api import etcd_status
+    from runbook.cluster.readers import etcd_status
 
     eps, errs = etcd_status(ctx)
     t = Table(title="etcd")
@@ -26,7 +26,7 @@ def _etcd_table(ctx) -> Table:
 
 
 def _members_table(ctx) -> Table:
-    from .patroni_api import members
+    from runbook.cluster.readers import members
 
     t = Table(title=f"Patroni cluster {ctx.inventory.cluster.name}")
     for c in ("member", "host", "role", "state", "timeline", "lag"):
@@ -49,8 +49,8 @@ def etcd_status(c):
 @task
 def etcd_health(c):
     """Check the health of every etcd member over TLS; non-zero exit when any is unhealthy."""
-    from .patroni_api import parse_endpoint_health
-    from .sections.etcd import etcdctl
+    from runbook.cluster.commands import etcdctl
+    from runbook.cluster.readers import parse_endpoint_health
 
     with session(c, "etcd.health", lock=False) as ctx:
         bad = []
@@ -102,7 +102,7 @@ def collections() -> list[Collection]:
                                               "cluster off, home, PGDATA, TLS) on the postgres hosts; resumable.")
     patroni = section_collection("patroni", "Install the Patroni section (venv, wheels, profile, config, validate, "
                                             "unit, ordered start) on the postgres hosts; resumable.")
-    from .switchover import reload, restart, switchover
+    from runbook.tasks.procedures import reload, restart, switchover
 
     patroni.add_task(switchover)
     patroni.add_task(restart)

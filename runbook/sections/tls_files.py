@@ -1,37 +1,13 @@
-"""Helpers shared by the sections: the bundle on the hosts, certificates, templates, units."""
+"""Certificates on the hosts: the SANs of a host, its material from state/pki, the files a section puts."""
 from __future__ import annotations
 
 import shlex
 import threading
-from functools import lru_cache
 from pathlib import Path
 
-from ..context import Ctx
-from ..inventory import Host
-from ..render import render
-from ..step import Put, Run
-
-REMOTE_BUNDLE = "/opt/runbook-bundle"  # where the push step puts the bundle on every host
-
-
-def manifest(ctx: Ctx):
-    return _manifest(str(ctx.bundle_dir))
-
-
-@lru_cache(maxsize=4)
-def _manifest(bundle_dir: str):
-    from ..bundle.manifest import load_manifest
-
-    return load_manifest(Path(bundle_dir))
-
-
-def remote(entry) -> str:
-    return f"{REMOTE_BUNDLE}/{entry.path}"
-
-
-def sums(entries) -> bytes:
-    """sha256sum -c input for bundle entries as they lie on the host."""
-    return "".join(f"{e.sha256}  {remote(e)}\n" for e in entries).encode()
+from runbook.core.context import Ctx
+from runbook.core.step import Put, Run
+from runbook.inventory import Host
 
 
 def sans(ctx: Ctx, host: Host) -> tuple[list[str], list[str]]:
@@ -46,7 +22,7 @@ _PKI_LOCK = threading.Lock()  # hosts are decided in parallel; the CA is made on
 
 def cert_material(ctx: Ctx, host: Host) -> tuple[bytes, bytes, bytes, Path]:
     """(ca.crt, host.crt, host.key, key path) from state/pki; issued on first use, reused while valid."""
-    from ..pki import ensure_ca, ensure_host_cert
+    from runbook.credentials.pki import ensure_ca, ensure_host_cert
 
     dns, ips = sans(ctx, host)
     with _PKI_LOCK:
@@ -71,18 +47,3 @@ def tls_check(tls_dir: str, host: Host, owner: str) -> str:
     k = shlex.quote(f"{tls_dir}/{host.name}.key")
     return (f"test \"$(stat -c '%a %U' {k})\" = '600 {owner}' && "
             f"test \"$(stat -c '%a %U' {tls_dir})\" = '750 {owner}' && test -s {tls_dir}/ca.crt")
-
-
-def template(name: str, path: str, ctx: dict, *, mode: str = "0644", owner: str = "root",
-             group: str | None = None, secret: bool = False) -> Put:
-    return Put(path, render(name, **ctx).encode(), mode=mode, owner=owner, group=group, secret=secret,
-               source=f"templates/{name}")
-
-
-def unit_actions(unit: str, put: Put) -> list:
-    return [put, Run("systemctl daemon-reload"), Run(f"systemctl enable {unit}")]
-
-
-def unit_undo(unit: str, path: str) -> list:
-    return [Run(f"systemctl disable --now {unit} 2>/dev/null || true"), Run(f"rm -f {path}"),
-            Run("systemctl daemon-reload")]

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Union
 
 if TYPE_CHECKING:
-    from .context import Ctx
-    from .inventory import Host
+    from runbook.core.context import Ctx
+    from runbook.inventory import Host
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from .context import Ctx
-from .inventory import Host
-from .render import member_name
+from runbook.cluster.render import member_name
+from runbook.core.context import Ctx
+from runbook.inventory import Host
 
 
 @dataclass
@@ -70,7 +70,7 @@ def parse_endpoint_health(text: str) -> dict[str, tuple[bool, str]]:
 
 def members(ctx: Ctx, via: list[Host] | None = None) -> list[Member]:
     """Ask the first postgres host that answers for `patronictl list -f json`."""
-    from .sections.patroni import patronictl
+    from runbook.cluster.commands import patronictl
 
     errors = []
     for h in via or ctx.inventory.postgres:
@@ -101,7 +101,7 @@ def leader(ctx: Ctx) -> Host | None:
 
 def etcd_status(ctx: Ctx) -> tuple[list[Endpoint], dict[str, str]]:
     """Each etcd endpoint's status, asked from each etcd host about itself (a dead one shows as an error)."""
-    from .sections.etcd import etcdctl
+    from runbook.cluster.commands import etcdctl
 
     eps, errs = [], {}
     for h in ctx.inventory.etcd:

@@ -9,8 +9,8 @@ import re
 import threading
 from pathlib import Path
 
-from .inventory import Host
-from .transport import Result, Transport, TransportError
+from runbook.core.transport import Result, Transport, TransportError
+from runbook.inventory import Host
 
 
 class FakeTransport(Transport):

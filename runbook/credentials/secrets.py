@@ -23,8 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from runbook.fsutil import write_atomic
-from runbook.yamlio import UniqueKeyLoader
+from runbook.core.fsutil import write_atomic
+from runbook.errors import RunbookError
+from runbook.inventory.yamlio import UniqueKeyLoader
 
 SECRETS_FILE = "secrets.yml"
 PASSWORD_LENGTH = 32
@@ -40,7 +41,7 @@ REDACTED = "***"
 
 
 
-class SecretsError(Exception):
+class SecretsError(RunbookError):
     """state/secrets.yml is unsafe or malformed; the message says what to do."""
 
 

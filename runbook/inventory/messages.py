@@ -7,8 +7,16 @@ import reprlib
 import yaml
 from pydantic import BaseModel
 
-from .inventory import (EXAMPLE, NAME_PATTERN, RESERVED_NAMES, ClusterSpec, HostSpec, InventoryFile,
-                        SshSpec, _did_you_mean)
+from runbook.inventory.model import (
+    EXAMPLE,
+    NAME_PATTERN,
+    RESERVED_NAMES,
+    ClusterSpec,
+    HostSpec,
+    InventoryFile,
+    SshSpec,
+    _did_you_mean,
+)
 
 # -- error messages --------------------------------------------------------------------------------
 

@@ -7,9 +7,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from .inventory import LOCAL, Host, Inventory
-from .transport import LocalTransport, Transport
-
+from runbook.core.observer import Observer, SilentObserver
+from runbook.core.transport import LocalTransport, Transport
+from runbook.inventory import LOCAL, Host, Inventory
 
 _SECRETS_LOCK = threading.Lock()
 
@@ -34,6 +34,7 @@ class Ctx:
     local: Transport = field(default_factory=LocalTransport)
     ledger: object = None  # runbook.ledger.Ledger, set by the engine
     selected: list = field(default_factory=list)
+    observer: Observer = field(default_factory=SilentObserver)
     _secrets: dict | None = field(default=None, repr=False)  # the hosts --hosts selected (all by default)
 
     def transport_for(self, host: Host) -> Transport:
@@ -41,14 +42,14 @@ class Ctx:
 
     @cached_property
     def paths(self):
-        from .render import Paths
+        from runbook.cluster.render import Paths
 
         return Paths(pg_major=self.inventory.cluster.postgres_major)
 
     @property
     def secrets(self) -> dict:
         """state/secrets.yml, generated once; thread-safe (hosts are decided in parallel)."""
-        from .secrets import ensure_secrets
+        from runbook.credentials.secrets import ensure_secrets
 
         with _SECRETS_LOCK:
             if self._secrets is None:
@@ -63,6 +64,6 @@ class Ctx:
         """Mask every known secret; before the secrets exist there is nothing to mask."""
         if not text or not (self.state_dir / "secrets.yml").exists():
             return text
-        from .secrets import redact
+        from runbook.credentials.secrets import redact
 
         return redact(text, self.secrets)

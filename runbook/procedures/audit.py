@@ -14,14 +14,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from invoke import task
-from invoke.exceptions import Exit
-from rich.table import Table
-
-from . import console as ui
-from .cli import session
-from .context import Ctx
-from .inventory import Host
+from runbook.core.context import Ctx
+from runbook.errors import ProcedureFailed
+from runbook.inventory import Host
 
 BAD_AUTH = ("md5", "trust", "password")
 STAT_FMT = "%n|%a|%U"
@@ -142,7 +137,7 @@ def check_unit_user(show_out: str, want: str) -> list[str]:
 
 def find_secrets(text: str, secrets: dict) -> list[str]:
     """The roles whose password (or basic-auth token) appears in text; never the values themselves."""
-    from .secrets import secret_values
+    from runbook.credentials.secrets import secret_values
 
     return sorted(role for role, entry in secrets.items() if any(v in text for v in secret_values({role: entry})))
 
@@ -201,7 +196,7 @@ def patroni_rules(ctx: Ctx) -> list[Rule]:
 
 
 def audit_etcd(ctx: Ctx, h: Host) -> list[Check]:
-    from .sections.etcd import etcdctl
+    from runbook.cluster.commands import etcdctl
 
     run = lambda cmd, **kw: ctx.transport.run(h, cmd, timeout=60, **kw)  # noqa: E731
     tls = ctx.paths.etcd_tls_dir
@@ -220,7 +215,7 @@ def audit_etcd(ctx: Ctx, h: Host) -> list[Check]:
 
 
 def audit_postgres(ctx: Ctx, h: Host) -> list[Check]:
-    from .sections.patroni import psql
+    from runbook.cluster.commands import psql
 
     run = lambda cmd, **kw: ctx.transport.run(h, cmd, timeout=60, **kw)  # noqa: E731
     p = ctx.paths
@@ -268,11 +263,11 @@ def audit_local(ctx: Ctx) -> list[Check]:
 
 
 def run_audit(ctx: Ctx) -> list[Check]:
-    from .secrets import secret_values
+    from runbook.credentials.secrets import secret_values
 
     if not (ctx.state_dir / "secrets.yml").exists():
-        raise Exit(f"error: {ctx.state_dir}/secrets.yml does not exist: nothing was installed from this state dir",
-                   code=2)
+        raise ProcedureFailed(f"{ctx.state_dir}/secrets.yml does not exist: nothing was installed from this "
+                              "state dir", 2)
     checks = audit_local(ctx)
     values = secret_values(ctx.secrets)
     for h in ctx.inventory.hosts:
@@ -287,26 +282,3 @@ def run_audit(ctx: Ctx) -> list[Check]:
     return checks
 
 
-@task(help={"verbose": "list the passed checks too, not only the findings"})
-def audit(c, verbose=False):
-    """Read-only security audit over SSH: key and secret file modes, TLS enforced on etcd, the REST API and
-    PostgreSQL (ssl, pg_hba), service users, no secret in the ledger or logs. Exit 1 on any finding."""
-    with session(c, "cluster.audit", lock=False) as ctx:
-        checks = run_audit(ctx)
-        findings = [(ch, p) for ch in checks for p in ch.problems]
-        t = Table(title=f"cluster.audit: {ctx.inventory.cluster.name}", title_justify="left")
-        for col in ("host", "check", "finding"):
-            t.add_column(col)
-        for ch, p in findings:
-            t.add_row(ch.host, ch.name, f"[red]{ctx.redact(p)}[/]")
-        if verbose:
-            for ch in checks:
-                if not ch.problems:
-                    t.add_row(ch.host, ch.name, "[green]ok[/]")
-        if findings or verbose:
-            ui.console.print(t)
-        hosts = len({ch.host for ch in checks})
-        if findings:
-            raise Exit(f"cluster.audit: {len(findings)} finding(s) in {len(checks)} checks on {hosts} host(s)",
-                       code=1)
-        ui.console.print(f"[bold green]✓[/] cluster.audit: {len(checks)} checks on {hosts} host(s), no findings")

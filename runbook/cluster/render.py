@@ -21,7 +21,7 @@ import jinja2
 
 from runbook.inventory import Host, Inventory
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 MEMBER_PREFIX = "patroni_"  # the walk-through's member names: patroni_node01, patroni_node02
 _SAFE_PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,}$")
 _SAFE_USER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")

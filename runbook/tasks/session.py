@@ -12,12 +12,13 @@ from typing import Iterator
 from invoke import task
 from invoke.exceptions import Exit
 
-from . import console as ui
-from .context import Ctx, Options
-from .engine import Quit, RunFailed, apply
-from .inventory import Inventory, InventoryError, load_inventory
-from .ledger import Ledger, LedgerLocked
-from .transport import SshTransport, TransportError
+from runbook import console as ui
+from runbook.core.context import Ctx, Options
+from runbook.core.engine import Quit, RunFailed, apply
+from runbook.core.ledger import Ledger, LedgerLocked
+from runbook.core.transport import SshTransport
+from runbook.errors import RunbookError
+from runbook.inventory import Inventory, InventoryError, load_inventory
 
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # its tracebacks duplicate our TransportError
 
@@ -168,7 +169,7 @@ def state_dir(c, inv: Inventory) -> Path:
 def _check_secrets(sd: Path) -> None:
     """A state/secrets.yml that is unsafe or malformed is refused before anything is recorded (the ledger
     masks every secret it stores, so it would trip over the file half-way)."""
-    from .secrets import _load, secrets_path
+    from runbook.credentials.secrets import _load, secrets_path
 
     if secrets_path(sd).exists():
         _load(secrets_path(sd))
@@ -179,9 +180,8 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
             hosts: str | None = None) -> Iterator[Ctx]:
     """Validate the inventory and --hosts first (nothing connects, nothing is recorded before that),
     then open the ledger and take the run lock. ctx.selected holds the selected hosts."""
-    from .bundle.manifest import BundleError
-    from .pki import PKIError
-    from .secrets import SecretsError
+    from runbook.bundle.manifest import BundleError
+    from runbook.credentials.secrets import SecretsError
 
     check_config(c)
     inv = inventory_of(c)
@@ -197,7 +197,8 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
     bundle = Path(setting(c, "bundle_dir"))
     ctx = Ctx(inventory=inv, transport=SshTransport(), state_dir=sd,
               bundle_dir=bundle if bundle.is_absolute() else Path.cwd() / bundle,
-              options=options or Options(parallel=setting(c, "parallel")), selected=selected)
+              options=options or Options(parallel=setting(c, "parallel")), selected=selected,
+              observer=ui.RichObserver())
     ledger = Ledger(sd / f"{inv.cluster.name}.db", redact=ctx.redact)
     ctx.ledger = ledger
     if lock:
@@ -211,21 +212,21 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
     try:
         yield ctx
         outcome = "ok"
+    except Quit as exc:
+        outcome, summary = "quit", str(exc)
+        raise Exit(str(exc), code=exc.exit_code) from None
     except RunFailed as exc:
         summary = str(exc)
-        raise Exit(f"\n{ctx.redact(summary)}", code=1) from None
+        raise Exit(f"\n{ctx.redact(summary)}", code=exc.exit_code) from None
     except Exit as exc:
         summary = str(exc.message or "")
         raise
-    except Quit as exc:
-        outcome, summary = "quit", str(exc)
-        raise Exit(str(exc), code=4) from None
-    except (InventoryError, TransportError, BundleError, PKIError, SecretsError) as exc:
+    except RunbookError as exc:
         summary = str(exc)
         hint = ""
         if isinstance(exc, BundleError) and not ctx.bundle_dir.is_dir():
             hint = f" (runbook.bundle_dir, from {_origin(c, 'bundle_dir')})"
-        raise Exit(f"error: {exc}{hint}", code=2) from None
+        raise Exit(f"error: {ctx.redact(str(exc))}{hint}", code=exc.exit_code) from None
     finally:
         ctx.transport.close()
         if lock:
@@ -252,7 +253,7 @@ def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, 
 
 
 def show_plan(ctx: Ctx, report) -> None:
-    from .ops import file_diffs
+    from runbook.core.export import file_diffs
 
     ui.console.print(ui.plan_table(report, f"Plan for {ctx.inventory.cluster.name} (dry run: nothing changes)"))
     ui.console.print(ui.plan_reasons(report))

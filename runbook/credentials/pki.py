@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .fsutil import write_atomic
+from runbook.core.fsutil import write_atomic
+from runbook.errors import RunbookError
 
 CA_DAYS = 3650
 HOST_DAYS = 825
@@ -39,7 +40,7 @@ _SKEW = dt.timedelta(minutes=5)  # not-before is back-dated a little for hosts w
 
 
 
-class PKIError(Exception):
+class PKIError(RunbookError):
     """The local PKI is unusable; the message says which file and what to do."""
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from .errors import InventoryError
+from runbook.errors import InventoryError
+
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """A YAML loader that refuses duplicate mapping keys (PyYAML silently keeps the last)."""

@@ -7,12 +7,15 @@ from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
-from . import console as ui
-from .cli import session
-from .context import Options
-from .inventory import InventoryError
-from .ops import export_markdown, find_step, mark_done as _mark_done, rollback as _rollback
-from .sections import all_steps
+from runbook import console as ui
+from runbook.core.context import Options
+from runbook.core.export import export_markdown
+from runbook.core.rollback import find_step
+from runbook.core.rollback import mark_done as _mark_done
+from runbook.core.rollback import rollback as _rollback
+from runbook.inventory import InventoryError
+from runbook.sections import all_steps
+from runbook.tasks.session import session
 
 HOSTS = "comma-separated host names (required; `local` steps ignore it)"
 

@@ -1,0 +1,25 @@
+"""The invoke collections, composed in one place: tasks.py only imports `ns` from here."""
+from invoke import Collection
+
+from runbook.bundle import tasks as bundle_tasks
+from runbook.lab import tasks as lab_tasks
+from runbook.sections import section_steps
+from runbook.tasks import records
+from runbook.tasks.procedures import audit, drill
+from runbook.tasks.sections import collections
+from runbook.tasks.session import DEFAULTS, check_env, section_install
+
+check_env()  # a bad INVOKE_RUNBOOK_* is one clear error, before invoke casts or ignores it
+ns = Collection()
+for col in collections():
+    ns.add_collection(col)
+ns.add_collection(records.ns)
+ns.add_collection(drill)
+ns.collections["cluster"].add_task(audit)
+ns.add_collection(lab_tasks.ns)
+bundle = bundle_tasks.ns
+bundle.add_task(section_install("bundle", lambda: section_steps("bundle"),
+                                "Verify the bundle and push what each host needs to /opt/runbook-bundle."),
+                name="push")
+ns.add_collection(bundle)
+ns.configure({"runbook": dict(DEFAULTS)})

@@ -1,0 +1,144 @@
+"""Tasks of the day-2 procedures: `patroni.switchover|restart|reload`, `cluster.audit`, `drill.*`.
+
+The procedures themselves (runbook.procedures) take a Ctx and raise ProcedureFailed; these wrappers open
+the session, print with Rich and turn the result into an exit code.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+from rich.prompt import Confirm
+from rich.table import Table
+
+from runbook import console as ui
+from runbook.procedures.audit import run_audit
+from runbook.procedures.drill import failover_drill, require_lab, switchover_drill
+from runbook.procedures.switchover import do_switchover, rolling
+from runbook.tasks.session import session
+
+
+@task(help={"verbose": "list the passed checks too, not only the findings"})
+def audit(c, verbose=False):
+    """Read-only security audit over SSH: key and secret file modes, TLS enforced on etcd, the REST API and
+    PostgreSQL (ssl, pg_hba), service users, no secret in the ledger or logs. Exit 1 on any finding."""
+    with session(c, "cluster.audit", lock=False) as ctx:
+        checks = run_audit(ctx)
+        findings = [(ch, p) for ch in checks for p in ch.problems]
+        t = Table(title=f"cluster.audit: {ctx.inventory.cluster.name}", title_justify="left")
+        for col in ("host", "check", "finding"):
+            t.add_column(col)
+        for ch, p in findings:
+            t.add_row(ch.host, ch.name, f"[red]{ctx.redact(p)}[/]")
+        if verbose:
+            for ch in checks:
+                if not ch.problems:
+                    t.add_row(ch.host, ch.name, "[green]ok[/]")
+        if findings or verbose:
+            ui.console.print(t)
+        hosts = len({ch.host for ch in checks})
+        if findings:
+            raise Exit(f"cluster.audit: {len(findings)} finding(s) in {len(checks)} checks on {hosts} host(s)",
+                       code=1)
+        ui.console.print(f"[bold green]✓[/] cluster.audit: {len(checks)} checks on {hosts} host(s), no findings")
+
+
+@task(help={"candidate": "host or member to promote (default: the sync standby)",
+            "force": "do not ask for confirmation (needed without a terminal)"})
+def switchover(c, candidate=None, force=False):
+    """Switch the leader over to the sync standby: pre-checks (sync standby, lag 0, etcd healthy), the
+    switchover, post-checks (new leader writes, old leader streams again); prints the time taken."""
+    if not force:
+        if not sys.stdin.isatty():
+            raise Exit("error: no terminal to confirm on; pass --force", code=2)
+        if not Confirm.ask("switch over the leader?"):
+            raise Exit("cancelled", code=1)
+    with session(c, "patroni.switchover") as ctx:
+        res = do_switchover(ctx, candidate)
+        ui.console.print(f"[bold green]✓[/] switchover {res['from']} -> {res['to']}: command {res['command_s']}s, "
+                         f"new leader writable after {res['writable_s']}s, old leader streaming after "
+                         f"{res['old_leader_streaming_s']}s")
+
+
+
+@task
+def restart(c):
+    """Restart PostgreSQL on every member through Patroni, replicas first, each waited for."""
+    with session(c, "patroni.restart") as ctx:
+        rolling(ctx, "restart")
+
+
+@task
+def reload(c):
+    """Reload the Patroni/PostgreSQL configuration on every member, replicas first."""
+    with session(c, "patroni.reload") as ctx:
+        rolling(ctx, "reload")
+
+
+FAILOVER_FIGURES = [
+    ("new leader", "new_leader"), ("promoted after (s)", "promoted_s"),
+    ("writes acknowledged again after (s)", "writable_s"),
+    ("writable before the old leader was back", "writable_before_old_leader_back"),
+    ("old leader boot (s)", "boot_s"), ("old leader streaming, after its boot (s)", "rejoin_after_boot_s"),
+    ("old leader streaming, after the kill (s)", "old_leader_streaming_s"), ("rewind", "rewind"),
+    ("longest write gap (s)", "longest_write_gap_s"), ("rows acknowledged", "acknowledged"),
+    ("rows present on the final primary", "present"), ("final primary", "final_primary"), ("lost", "lost"),
+    ("write errors (retried)", "write_errors")]
+
+
+@task(help={"write_wait": "seconds to wait for writes on the new primary before booting the old leader "
+                          "(with synchronous_mode_strict they only resume once it streams again)",
+            "rejoin_timeout": "seconds to wait for the old leader to stream again after it boots"})
+def drill_failover(c, write_wait=15, rejoin_timeout=240):
+    """Lab drill: hard power-off of the leader under a writer; time until a new primary accepts writes,
+    boot the old leader and wait until it streams again (pg_rewind), then prove no acknowledged row was lost."""
+    with session(c, "drill.failover") as ctx:
+        require_lab(ctx, "drill.failover")
+        res = failover_drill(ctx, float(write_wait), float(rejoin_timeout))
+        ok = res["lost"] == 0 and res.get("rejoined") and res.get("writable_s") is not None
+        ctx.ledger.event(res["killed"], "drill.failover", "result", json.dumps(res), 0 if ok else 1)
+        t = Table("figure", "value", title=f"drill.failover: {res['killed']} powered off", title_justify="left")
+        for label, key in FAILOVER_FIGURES:
+            t.add_row(label, str(res.get(key)))
+        ui.console.print(t)
+        for line in res.get("rewind_log", []):
+            ui.console.print(f"  {line}", style="dim", markup=False)
+        if not ok:
+            raise Exit(f"drill.failover failed: lost {res['lost']}, rejoined {res.get('rejoined')}, "
+                       f"writable {res.get('writable_s')}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.failover: {res['acknowledged']} rows acknowledged, 0 lost")
+
+
+
+@task(help={"count": "how many switchovers in a row (each back to the previous leader's standby)"})
+def drill_switchover(c, count=2):
+    """Lab drill: N switchovers in a row under a writer; per switchover the command time, until writable,
+    until the old leader streams, the writer's longest gap; then proves no acknowledged row was lost."""
+    count = int(count)
+    if count < 1:
+        raise Exit("error: --count must be at least 1", code=2)
+    with session(c, "drill.switchover") as ctx:
+        require_lab(ctx, "drill.switchover")
+        res = switchover_drill(ctx, count)
+        ok = res["lost"] == 0
+        ctx.ledger.event("local", "drill.switchover", "result", json.dumps(res), 0 if ok else 1)
+        t = Table(title=f"drill.switchover x{count}", title_justify="left")
+        for col in ("#", "from", "to", "command s", "writable s", "old leader streams s", "longest writer gap s"):
+            t.add_column(col, justify="right" if col.endswith("s") else "left")
+        for i, r in enumerate(res["rounds"], 1):
+            t.add_row(str(i), *(r[k].removeprefix("patroni_") for k in ("from", "to")),
+                      *(str(r[k]) for k in ("command_s", "writable_s", "old_leader_streaming_s", "writer_gap_s")))
+        ui.console.print(t)
+        ui.console.print(f"rows acknowledged {res['acknowledged']}, present on {res['final_primary']} "
+                         f"{res['present']}, lost {res['lost']}; longest write gap {res['longest_write_gap_s']} s; "
+                         f"write errors (retried) {res['write_errors']}")
+        if not ok:
+            raise Exit(f"drill.switchover: {res['lost']} acknowledged rows lost: {res['lost_seqs']}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.switchover: {count} switchovers, 0 rows lost")
+
+
+drill = Collection("drill")
+drill.add_task(drill_failover, name="failover")
+drill.add_task(drill_switchover, name="switchover")
