@@ -133,6 +133,10 @@ def etcd_context(inv: Inventory, host: Host, paths: Paths = Paths(), *,
         "initial_cluster_state": initial_cluster_state,
         "election_timeout": election_timeout,
         "heartbeat_interval": heartbeat_interval,
+        # etcd keeps every revision unless told otherwise (retention 0 = off) until NOSPACE stops writes
+        "auto_compaction_mode": "periodic",
+        "auto_compaction_retention": inv.cluster.etcd_auto_compaction_retention,
+        "quota_backend_bytes": inv.cluster.etcd_quota_backend_bytes,
         "cert_file": f"{tls}/{host.name}.crt",
         "key_file": f"{tls}/{host.name}.key",
         "trusted_ca_file": f"{tls}/ca.crt",
@@ -152,8 +156,12 @@ def client_networks(inv: Inventory) -> list[str]:
     return [str(n) for n in sorted(nets)]
 
 
-def pg_hba(inv: Inventory, replication_user: str, networks: list[str] | None = None) -> list[str]:
-    """The fixed pg_hba: peer locally, hostssl + scram-sha-256 only, everything non-TLS rejected."""
+def pg_hba(inv: Inventory, replication_user: str, networks: list[str] | None = None,
+           superuser: str = "postgres") -> list[str]:
+    """The fixed pg_hba: peer locally, hostssl + scram-sha-256 only, everything non-TLS rejected.
+
+    The superuser logs in over TCP only from localhost and the PostgreSQL hosts themselves; its reject
+    line comes before the client networks' line (pg_hba: the first matching line decides)."""
     nets = client_networks(inv) if networks is None else networks
     for n in nets:
         ipaddress.ip_network(n)  # raises ValueError on garbage
@@ -164,6 +172,9 @@ def pg_hba(inv: Inventory, replication_user: str, networks: list[str] | None = N
         f"hostssl replication {replication_user} 127.0.0.1/32 scram-sha-256",
     ]
     rules += [f"hostssl replication {replication_user} {h.address}/32 scram-sha-256" for h in inv.postgres]
+    rules.append(f"hostssl all {superuser} 127.0.0.1/32 scram-sha-256")
+    rules += [f"hostssl all {superuser} {h.address}/32 scram-sha-256" for h in inv.postgres]
+    rules.append(f"hostssl all {superuser} 0.0.0.0/0 reject")
     rules.append("hostssl all all 127.0.0.1/32 scram-sha-256")
     rules += [f"hostssl all all {n} scram-sha-256" for n in nets]
     return rules
@@ -183,12 +194,13 @@ def _check_secrets(secrets: dict[str, dict[str, str]]) -> None:
 
 def patroni_context(inv: Inventory, host: Host, secrets: dict[str, dict[str, str]],
                     paths: Paths = Paths(), *, synchronous_mode: bool = True,
-                    synchronous_mode_strict: bool = True, permanent_slots: tuple[str, ...] = ("prod_replica1",),
-                    networks: list[str] | None = None, post_bootstrap: bool = True) -> dict[str, Any]:
+                    synchronous_mode_strict: bool = True, networks: list[str] | None = None,
+                    post_bootstrap: bool = True) -> dict[str, Any]:
     """Context for the Patroni config, unit, profile and post_bootstrap script of *host*.
 
     *secrets* is the dict from runbook.secrets.ensure_secrets(). The rendered config holds
-    passwords: write it 0600 owned by postgres.
+    passwords: write it 0600 owned by postgres. Permanent slots and max_slot_wal_keep_size come from
+    the inventory (bootstrap.dcs only seeds a new cluster; patroni.dynamic keeps the DCS in line).
     """
     _require(host, "postgres")
     _check_secrets(secrets)
@@ -215,8 +227,9 @@ def patroni_context(inv: Inventory, host: Host, secrets: dict[str, dict[str, str
         "etcd_hosts": [f"{m.name}:2379" for m in inv.etcd],
         "synchronous_mode": synchronous_mode,
         "synchronous_mode_strict": synchronous_mode_strict,
-        "permanent_slots": list(permanent_slots),
-        "pg_hba": pg_hba(inv, secrets["replication"]["username"], networks),
+        "permanent_slots": {n: slot.reason for n, slot in inv.cluster.permanent_slots.items()},
+        "max_slot_wal_keep_size": inv.cluster.max_slot_wal_keep_size,
+        "pg_hba": pg_hba(inv, secrets["replication"]["username"], networks, secrets["superuser"]["username"]),
         "pg_listen": "0.0.0.0:5432",
         "pg_connect_address": f"{host.address}:5432",
         "data_dir": paths.pgdata(major),

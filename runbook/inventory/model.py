@@ -33,6 +33,25 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")  # PostgreSQL replication slot names
+PG_SIZE = re.compile(r"^(-1|0|[1-9][0-9]*(kB|MB|GB|TB))$")  # a size GUC with its unit, or -1 (no limit)
+ETCD_RETENTION = re.compile(r"^[1-9][0-9]*(h|m|s)?$")  # etcd's periodic retention: "1h", "30m", "5" (hours)
+
+
+class SlotSpec(_Strict):
+    """A permanent physical slot in the DCS: it retains WAL until its consumer reads it, so it says why."""
+
+    reason: str
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a permanent slot needs a reason (who consumes it, e.g. 'pg_receivewal on "
+                             "backup01'): an unused slot retains WAL until the disk is full")
+        return v.strip()
+
+
 class ClusterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")
     namespace: str = Field(default="/patroni", pattern=r"^/[A-Za-z0-9_/-]*$")
@@ -40,6 +59,43 @@ class ClusterSpec(_Strict):
     etcd_version: str = Field(default="3.5.16", pattern=r"^\d+\.\d+\.\d+$")
     domain: str = ""
     os: Literal["debian12", "rhel8", "rhel9"] = "debian12"
+    # Opt-in only: name -> {reason: ...}. Patroni keeps each on every member with WAL reserved.
+    permanent_slots: dict[str, SlotSpec] = Field(default_factory=dict)
+    # The most WAL any slot may hold back (PostgreSQL >= 13); a slot past it is invalidated, not the disk.
+    max_slot_wal_keep_size: str = "8GB"
+    # etcd: keep 1 h of revisions (compaction off is etcd's default) and an explicit backend quota.
+    etcd_auto_compaction_retention: str = "1h"
+    etcd_quota_backend_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024**2, le=8 * 1024**3)
+
+    @field_validator("permanent_slots")
+    @classmethod
+    def _slot_names(cls, v: dict[str, SlotSpec]) -> dict[str, SlotSpec]:
+        bad = [n for n in v if not SLOT_NAME.match(n)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a replication slot name; use 1-63 lowercase "
+                             "letters, digits and '_', e.g. backup_receiver")
+        return v
+
+    @field_validator("max_slot_wal_keep_size", "etcd_auto_compaction_retention", mode="before")
+    @classmethod
+    def _number_as_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("max_slot_wal_keep_size")
+    @classmethod
+    def _wal_size(cls, v: str) -> str:
+        if not PG_SIZE.match(str(v).strip()):
+            raise ValueError(f"{v!r} is not a PostgreSQL size; write a number with kB, MB, GB or TB, e.g. 8GB "
+                             "(-1 means no limit: a lagging slot can then fill the disk)")
+        return str(v).strip()
+
+    @field_validator("etcd_auto_compaction_retention")
+    @classmethod
+    def _retention(cls, v: str) -> str:
+        if not ETCD_RETENTION.match(str(v).strip()):
+            raise ValueError(f"{v!r} is not an etcd compaction retention; write a duration such as 1h or 30m "
+                             "(0 would turn compaction off)")
+        return str(v).strip()
 
 
 USER_PATTERN = r"^[a-z_][a-z0-9_-]*$"

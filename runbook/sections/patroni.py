@@ -4,6 +4,7 @@ from __future__ import annotations
 import shlex
 
 from runbook.cluster.commands import member_ok, psql
+from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_undo
 from runbook.cluster.render import patroni_context
 from runbook.core.context import Ctx
 from runbook.core.step import Run, Section, wait_for
@@ -237,3 +238,13 @@ def _validate_undo(ctx: Ctx, host: Host) -> list:
 @roles.undo
 def _roles_undo(ctx: Ctx, host: Host) -> list:
     return []  # the roles stay: dropping them would break replication and rewind
+
+
+@section.step("dynamic", role="postgres", only=bootstrap_host, always_check=True, check_fn=dynamic_check,
+              undo_fn=dynamic_undo)
+def dynamic(ctx: Ctx, host: Host) -> list:
+    """Dynamic config: the DCS holds the inventory's permanent slots (none by default) and max_slot_wal_keep_size
+    bootstrap.dcs is read only when the cluster is created: on a running cluster the difference between
+    `patronictl show-config` and the inventory is applied with `patronictl edit-config` (a slot the
+    inventory does not list is removed; Patroni then drops it on every member). Checked on every run."""
+    return [Run(dynamic_command(ctx, "apply"), user="postgres", timeout=180)]

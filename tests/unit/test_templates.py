@@ -117,6 +117,9 @@ def test_etcd_config_walkthrough_values(ectx) -> None:
         "initial-cluster-state": "new",
         "election-timeout": 5000,
         "heartbeat-interval": 500,
+        "auto-compaction-mode": "periodic",  # fix: etcd's default retention 0 never compacts
+        "auto-compaction-retention": "1h",
+        "quota-backend-bytes": 2 * 1024**3,
         "client-transport-security": tls,
         "peer-transport-security": tls,
     }
@@ -182,16 +185,16 @@ def test_patroni_bootstrap_dcs(pcfg) -> None:
     assert {k: v for k, v in dcs.items() if k != "postgresql"} == {
         "failsafe_mode": True, "ttl": 30, "loop_wait": 10, "retry_timeout": 10,
         "maximum_lag_on_failover": 1048576, "synchronous_mode": True, "synchronous_mode_strict": True,
-        "synchronous_node_count": 1, "primary_start_timeout": 30,
-        "slots": {"prod_replica1": {"type": "physical"}}}
+        "synchronous_node_count": 1, "primary_start_timeout": 30}  # no permanent slot unless asked for
     pg = dcs["postgresql"]
     assert pg["use_pg_rewind"] is True and pg["use_slots"] is True
     params = pg["parameters"]
     for key, value in WALKTHROUGH_PG_PARAMETERS.items():
         assert params[key] == value, key
     assert params["ssl"] == "on"
+    assert params["max_slot_wal_keep_size"] == "8GB"  # fix: a slot never retains WAL without bound
     # per-host paths must not be cluster-wide: a replica would start with the leader's certificate
-    assert set(params) == set(WALKTHROUGH_PG_PARAMETERS) | {"ssl"}
+    assert set(params) == set(WALKTHROUGH_PG_PARAMETERS) | {"ssl", "max_slot_wal_keep_size"}
 
 
 def test_patroni_bootstrap_initdb_and_post_bootstrap(pcfg, pctx, secrets) -> None:
@@ -243,6 +246,10 @@ def test_pg_hba_once_and_safe(pcfg, patroni_text) -> None:
         "hostssl replication replicator 127.0.0.1/32 scram-sha-256",
         "hostssl replication replicator 192.168.60.131/32 scram-sha-256",
         "hostssl replication replicator 192.168.60.132/32 scram-sha-256",
+        "hostssl all postgres 127.0.0.1/32 scram-sha-256",
+        "hostssl all postgres 192.168.60.131/32 scram-sha-256",
+        "hostssl all postgres 192.168.60.132/32 scram-sha-256",
+        "hostssl all postgres 0.0.0.0/0 reject",
         "hostssl all all 127.0.0.1/32 scram-sha-256",
         "hostssl all all 192.168.60.0/24 scram-sha-256",
     ]
@@ -294,7 +301,8 @@ def test_patroni_unit(pctx) -> None:
     assert s["User"] == "postgres" and s["Type"] == "simple"
     assert s["ExecStart"] == "/opt/patroni/bin/patroni /etc/patroni/config.yml"
     assert s["KillMode"] == "process" and s["Restart"] in ("always", "on-failure")
-    assert (s["RestartSec"], s["TimeoutSec"], s["LimitNOFILE"]) == ("5", "30", "1024")
+    assert (s["RestartSec"], s["TimeoutSec"]) == ("5", "30")
+    assert int(s["LimitNOFILE"]) >= 65536  # PostgreSQL inherits it: 1000 files per backend + sockets
     assert s["RuntimeDirectory"] == "postgresql" and s["RuntimeDirectoryPreserve"] == "yes"
     assert u["Unit"]["After"] == "network-online.target"
     assert u["Install"]["WantedBy"] == "multi-user.target"
@@ -305,7 +313,7 @@ def test_profile(pctx) -> None:
     assert "export PATRONI_CONFIG_FILE=/etc/patroni/config.yml" in text
     assert "export PATRONICTL_CONFIG_FILE=/etc/patroni/config.yml" in text
     assert "export PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config" in text
-    assert 'PATH="/opt/patroni/bin:/usr/lib/postgresql/15/bin:$PATH"' in text
+    assert 'PATH="$PATH:/usr/lib/postgresql/15/bin:/opt/patroni/bin"' in text
 
 
 def test_rendered_files_end_with_newline_and_no_secrets_outside_config(pctx, ectx, secrets) -> None:
