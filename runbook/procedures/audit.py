@@ -1,4 +1,5 @@
 """`inv cluster.audit`: read-only security checks over SSH; a Rich findings table, non-zero exit on findings.
+The capacity checks (WAL held by slots, etcd alarms and quota) live in audit_health.
 
 The check functions are pure: they take command outputs (or local facts) and return the problems
 they find (an empty list is a pass), so they are unit-tested on captured and constructed outputs.
@@ -264,6 +265,7 @@ def audit_local(ctx: Ctx) -> list[Check]:
 
 def run_audit(ctx: Ctx) -> list[Check]:
     from runbook.credentials.secrets import secret_values
+    from runbook.procedures.audit_health import audit_etcd_capacity, audit_wal_retention
 
     if not (ctx.state_dir / "secrets.yml").exists():
         raise ProcedureFailed(f"{ctx.state_dir}/secrets.yml does not exist: nothing was installed from this "
@@ -274,8 +276,10 @@ def run_audit(ctx: Ctx) -> list[Check]:
         try:
             if h.has("etcd"):
                 checks += audit_etcd(ctx, h)
+                checks += audit_etcd_capacity(ctx, h)
             if h.has("postgres"):
                 checks += audit_postgres(ctx, h)
+                checks.append(audit_wal_retention(ctx, h))
             checks.append(audit_logs(ctx, h, values))
         except Exception as exc:  # an unreachable host is a finding, the others are still audited
             checks.append(Check(h.name, "reachable over SSH", [str(exc).splitlines()[0]]))

@@ -16,6 +16,7 @@ from rich.table import Table
 from runbook import console as ui
 from runbook.procedures.audit import run_audit
 from runbook.procedures.drill import failover_drill, require_lab, switchover_drill
+from runbook.procedures.etcd_maintain import Maintenance
 from runbook.procedures.switchover import do_switchover, rolling
 from runbook.tasks.session import session
 
@@ -23,7 +24,8 @@ from runbook.tasks.session import session
 @task(help={"verbose": "list the passed checks too, not only the findings"})
 def audit(c, verbose=False):
     """Read-only security audit over SSH: key and secret file modes, TLS enforced on etcd, the REST API and
-    PostgreSQL (ssl, pg_hba), service users, no secret in the ledger or logs. Exit 1 on any finding."""
+    PostgreSQL (ssl, pg_hba), service users, no secret in the ledger or logs; capacity: inactive slots that
+    retain WAL, etcd alarms, a backend over 80 % of its quota, compaction off. Exit 1 on any finding."""
     with session(c, "cluster.audit", lock=False) as ctx:
         checks = run_audit(ctx)
         findings = [(ch, p) for ch in checks for p in ch.problems]
@@ -43,6 +45,25 @@ def audit(c, verbose=False):
             raise Exit(f"cluster.audit: {len(findings)} finding(s) in {len(checks)} checks on {hosts} host(s)",
                        code=1)
         ui.console.print(f"[bold green]✓[/] cluster.audit: {len(checks)} checks on {hosts} host(s), no findings")
+
+
+@task(help={"dry": "survey only (health, sizes, alarms) and show what it would do; change nothing",
+            "disarm": "disarm active alarms after the defragmentation, once every backend is back under its "
+                      "quota (never a CORRUPT alarm)",
+            "no_snapshot": "skip the snapshot",
+            "health_wait": "seconds to wait for every member to be healthy after each member's defrag"})
+def maintain(c, dry=False, disarm=False, no_snapshot=False, health_wait=60):
+    """etcd maintenance: list alarms, defragment one member at a time (followers first, the leader last) with a
+    health check of every member in between, then save a snapshot to the state dir (0600) verified with
+    `etcdutl snapshot status`. Refuses to start when a member is unreachable or unhealthy (an alarm alone
+    does not stop it: freeing space is the fix for NOSPACE). Each phase is recorded in the ledger."""
+    from runbook.core.context import Options
+
+    with session(c, "etcd.maintain", lock=not dry, options=Options(dry=dry)) as ctx:
+        res = Maintenance(ctx, disarm=disarm, snapshot=not no_snapshot, health_wait=float(health_wait)).run()
+        if not dry:
+            ui.console.print(f"[bold green]✓[/] etcd.maintain: {len(res['defragmented'])} member(s) defragmented"
+                             + (f", snapshot {res['snapshot']['path']}" if res.get("snapshot") else ""))
 
 
 @task(help={"candidate": "host or member to promote (default: the sync standby)",

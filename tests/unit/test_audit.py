@@ -156,6 +156,14 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
     t.on(r"pg_hba_file_rules", (0, HBA))
     t.on(r"show ssl", (0, "on\n"))
     t.on(r"^p=\$\(cat\)", (0, LOG_SCAN_OK))
+    t.on(r"endpoint status -w json", (0, '[{"Endpoint":"https://etcd01:2379","Status":{"header":{"member_id":7},'
+                                         '"dbSize":40960,"leader":7,"dbSizeInUse":40960}}]'))
+    t.on(r"alarm list", (0, ""))
+    t.on(r"quota-backend-bytes\|auto-compaction", (0, 'auto-compaction-mode: periodic\n'
+                                                      'auto-compaction-retention: "1h"\n'
+                                                      'quota-backend-bytes: 2147483648\n'))
+    t.on(r"from pg_replication_slots", (0, "patroni_node02|t|0|reserved\n"))
+    t.on(r"show max_slot_wal_keep_size", (0, "8GB\n"))
 
 
 def _state(ctx) -> None:
@@ -175,7 +183,7 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 2 + 3 * 5 + 2 * 7
+    assert len(checks) == 2 + 3 * (5 + 3) + 2 * (7 + 1)  # security + capacity checks per etcd / postgres host
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
 
@@ -195,6 +203,18 @@ def test_run_audit_reports_a_bad_mode_a_leak_and_an_unreachable_host(ctx):
     assert ("local", "the password of rewind appears in the ledger") in found
     assert any(h == "etcd03" and "unreachable" in p for h, p in found)
     assert not [p for _, p in found if ctx.secrets["rewind"]["password"] in p]
+
+
+def test_run_audit_reports_a_slot_retaining_wal_and_an_etcd_alarm(ctx):
+    _state(ctx)
+    _lab_answers(ctx)
+    ctx.transport.on(r"from pg_replication_slots", lambda h, cmd: (0, "leftover|f|104857600|reserved\n"
+                                                                    if h.name == "node01" else ""))
+    ctx.transport.on(r"alarm list", (0, "memberID:7 alarm:NOSPACE\n"))
+    found = {(c.host, c.name, p.split(":")[0]) for c in a.run_audit(ctx) for p in c.problems}
+    assert found == {("node01", "no inactive slot retaining WAL", "slot leftover is inactive and retains 100 MB "
+                                                                  "of WAL (reserved)"),
+                     *((h, "etcd: no active alarm", "active alarm NOSPACE") for h in ("etcd01", "etcd02", "etcd03"))}
 
 
 def test_run_audit_refuses_without_secrets(ctx):
