@@ -153,3 +153,31 @@ def test_etcd_maintain_defrags_every_member_and_saves_a_verified_snapshot(conver
     with ledger(state) as db:
         kinds = [r[0] for r in db.execute("select kind from events where step = 'etcd.maintain' order by id")]
     assert kinds[0] == "survey" and kinds.count("defrag") == len(inventory.etcd) and "snapshot" in kinds
+
+
+def test_superuser_logs_in_over_tcp_only_from_the_postgres_hosts(converged, tr):
+    import psycopg
+
+    inventory, state = converged
+    s = yaml.safe_load((state / "secrets.yml").read_text())
+    node, other = inventory.postgres[0], inventory.postgres[1]
+
+    def dsn(role: str) -> str:
+        return (f"host={node.address} port=5432 dbname=postgres user={s[role]['username']} "
+                f"password={s[role]['password']} sslmode=verify-ca sslrootcert={state / 'pki/ca.crt'} "
+                "connect_timeout=5")
+
+    with psycopg.connect(dsn("admin")) as conn:  # this machine is in the client network: other roles log in
+        assert conn.execute("select 1").fetchone() == (1,)
+    superuser = s["superuser"]["username"]
+    with pytest.raises(psycopg.OperationalError, match=rf'pg_hba.conf rejects connection .*user "{superuser}"'):
+        psycopg.connect(dsn("superuser"))
+    # from another PostgreSQL host the superuser still logs in over TLS (the password on stdin, not in argv)
+    from runbook.cluster.render import Paths
+
+    conninfo = (f"host={node.address} dbname=postgres user={s['superuser']['username']} sslmode=verify-ca "
+                f"sslrootcert={Paths().patroni_tls_dir}/ca.crt connect_timeout=5")
+    r = tr.run(other, f"PGPASSWORD=$(cat) {Paths(pg_major=inventory.cluster.postgres_major).pg_bin_dir()}/psql -XtA "
+                      f"{shlex.quote(conninfo)} -c 'select ssl from pg_stat_ssl where pid = pg_backend_pid()'",
+               user="postgres", stdin=s["superuser"]["password"].encode(), timeout=60)
+    assert r.ok and r.stdout.strip() == "t", r.stderr
