@@ -240,11 +240,11 @@ def _roles_undo(ctx: Ctx, host: Host) -> list:
     return []  # the roles stay: dropping them would break replication and rewind
 
 
-@section.step("dynamic", role="postgres", only=bootstrap_host, always_check=True, check_fn=dynamic_check,
-              undo_fn=dynamic_undo)
+@section.step("dynamic", role="postgres", only=bootstrap_host, check_fn=dynamic_check, undo_fn=dynamic_undo)
 def dynamic(ctx: Ctx, host: Host) -> list:
     """Dynamic config: the DCS holds the inventory's permanent slots (none by default) and max_slot_wal_keep_size
     bootstrap.dcs is read only when the cluster is created: on a running cluster the difference between
     `patronictl show-config` and the inventory is applied with `patronictl edit-config` (a slot the
-    inventory does not list is removed; Patroni then drops it on every member). Checked on every run."""
+    inventory does not list is removed; Patroni then drops it on every member). A cluster installed before
+    this step existed gets it on its next cluster.up; a change made by hand since is found by --verify."""
     return [Run(dynamic_command(ctx, "apply"), user="postgres", timeout=180)]

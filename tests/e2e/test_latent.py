@@ -83,23 +83,38 @@ def test_no_inactive_slot_retains_wal_after_cluster_up(converged, tr):
         assert idle == {}, (h.name, slots)
 
 
-def test_cluster_up_removes_the_slot_an_old_deployment_left_in_the_dcs(converged, tr):
-    inventory, state = converged
+def _put_back_the_old_slot(inventory, tr) -> None:
+    """What a deployment before the fix left in the DCS: the permanent slot, and no bound on slot WAL."""
     leader = _leader(inventory, tr)
-    # an old deployment: bootstrap.dcs put the permanent slot into the DCS, and no WAL bound
     _ctl(inventory, tr, f"edit-config --force --quiet --set slots.{OLD_SLOT}.type=physical "
                         "--pg max_slot_wal_keep_size=-1")
     wait_for(lambda: OLD_SLOT in _slots(inventory, tr, leader), 60)  # Patroni created it, WAL reserved
-    out = inv(state, "cluster.up").stdout
-    assert re.search(r"▶ patroni\.dynamic[^▶]*✓ " + re.escape(inventory.postgres[0].name), out), out[-3000:]
+
+
+def _assert_the_slot_is_gone(inventory, tr) -> None:
     dcs = yaml.safe_load(_ctl(inventory, tr, "show-config"))
     assert "slots" not in dcs and dcs["postgresql"]["parameters"]["max_slot_wal_keep_size"] == "8GB"
     for h in inventory.postgres:  # Patroni drops the slot on every member within a few HA loops
         wait_for(lambda h=h: OLD_SLOT not in _slots(inventory, tr, h), 90)
         wait_for(lambda h=h: _psql(inventory, tr, h, "show max_slot_wal_keep_size") == "8GB", 60)
+
+
+def test_cluster_up_removes_the_slot_an_old_deployment_left_in_the_dcs(converged, tr):
+    inventory, state = converged
+    first = inventory.postgres[0].name
+    _put_back_the_old_slot(inventory, tr)
+    inv(state, "runbook.forget", "patroni.dynamic", "--hosts", first)  # an old ledger has no such step
+    out = inv(state, "cluster.up").stdout
+    assert re.search(r"▶ patroni\.dynamic[^▶]*✓ " + re.escape(first), out), out[-3000:]
+    _assert_the_slot_is_gone(inventory, tr)
     with ledger(state) as db:
         assert db.execute("select status from checkpoints where step = 'patroni.dynamic'").fetchone()[0] == "done"
-    assert executed(inv(state, "cluster.up").stdout) == 0  # in line now: the check passes, nothing runs
+    assert executed(inv(state, "cluster.up").stdout) == 0  # in line now: nothing runs
+    # the same put back by hand after the step was recorded done: --verify finds it and repairs it
+    _put_back_the_old_slot(inventory, tr)
+    out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+    assert re.search(r"▶ patroni\.dynamic[^▶]*✓ " + re.escape(first), out), out[-3000:]
+    _assert_the_slot_is_gone(inventory, tr)
 
 
 def test_audit_reports_an_idle_slot_that_retains_wal(converged, tr):
