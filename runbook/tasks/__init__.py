@@ -7,7 +7,8 @@ from runbook.sections import section_steps
 from runbook.tasks import records
 from runbook.tasks.procedures import audit, drill
 from runbook.tasks.sections import collections
-from runbook.tasks.session import DEFAULTS, check_env, section_install
+from runbook.inventory.settings import DEFAULTS
+from runbook.tasks.session import check_env, section_install
 
 check_env()  # a bad INVOKE_RUNBOOK_* is one clear error, before invoke casts or ignores it
 ns = Collection()
