@@ -99,6 +99,8 @@ CASES = [
     ("bad_address.yml", ["bundle.push", "--dry"], "hosts.etcd02.address"),
     ("duplicate_address.yml", ["runbook.history"], "hosts.etcd03.address"),
     ("invalid_syntax.yml", ["patroni.install", "--dry"], "invalid YAML at line 12"),
+    ("nul_byte.yml", ["cluster.up", "--dry"], ":6: a NUL byte (0x00) at line 6, column 31"),
+    ("os_rhel9.yml", ["postgres.install"], "cluster.os: 'rhel9' is not supported yet"),
 ]
 
 
