@@ -7,14 +7,14 @@ from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
-from rich.console import Console
 from rich.table import Table
 
+from runbook.console import make_console
 from runbook.inventory import Inventory, InventoryError, load_inventory
 from runbook.lab import lab
 from runbook.lab.net import LabError
 
-console = Console(highlight=False)
+console = make_console()
 STYLE = {"up": "green", "created": "green", "started": "green", "repaired": "yellow", "removed": "dim",
          "stopped": "dim", "down": "dim", "killed": "red", "partitioned": "red", "booting": "yellow"}
 
