@@ -18,7 +18,9 @@ ns.add_collection(records.ns)
 ns.add_collection(drill)
 ns.collections["cluster"].add_task(audit)
 ns.add_collection(lab_tasks.ns)
-bundle = bundle_tasks.ns
+bundle = Collection("bundle")  # a copy: adding `push` must not change runbook.bundle.tasks.ns itself
+for name, t in bundle_tasks.ns.tasks.items():
+    bundle.add_task(t, name=name)
 bundle.add_task(section_install("bundle", lambda: section_steps("bundle"),
                                 "Verify the bundle and push what each host needs to /opt/runbook-bundle."),
                 name="push")
