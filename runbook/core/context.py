@@ -7,6 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from runbook.core.ledger import Ledger
 from runbook.core.observer import Observer, SilentObserver
 from runbook.core.transport import LocalTransport, Transport
 from runbook.inventory import LOCAL, Host, Inventory
@@ -35,7 +36,7 @@ class Ctx:
     bundle_dir: Path
     options: Options = field(default_factory=Options)
     local: Transport = field(default_factory=LocalTransport)
-    ledger: object = None  # runbook.ledger.Ledger, set by the engine
+    ledger: Ledger = field(default=None)  # type: ignore[assignment]  # set by the session before any step
     selected: list = field(default_factory=list)  # the hosts --hosts selected (all by default)
     observer: Observer = field(default_factory=SilentObserver)
     read_only: bool = False  # export, status views: like a dry run, create no secrets, CA or certificate

@@ -96,10 +96,14 @@ class SettingsFile(BaseModel):
     @field_validator("parallel", mode="before")
     @classmethod
     def _parallel(cls, v: object) -> int:
-        ok = not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, str) and v.strip().isdigit()))
-        if not ok or int(v) < 1:  # type: ignore[arg-type]
+        n = 0
+        if isinstance(v, int) and not isinstance(v, bool):
+            n = v
+        elif isinstance(v, str) and v.strip().isdigit():
+            n = int(v)
+        if n < 1:
             raise ValueError("must be a whole number >= 1 (how many hosts are worked on at once within a step)")
-        return int(v)  # type: ignore[arg-type]
+        return n
 
     @field_validator("etcd_sha256", "manifest_sha256", mode="before")
     @classmethod

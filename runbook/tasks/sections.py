@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json as jsonlib
 
-from invoke import Collection, task
+from invoke import Collection, Task, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
@@ -120,6 +120,12 @@ def cluster_status(c, json=False):
             raise Exit(f"error: {doc['error']}", code=1)
 
 
+def _task(t: object) -> Task:
+    """invoke's @task is typed as returning a bare Callable; it returns a Task."""
+    assert isinstance(t, Task), t
+    return t
+
+
 def section_collection(name: str, doc: str) -> Collection:
     col = Collection(name)
     # A section needs the bundle on its hosts: the (idempotent, cheap when done) push steps come first.
@@ -133,17 +139,16 @@ def section_collection(name: str, doc: str) -> Collection:
 def collections() -> list[Collection]:
     etcd = section_collection("etcd", "Install the etcd section (names, binaries, user, PKI, TLS, config, unit, "
                                       "start, ectl, existing) on the etcd hosts; resumable.")
-    etcd.add_task(etcd_status, name="status")
-    etcd.add_task(etcd_health, name="health")
+    etcd.add_task(_task(etcd_status), name="status")
+    etcd.add_task(_task(etcd_health), name="health")
     postgres = section_collection("postgres", "Install the PostgreSQL section (packages from the bundle, default "
                                               "cluster off, home, PGDATA, TLS) on the postgres hosts; resumable.")
     patroni = section_collection("patroni", "Install the Patroni section (venv, wheels, profile, config, validate, "
                                             "unit, ordered start) on the postgres hosts; resumable.")
     from runbook.tasks.procedures import reload, restart, switchover
 
-    patroni.add_task(switchover)
-    patroni.add_task(restart)
-    patroni.add_task(reload)
+    for t in (switchover, restart, reload):
+        patroni.add_task(_task(t))
     cluster = Collection("cluster")
     cluster.add_task(section_install("cluster.up", all_steps,
                                      "Run the whole runbook in order (push bundle, etcd, postgres, patroni, "
