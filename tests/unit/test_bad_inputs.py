@@ -115,6 +115,18 @@ def test_unknown_runbook_env_var_is_refused(guard_dir, tmp_path):
             "INVOKE_RUNBOOK_STATE_DIR")
 
 
+@pytest.mark.parametrize("var,value,expect", [
+    ("INVOKE_RUNBOOK_MANIFEST_SHA256", "abc", "runbook.manifest_sha256 = 'abc': must be a sha256: 64 hex digits"),
+    ("INVOKE_RUNBOOK_DEBIAN_MIRROR", "mirror", "runbook.debian_mirror = 'mirror': must be a URL"),
+    ("INVOKE_RUNBOOK_INVENTORY", "", "runbook.inventory = '': must be a non-empty path"),
+], ids=["manifest-sha256", "debian-mirror", "empty-inventory"])
+def test_bad_runbook_env_value_is_refused(guard_dir, tmp_path, var, value, expect):
+    """Every key of the settings model can be set from the environment, and is validated there too."""
+    r = inv_run(["cluster.up", "--dry"], guard_dir, tmp_path, **{var: value})
+    refused(r, tmp_path, f"{var}: {expect}")
+    assert not (tmp_path / "state").exists()
+
+
 def test_state_dir_is_a_file(guard_dir, tmp_path):
     f = tmp_path / "state-file"
     f.write_text("not a directory\n")
