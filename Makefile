@@ -50,8 +50,13 @@ bench: deps venv  ## benchmarks: they print figures, they assert nothing
 	$(BIN)/pip install -q -e '.[test,bench]'
 	@rc=0; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || { echo "!! $$b failed"; rc=1; }; done; exit $$rc
 
-lint: venv
+lint: venv $(BIN)/mypy
 	$(BIN)/ruff check runbook tests tasks.py bench
+	$(BIN)/mypy  # files and settings: [tool.mypy] in pyproject.toml
+
+$(BIN)/mypy: pyproject.toml  # a venv made before mypy joined the test extras gets it here
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
 
 clean-lab: venv
 	$(INV) lab.down

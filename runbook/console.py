@@ -1,6 +1,7 @@
 """Rich output: per-host progress, plan and status tables, failure summaries, the --step prompt."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -16,7 +17,21 @@ if TYPE_CHECKING:
     from runbook.core.engine import Decision, Report
     from runbook.core.step import Step
 
-console = Console(highlight=False)
+LOG_WIDTH = 160  # off a terminal (a pipe, a log, CI) Rich would use 80 columns and cut table cells
+
+
+def make_console(**kw: object) -> Console:
+    """A Rich console; off a terminal it is $COLUMNS wide (at least 80), else LOG_WIDTH, so tables in logs
+    keep their cells ("endpoint", not "endpoi…")."""
+    c = Console(highlight=False, **kw)  # type: ignore[arg-type]
+    if c.is_terminal:
+        return c
+    cols = os.environ.get("COLUMNS", "")
+    width = max(int(cols), 80) if cols.isdigit() else LOG_WIDTH
+    return Console(highlight=False, width=width, **kw)  # type: ignore[arg-type]
+
+
+console = make_console()
 
 STYLE = {"done": "green", "manual": "cyan", "will run": "yellow", "changed": "magenta",
          "interrupted": "red", "drifted": "red", "failed": "red", "running": "red",

@@ -1,17 +1,16 @@
 """invoke tasks: bundle.build, bundle.verify, bundle.etcd-from-debian.
 
-Config (all optional; the tasks work with no ``runbook`` key at all):
-``runbook.bundle_dir`` (default "bundle", relative to the project), ``runbook.inventory``
-("hosts.yml"), ``runbook.etcd_url`` + ``runbook.etcd_sha256``, ``runbook.wheel_python``
-("/usr/bin/python3"), ``runbook.pip_index`` ("https://pypi.org/simple"), ``runbook.cache``
-($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
+Config (all optional; the tasks work with no ``runbook`` key at all), validated by
+runbook.inventory.settings: ``runbook.bundle_dir`` (default "bundle", relative to the project),
+``runbook.inventory`` ("hosts.yml"), ``runbook.etcd_url`` + ``runbook.etcd_sha256``,
+``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.pip_index``, ``runbook.debian_mirror``,
+``runbook.manifest_sha256``, ``runbook.cache`` ($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from invoke import Collection, Context, Exit, task
 from rich.console import Console
@@ -20,30 +19,25 @@ from rich.table import Table
 from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
 from runbook.bundle.etcd import build_from_debian
 from runbook.bundle.manifest import BundleError, Manifest, verify_bundle
+from runbook.inventory.settings import Settings, SettingsError, settings_of
 
 console = Console(highlight=False)
 
 
-def _setting(c: Context, key: str, default: Any = None) -> Any:
+def _settings(c: Context) -> Settings:
     try:
-        value = c.config["runbook"][key]
-    except (KeyError, TypeError, AttributeError):
-        return default
-    return default if value in (None, "") else value
+        return settings_of(c)
+    except SettingsError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
 
 
-def _project_dir(c: Context) -> Path:
-    prefix = getattr(c.config, "_project_prefix", None)
-    return Path(prefix) if prefix else Path.cwd()
+def _path(given: str | None, setting: Path) -> Path:
+    """A path given on the command line is the operator's (from the cwd); the setting is resolved already."""
+    return Path(given).expanduser().resolve() if given else setting
 
 
-def _path(c: Context, value: str | None, key: str, default: str) -> Path:
-    p = Path(value or _setting(c, key, default)).expanduser()
-    return p if p.is_absolute() else _project_dir(c) / p
-
-
-def _cache(c: Context) -> Path:
-    return Path(_setting(c, "cache", str(DEFAULT_CACHE))).expanduser()
+def _cache(s: Settings) -> Path:
+    return s.cache or DEFAULT_CACHE
 
 
 class RichReporter(Reporter):
@@ -111,18 +105,19 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
     """
     import time
 
-    cluster = _inventory_cluster(c, inventory)
+    s = _settings(c)
+    cluster = _inventory_cluster(s, inventory)
     opts = BuildOptions(
-        bundle_dir=_path(c, bundle_dir, "bundle_dir", "bundle"),
+        bundle_dir=_path(bundle_dir, s.bundle_dir),
         pg_major=int(pg_major or cluster.get("postgres_major", 15)),
         os_name=os or cluster.get("os", "debian12"),
         etcd_version=cluster.get("etcd_version", ""),
-        etcd_url=etcd_url or _setting(c, "etcd_url", ""),
-        etcd_sha256=etcd_sha256 or _setting(c, "etcd_sha256", ""),
+        etcd_url=etcd_url or s.etcd_url or "",
+        etcd_sha256=etcd_sha256 or s.etcd_sha256 or "",
         etcd_tarball=etcd_tarball or "",
-        cache=_cache(c),
-        wheel_python=_setting(c, "wheel_python", "/usr/bin/python3"),
-        index_url=_setting(c, "pip_index", "https://pypi.org/simple"),
+        cache=_cache(s),
+        wheel_python=s.wheel_python,
+        index_url=s.pip_index or "https://pypi.org/simple",
         check_wheels=wheel_check,
         recommends=recommends,
     )
@@ -140,10 +135,10 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
                   f"{time.monotonic() - t:.1f} s")
 
 
-def _inventory_cluster(c: Context, inventory: str | None) -> dict:
+def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
     from runbook.inventory import InventoryError, load_inventory
 
-    path = _path(c, inventory, "inventory", "hosts.yml")
+    path = _path(inventory, s.inventory)
     if not path.exists():
         if inventory:
             raise _fail(BundleError(f"--inventory {path}: no such file"))
@@ -163,7 +158,7 @@ def _inventory_cluster(c: Context, inventory: str | None) -> dict:
 def verify(c: Context, bundle_dir: str | None = None) -> None:
     """Re-hash every file of the bundle against manifest.json; any missing, extra, truncated or
     altered file is an error naming it (exit 1)."""
-    root = _path(c, bundle_dir, "bundle_dir", "bundle")
+    root = _path(bundle_dir, _settings(c).bundle_dir)
     with console.status(f"hashing {root} ..."):
         try:
             m = verify_bundle(root)
@@ -186,7 +181,7 @@ def etcd_from_debian(c: Context, out: str | None = None) -> None:
     rep = RichReporter()
     try:
         with rep.phase("etcd tarball from Debian trixie"):
-            tb = build_from_debian(_cache(c), rep.log)
+            tb = build_from_debian(_cache(_settings(c)), rep.log)
     except BundleError as exc:
         raise _fail(exc) from None
     path = tb.path

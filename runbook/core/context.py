@@ -5,11 +5,15 @@ import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from runbook.core.ledger import Ledger
 from runbook.core.observer import Observer, SilentObserver
 from runbook.core.transport import LocalTransport, Transport
 from runbook.inventory import LOCAL, Host, Inventory
+
+if TYPE_CHECKING:
+    from runbook.credentials.pki import Pki
 
 _SECRETS_LOCK = threading.Lock()
 
@@ -32,10 +36,11 @@ class Ctx:
     bundle_dir: Path
     options: Options = field(default_factory=Options)
     local: Transport = field(default_factory=LocalTransport)
-    ledger: object = None  # runbook.ledger.Ledger, set by the engine
-    selected: list = field(default_factory=list)
+    ledger: Ledger = field(default=None)  # type: ignore[assignment]  # set by the session before any step
+    selected: list = field(default_factory=list)  # the hosts --hosts selected (all by default)
     observer: Observer = field(default_factory=SilentObserver)
-    _secrets: dict | None = field(default=None, repr=False)  # the hosts --hosts selected (all by default)
+    read_only: bool = False  # export, status views: like a dry run, create no secrets, CA or certificate
+    _secrets: dict | None = field(default=None, repr=False)
 
     def transport_for(self, host: Host) -> Transport:
         return self.local if host.name == LOCAL.name else self.transport
@@ -47,22 +52,35 @@ class Ctx:
         return Paths(pg_major=self.inventory.cluster.postgres_major)
 
     @property
+    def writes_state(self) -> bool:
+        """May this run create state (secrets.yml, the CA, certificates)? Not a dry run, export or a view."""
+        return not (self.read_only or self.options.dry)
+
+    @property
     def secrets(self) -> dict:
-        """state/secrets.yml, generated once; thread-safe (hosts are decided in parallel)."""
+        """state/secrets.yml, generated once; thread-safe (hosts are decided in parallel). A dry run or an
+        export never writes it: what is missing is generated in memory for this run only."""
         from runbook.credentials.secrets import ensure_secrets
 
         with _SECRETS_LOCK:
             if self._secrets is None:
-                self._secrets = ensure_secrets(self.state_dir)
+                self._secrets = ensure_secrets(self.state_dir, write=self.writes_state)
             return self._secrets
 
     @property
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
 
+    @cached_property
+    def pki(self) -> Pki:
+        """The CA and host certificates of state/pki; in memory only for what a dry run or export lacks."""
+        from runbook.credentials.pki import Pki
+
+        return Pki(self.pki_dir, write=self.writes_state)
+
     def redact(self, text: str) -> str:
         """Mask every known secret; before the secrets exist there is nothing to mask."""
-        if not text or not (self.state_dir / "secrets.yml").exists():
+        if not text or (self._secrets is None and not (self.state_dir / "secrets.yml").exists()):
             return text
         from runbook.credentials.secrets import redact
 

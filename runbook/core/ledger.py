@@ -49,13 +49,16 @@ class Checkpoint:
 
 
 class Ledger:
-    def __init__(self, path: Path, redact: Callable[[str], str] = lambda s: s):
+    def __init__(self, path: Path | str, redact: Callable[[str], str] = lambda s: s):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        memory = str(path) == ":memory:"  # a read-only view of a state dir that has no ledger yet
+        if not memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.redact = redact
         self._mu = threading.Lock()
         conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
-        os.chmod(self.path, 0o600)
+        if not memory:
+            os.chmod(self.path, 0o600)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         self.db = sqlite_utils.Database(conn)

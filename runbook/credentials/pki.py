@@ -17,6 +17,7 @@ import datetime as dt
 import ipaddress
 import os
 import stat
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,12 +191,24 @@ def ensure_ca(pki_dir: str | Path, common_name: str = CA_CN) -> CA:
     or an expired CA is an error: regenerating would orphan every certificate already on hosts.
     """
     pki_dir = _ensure_dir(Path(pki_dir))
+    ca = load_ca(pki_dir)
+    if ca is not None:
+        return ca
+    cert_path, key_path = _ca_paths(pki_dir)
+    cert, key = _new_ca(common_name)
+    write_atomic(key_path, _key_bytes(key), 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return CA(cert, key, cert_path, key_path)
+
+
+def load_ca(pki_dir: str | Path) -> CA | None:
+    """The CA in *pki_dir*, None when there is none yet (neither file); writes nothing.
+
+    Half a CA, a key that does not match, an expired or non-CA certificate: PKIError."""
+    pki_dir = Path(pki_dir)
     cert_path, key_path = _ca_paths(pki_dir)
     if not cert_path.exists() and not key_path.exists():
-        cert, key = _new_ca(common_name)
-        write_atomic(key_path, _key_bytes(key), 0o600)
-        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        return CA(cert, key, cert_path, key_path)
+        return None
     for p in (cert_path, key_path):
         if not p.exists():
             raise PKIError(f"{p}: missing while its pair exists in {pki_dir}; restore it from backup, "
@@ -312,16 +325,72 @@ def ensure_host_cert(pki_dir: str | Path, ca: CA, name: str, dns_names: Iterable
     pki_dir = _ensure_dir(Path(pki_dir))
     cert_path, key_path = host_paths(pki_dir, name)
     dns, ip_set = host_sans(name, dns_names, ips)
-    if cert_path.exists() and key_path.exists():
-        ok = not check_cert(cert_path, ca, dns | ip_set, min_days=RENEW_DAYS, include_local=False)
-        if ok:
-            try:
-                ok = _same_public_key(load_cert(cert_path), _load_key(key_path))
-            except PKIError:
-                ok = False
-        if ok:
-            return cert_path, key_path, False
+    if _usable(cert_path, key_path, ca, dns | ip_set):
+        return cert_path, key_path, False
     cert, key = _issue(ca, name, dns, ip_set, days)
     write_atomic(key_path, _key_bytes(key), 0o600)
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path, True
+
+
+def _usable(cert_path: Path, key_path: Path, ca: CA, sans: set[str]) -> bool:
+    """The pair exists, matches, is signed by *ca*, has exactly *sans* and more than RENEW_DAYS left."""
+    if not (cert_path.exists() and key_path.exists()):
+        return False
+    if check_cert(cert_path, ca, sans, min_days=RENEW_DAYS, include_local=False):
+        return False
+    try:
+        return _same_public_key(load_cert(cert_path), _load_key(key_path))
+    except PKIError:
+        return False
+
+
+class Pki:
+    """The CA and host certificates of one state/pki, for the steps that render TLS files.
+
+    With ``write=False`` (a dry run, an export) nothing is created: an existing CA and usable host
+    certificates are read; whatever is missing is made in memory for this run only (an in-memory CA
+    when there is none yet), so the plan shows the files a real run would put. Thread-safe."""
+
+    def __init__(self, pki_dir: str | Path, write: bool = True):
+        self.dir = Path(pki_dir)
+        self.write = write
+        self._lock = threading.Lock()
+        self._ca: CA | None = None
+        self._hosts: dict[tuple, tuple[bytes, bytes]] = {}
+
+    def ca(self) -> CA:
+        with self._lock:
+            return self._ca_locked()
+
+    def _ca_locked(self) -> CA:
+        if self.write:
+            return ensure_ca(self.dir)
+        if self._ca is None:
+            self._ca = load_ca(self.dir)
+        if self._ca is None:
+            cert, key = _new_ca(CA_CN)
+            self._ca = CA(cert, key, *_ca_paths(self.dir))
+        return self._ca
+
+    def ca_pem(self) -> bytes:
+        """ca.crt as the hosts get it: the file's bytes, or the in-memory CA's PEM."""
+        ca = self.ca()
+        return ca.cert_path.read_bytes() if ca.cert_path.exists() else ca.cert.public_bytes(serialization.Encoding.PEM)
+
+    def host(self, name: str, dns_names: Iterable[str] = (), ips: Iterable[str] = ()) -> tuple[bytes, bytes, Path]:
+        """(certificate PEM, key PEM, where the key lives in state/pki) for host *name*."""
+        with self._lock:
+            ca = self._ca_locked()
+            if self.write:
+                cert_path, key_path, _ = ensure_host_cert(self.dir, ca, name, dns_names, ips)
+                return cert_path.read_bytes(), key_path.read_bytes(), key_path
+            cert_path, key_path = host_paths(self.dir, name)
+            dns, ip_set = host_sans(name, dns_names, ips)
+            if ca.key_path.exists() and _usable(cert_path, key_path, ca, dns | ip_set):
+                return cert_path.read_bytes(), key_path.read_bytes(), key_path
+            k = (name, tuple(sorted(dns | ip_set)))
+            if k not in self._hosts:
+                cert, key = _issue(ca, name, dns, ip_set, HOST_DAYS)
+                self._hosts[k] = (cert.public_bytes(serialization.Encoding.PEM), _key_bytes(key))
+            return (*self._hosts[k], key_path)

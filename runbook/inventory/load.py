@@ -34,7 +34,7 @@ def load_inventory(path: str | Path) -> Inventory:
     except ValidationError as exc:
         # Unknown keys first: a typo ('adress') usually explains the missing key that follows.
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        raise InventoryError("\n".join(line(tuple(e["loc"]), _message(e)) for e in errors)) from None
+        raise InventoryError("\n".join(line(tuple(e["loc"]), _message(dict(e))) for e in errors)) from None
     problems = _semantic_errors(spec)
     if problems:
         raise InventoryError("\n".join(line(loc, msg) for loc, msg in problems))

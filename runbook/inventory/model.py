@@ -97,6 +97,14 @@ class ClusterSpec(_Strict):
                              "(0 would turn compaction off)")
         return str(v).strip()
 
+    @field_validator("os")
+    @classmethod
+    def _os_supported(cls, v: str) -> str:
+        if v != "debian12":  # bundle.build --os rhel8|rhel9 renders an untested command list, nothing more
+            raise ValueError(f"{v!r} is not supported yet: only debian12 hosts are automated; use os: debian12 "
+                             "(RHEL package steps are not written)")
+        return v
+
 
 USER_PATTERN = r"^[a-z_][a-z0-9_-]*$"
 

@@ -1,11 +1,15 @@
 """YAML input for every file the operator writes: duplicate keys refused, errors name file and line."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
 from runbook.errors import InventoryError
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # not allowed by YAML 1.1
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -42,11 +46,19 @@ def _read_text(path: Path) -> str:
         raise InventoryError(f"{path}: cannot read ({exc.strerror or exc}); check the path "
                              "(invoke config runbook.inventory / INVOKE_RUNBOOK_INVENTORY)") from exc
     try:
-        return raw.decode("utf-8-sig")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise InventoryError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}); "
                              "save the file as UTF-8") from None
+    bad = _CONTROL.search(text)
+    if bad:  # YAML allows none of them; PyYAML's reader would raise before any line is known
+        at = bad.start()
+        line, col = text.count("\n", 0, at) + 1, at - (text.rfind("\n", 0, at) + 1) + 1
+        what = "a NUL byte (0x00)" if bad.group() == "\x00" else f"a control character (0x{ord(bad.group()):02x})"
+        raise InventoryError(f"{path}:{line}: {what} at line {line}, column {col}; a YAML file is plain text - "
+                             "remove it (a binary or damaged file? restore it from its source)")
+    return text
 
 
 def _yaml_error(path: Path, exc: yaml.YAMLError) -> InventoryError:

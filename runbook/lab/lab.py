@@ -1,7 +1,7 @@
 """The lab as a whole: inventory -> running air-gapped hosts (and back to nothing).
 
 Every operation is idempotent and repairs leftovers of a killed run; all waits are bounded.
-Concurrent runs on one inventory are serialised by a lock file (state/lab/.lock).
+Concurrent runs on one lab are serialised by a lock file (<runbook.lab_dir>/.lock).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from runbook.inventory import Host, Inventory
 from runbook.lab import net
 from runbook.lab.base import ensure_base_tree
-from runbook.lab.machine import Machine, lab_dir
+from runbook.lab.machine import Machine
 from runbook.lab.net import LabError
 
 SSH_WAIT = 60.0  # seconds for sshd to answer on every booted host
@@ -30,9 +30,22 @@ def _quiet(msg: str) -> None:
     pass
 
 
+def lab_root(root: Path | None = None) -> Path:
+    """The lab's directory: *root* when given (the lab tasks pass runbook.lab_dir), else the project's
+    runbook.lab_dir as invoke would configure it (invoke.yaml, INVOKE_RUNBOOK_LAB_DIR / _STATE_DIR)."""
+    if root is not None:
+        return root
+    from runbook.inventory.settings import SettingsError, default_settings
+
+    try:
+        return default_settings().lab_dir
+    except SettingsError as exc:
+        raise LabError(str(exc)) from None
+
+
 @contextmanager
-def lab_lock(inv: Inventory) -> Iterator[None]:
-    d = lab_dir(inv.path)
+def lab_lock(inv: Inventory, root: Path | None = None) -> Iterator[None]:
+    d = lab_root(root)
     d.mkdir(parents=True, exist_ok=True)
     with open(d / ".lock", "w") as f:
         deadline = time.monotonic() + LOCK_WAIT
@@ -50,8 +63,8 @@ def lab_lock(inv: Inventory) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def machine(inv: Inventory, host: Host) -> Machine:
-    return Machine.of(inv.path, host.name, host.address)
+def machine(inv: Inventory, host: Host, root: Path | None = None) -> Machine:
+    return Machine.of(lab_root(root), host.name, host.address)
 
 
 def _ssh_paths(inv: Inventory) -> tuple[Path, Path]:
@@ -83,13 +96,15 @@ def _kh_names(h: Host) -> list[str]:
     return [h.address, h.name] if h.port == 22 else [f"[{h.address}]:{h.port}", f"[{h.name}]:{h.port}"]
 
 
-def update_known_hosts(inv: Inventory, hosts: list[Host], remove_only: bool = False) -> None:
+def update_known_hosts(inv: Inventory, hosts: list[Host], remove_only: bool = False,
+                       root: Path | None = None) -> None:
     """Replace the lab hosts' lines in the inventory's known_hosts with their current host keys."""
     _, kh = _ssh_paths(inv)
     names = {n for h in hosts for n in _kh_names(h)}
     old = kh.read_text().splitlines() if kh.exists() else []
     keep = [ln for ln in old if not (ln.split() and set(ln.split()[0].split(",")) & names)]
-    new = [] if remove_only else [f"{n} {k}" for h in hosts for k in machine(inv, h).host_keys() for n in _kh_names(h)]
+    new = [] if remove_only else [f"{n} {k}" for h in hosts for k in machine(inv, h, root).host_keys()
+                                  for n in _kh_names(h)]
     lines = sorted(set(keep + new))  # canonical: restarting one host rewrites nothing when its keys are known
     text = "\n".join(lines) + "\n" if lines else ""
     if not kh.exists() or kh.read_text() != text:
@@ -117,14 +132,14 @@ def port_open(address: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def wait_ssh(inv: Inventory, h: Host, timeout: float = SSH_WAIT) -> float:
+def wait_ssh(inv: Inventory, h: Host, timeout: float = SSH_WAIT, root: Path | None = None) -> float:
     """Bounded wait until sshd accepts TCP and then an ssh `true`; return the seconds waited."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     while not port_open(h.address, h.port):
         if time.monotonic() > deadline:
             raise LabError(f"{h.name}: sshd on {h.address}:{h.port} did not answer within {timeout:.0f} s; "
-                           f"see {machine(inv, h).console}")
+                           f"see {machine(inv, h, root).console}")
         time.sleep(0.2)
     last = ""
     for _ in range(200):
@@ -168,8 +183,8 @@ def _clean(m: Machine, log: Log) -> list[str]:
     return stale
 
 
-def _boot_one(inv: Inventory, h: Host, base: Path, pubkey: str, subnet, br: str, log: Log) -> str:
-    m = machine(inv, h)
+def _boot_one(inv: Inventory, h: Host, base: Path, pubkey: str, subnet, br: str, log: Log, root: Path) -> str:
+    m = machine(inv, h, root)
     if m.running():
         if net.link_exists(net.veth_name(h.name)) and not net.link_is_up(net.veth_name(h.name)):
             net.set_partitioned(h.name, False)
@@ -188,25 +203,26 @@ def _boot_one(inv: Inventory, h: Host, base: Path, pubkey: str, subnet, br: str,
     return "created" if fresh else ("repaired" if stale else "started")
 
 
-def up(inv: Inventory, names: list[str] | None = None, log: Log = _quiet) -> dict[str, str]:
+def up(inv: Inventory, names: list[str] | None = None, log: Log = _quiet, root: Path | None = None) -> dict[str, str]:
     """Bring the inventory's hosts (or NAMES) up; return {name: what happened}."""
+    root = lab_root(root)
     hosts = [inv.get(n) for n in names] if names else list(inv.hosts)
     subnet = net.lab_subnet([h.address for h in inv.hosts])
     _ssh_paths(inv)
-    with lab_lock(inv):
+    with lab_lock(inv, root):
         base = ensure_base_tree(log=log)
         pubkey = ensure_lab_key(inv, log)
         br = net.ensure_bridge(subnet)
-        result = dict(zip([h.name for h in hosts],
-                          _parallel(lambda h: _boot_one(inv, h, base, pubkey, subnet, br, log), hosts), strict=True))
-        update_known_hosts(inv, list(inv.hosts) if not names else hosts)
-        _parallel(lambda h: wait_ssh(inv, h), hosts)
+        booted = _parallel(lambda h: _boot_one(inv, h, base, pubkey, subnet, br, log, root), hosts)
+        result = dict(zip([h.name for h in hosts], booted, strict=True))
+        update_known_hosts(inv, list(inv.hosts) if not names else hosts, root=root)
+        _parallel(lambda h: wait_ssh(inv, h, root=root), hosts)
     return result
 
 
-def _state_hosts(inv: Inventory) -> list[Machine]:
+def _state_hosts(inv: Inventory, root: Path) -> list[Machine]:
     """Hosts with a state dir that are no longer in the inventory (lab.down still removes them)."""
-    d = lab_dir(inv.path) / "hosts"
+    d = root / "hosts"
     known = set(inv.names())
     out = []
     for sub in sorted(d.iterdir()) if d.is_dir() else []:
@@ -215,7 +231,8 @@ def _state_hosts(inv: Inventory) -> list[Machine]:
                 meta = json.loads((sub / "host.json").read_text())
             except (OSError, ValueError):
                 meta = {}
-            out.append(Machine(sub.name, meta.get("address", ""), sub))
+            if meta.get("inventory") in (None, str(inv.path)):  # the lab dir may hold other inventories' hosts
+                out.append(Machine(sub.name, meta.get("address", ""), sub))
     return out
 
 
@@ -231,10 +248,11 @@ def _down_one(m: Machine, keep_disks: bool) -> str:
     return "stopped" if stopped else "down"
 
 
-def down(inv: Inventory, keep_disks: bool = False, log: Log = _quiet) -> dict[str, str]:
+def down(inv: Inventory, keep_disks: bool = False, log: Log = _quiet, root: Path | None = None) -> dict[str, str]:
     """Stop every lab host, unmount, delete netns/links/bridge; drop the disks unless keep_disks."""
-    with lab_lock(inv):
-        ms = [machine(inv, h) for h in inv.hosts] + _state_hosts(inv)
+    root = lab_root(root)
+    with lab_lock(inv, root):
+        ms = [machine(inv, h, root) for h in inv.hosts] + _state_hosts(inv, root)
         bridges = {json.loads(m.meta.read_text()).get("bridge") for m in ms if m.meta.exists()}
         try:
             bridges.add(net.bridge_name(net.lab_subnet([h.address for h in inv.hosts])))
@@ -247,18 +265,19 @@ def down(inv: Inventory, keep_disks: bool = False, log: Log = _quiet) -> dict[st
             elif net.link_exists(br):
                 log(f"bridge {br} kept: still has ports {', '.join(net.bridge_ports(br))}")
         if not keep_disks:
-            update_known_hosts(inv, list(inv.hosts), remove_only=True)
-            hosts_dir = lab_dir(inv.path) / "hosts"
+            update_known_hosts(inv, list(inv.hosts), remove_only=True, root=root)
+            hosts_dir = root / "hosts"
             if hosts_dir.is_dir() and not any(hosts_dir.iterdir()):
                 hosts_dir.rmdir()
     return result
 
 
-def kill(inv: Inventory, name: str, log: Log = _quiet) -> str:
+def kill(inv: Inventory, name: str, log: Log = _quiet, root: Path | None = None) -> str:
     """Hard power-off: SIGKILL the container's init; its NIC goes away (netns deleted); disk kept."""
     h = inv.get(name)
-    with lab_lock(inv):
-        m = machine(inv, h)
+    root = lab_root(root)
+    with lab_lock(inv, root):
+        m = machine(inv, h, root)
         killed = m.hard_kill()
         m.umount()
         net.delete_host_net(h.name)
@@ -266,20 +285,20 @@ def kill(inv: Inventory, name: str, log: Log = _quiet) -> str:
     return "killed" if killed else "already off"
 
 
-def start(inv: Inventory, name: str, log: Log = _quiet) -> str:
+def start(inv: Inventory, name: str, log: Log = _quiet, root: Path | None = None) -> str:
     """Boot one host again on its existing disk and wait for sshd."""
-    return up(inv, [name], log)[name]
+    return up(inv, [name], log, root)[name]
 
 
-def partition(inv: Inventory, name: str, cut: bool = True) -> None:
+def partition(inv: Inventory, name: str, cut: bool = True, root: Path | None = None) -> None:
     h = inv.get(name)
-    if not machine(inv, h).running():
+    if not machine(inv, h, root).running():
         raise LabError(f"{name} is not running; `inv lab.start {name}` first")
     net.set_partitioned(h.name, cut)
 
 
-def host_state(inv: Inventory, h: Host) -> tuple[str, float | None]:
-    m = machine(inv, h)
+def host_state(inv: Inventory, h: Host, root: Path | None = None) -> tuple[str, float | None]:
+    m = machine(inv, h, root)
     if m.running():
         veth = net.veth_name(h.name)
         if not net.link_is_up(veth):
@@ -293,5 +312,6 @@ def host_state(inv: Inventory, h: Host) -> tuple[str, float | None]:
     return "absent", None
 
 
-def status(inv: Inventory) -> list[tuple[str, str, str, float | None]]:
-    return [(h.name, h.address, *host_state(inv, h)) for h in inv.hosts]
+def status(inv: Inventory, root: Path | None = None) -> list[tuple[str, str, str, float | None]]:
+    root = lab_root(root)
+    return [(h.name, h.address, *host_state(inv, h, root)) for h in inv.hosts]

@@ -1,7 +1,8 @@
 """One lab host on this machine: an overlay disk over the base tree, provisioned like a freshly
 installed bare server, booted with systemd-nspawn (real systemd) inside the host's netns.
 
-State dir: <inventory dir>/state/lab/hosts/<name>/{upper,work,root,console.log,nspawn.pid,host.json}.
+State dir: <runbook.lab_dir>/hosts/<name>/{upper,work,root,console.log,nspawn.pid,host.json}
+(runbook.lab_dir defaults to <state_dir>/lab).
 """
 from __future__ import annotations
 
@@ -21,10 +22,6 @@ from runbook.lab.net import LabError, netns_exists, netns_pids
 CGROUP_GROUP = "pg-ha-lab"  # each container gets <hierarchy>/pg-ha-lab/<name>, never a shared one
 STOP_TIMEOUT = 20.0  # orderly shutdown after SIGTERM to nspawn (~4 s measured)
 KILL_TIMEOUT = 10.0
-
-
-def lab_dir(inventory_path: Path) -> Path:
-    return inventory_path.parent / "state" / "lab"
 
 
 def _sh(*args: str, what: str) -> str:
@@ -86,8 +83,9 @@ class Machine:
     state: Path  # state/lab/hosts/<name>
 
     @classmethod
-    def of(cls, inventory_path: Path, name: str, address: str = "") -> Machine:
-        return cls(name, address, lab_dir(inventory_path) / "hosts" / name)
+    def of(cls, root: Path, name: str, address: str = "") -> Machine:
+        """Host *name* of the lab whose directory is *root* (runbook.lab_dir, default <state_dir>/lab)."""
+        return cls(name, address, root / "hosts" / name)
 
     root = property(lambda s: s.state / "root")
     upper = property(lambda s: s.state / "upper")

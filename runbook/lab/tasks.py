@@ -7,14 +7,14 @@ from pathlib import Path
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
-from rich.console import Console
 from rich.table import Table
 
+from runbook.console import make_console
 from runbook.inventory import Inventory, InventoryError, load_inventory
 from runbook.lab import lab
 from runbook.lab.net import LabError
 
-console = Console(highlight=False)
+console = make_console()
 STYLE = {"up": "green", "created": "green", "started": "green", "repaired": "yellow", "removed": "dim",
          "stopped": "dim", "down": "dim", "killed": "red", "partitioned": "red", "booting": "yellow"}
 
@@ -25,16 +25,14 @@ def _name(name: str, task_name: str) -> str:
     return name
 
 
-def _inventory(c) -> Inventory:
-    """The inventory named by invoke config runbook.inventory (default hosts.yml)."""
-    path = "hosts.yml"
+def _lab(c) -> tuple[Inventory, Path]:
+    """The inventory named by runbook.inventory and the lab's directory (runbook.lab_dir), validated."""
+    from runbook.inventory.settings import SettingsError, settings_of
+
     try:
-        path = c.config["runbook"]["inventory"] or path
-    except (KeyError, TypeError, AttributeError):
-        pass
-    try:
-        return load_inventory(Path(path))
-    except InventoryError as exc:
+        s = settings_of(c)
+        return load_inventory(s.inventory), s.lab_dir
+    except (SettingsError, InventoryError) as exc:
         raise Exit(f"lab: {exc}", code=2) from None
 
 
@@ -72,24 +70,24 @@ def _uptime(sec: float | None) -> str:
 def up(c, hosts=""):
     """Create and boot every inventory host (overlay disk, netns, systemd, sshd); wait for SSH. Idempotent."""
     _require_root()
-    inv = _inventory(c)
+    inv, root = _lab(c)
     t0 = time.monotonic()
     try:
         names = [h.name for h in inv.select(hosts)] if hosts else None
-        result = lab.up(inv, names, log=_log)
+        result = lab.up(inv, names, log=_log, root=root)
     except (LabError, InventoryError) as exc:
         raise _fail(exc) from None
     _print_result("lab.up", result, t0)
 
 
-@task(help={"keep_disks": "keep the hosts' overlay disks (state/lab/hosts/NAME/upper) for the next lab.up"})
+@task(help={"keep_disks": "keep the hosts' overlay disks (<runbook.lab_dir>/hosts/NAME/upper) for the next lab.up"})
 def down(c, keep_disks=False):
     """Stop every lab host and remove its mounts, netns, links and bridge (and disks unless --keep-disks)."""
     _require_root()
-    inv = _inventory(c)
+    inv, root = _lab(c)
     t0 = time.monotonic()
     try:
-        result = lab.down(inv, keep_disks=keep_disks, log=_log)
+        result = lab.down(inv, keep_disks=keep_disks, log=_log, root=root)
     except LabError as exc:
         raise _fail(exc) from None
     _print_result("lab.down", result, t0)
@@ -98,11 +96,11 @@ def down(c, keep_disks=False):
 @task
 def status(c):
     """Show every lab host: address, state (up, booting, partitioned, off, absent, stale) and uptime."""
-    inv = _inventory(c)
+    inv, root = _lab(c)
     t = Table(title=f"lab: {inv.path}", title_justify="left")
     for col in ("host", "address", "state", "uptime"):
         t.add_column(col)
-    for name, address, state, uptime in lab.status(inv):
+    for name, address, state, uptime in lab.status(inv, root):
         t.add_row(name, address, f"[{STYLE.get(state.split()[0].rstrip(':'), 'yellow')}]{state}[/]", _uptime(uptime))
     console.print(t)
 
@@ -111,7 +109,7 @@ def status(c):
 def ssh(c, name, command=""):
     """SSH to a lab host with the lab key and known_hosts (host key checking on)."""
     name = _name(name, "ssh")
-    inv = _inventory(c)
+    inv, _ = _lab(c)
     try:
         h = inv.get(name)
         argv = lab.ssh_argv(inv, h, *([command] if command else []), batch=False)
@@ -125,9 +123,9 @@ def kill(c, name):
     """Fault drill: hard power-off of one host (no shutdown, its NIC disappears); `lab.start` boots it again."""
     _require_root()
     name = _name(name, "kill")
-    inv = _inventory(c)
+    inv, root = _lab(c)
     try:
-        what = lab.kill(inv, name, log=_log)
+        what = lab.kill(inv, name, log=_log, root=root)
     except (LabError, InventoryError) as exc:
         raise _fail(exc) from None
     console.print(f"{name}: [red]{what}[/]")
@@ -138,10 +136,10 @@ def start(c, name):
     """Boot one lab host again (disk as it was) and wait until sshd answers."""
     _require_root()
     name = _name(name, "start")
-    inv = _inventory(c)
+    inv, root = _lab(c)
     t0 = time.monotonic()
     try:
-        what = lab.start(inv, name, log=_log)
+        what = lab.start(inv, name, log=_log, root=root)
     except (LabError, InventoryError) as exc:
         raise _fail(exc) from None
     console.print(f"{name}: [green]{what}[/] ({time.monotonic() - t0:.1f} s)")
@@ -152,9 +150,9 @@ def partition(c, name):
     """Fault drill: isolate one host from every other host and from this machine (`lab.heal` undoes it)."""
     _require_root()
     name = _name(name, "partition")
-    inv = _inventory(c)
+    inv, root = _lab(c)
     try:
-        lab.partition(inv, name, cut=True)
+        lab.partition(inv, name, cut=True, root=root)
     except (LabError, InventoryError) as exc:
         raise _fail(exc) from None
     console.print(f"{name}: [red]partitioned[/]")
@@ -165,9 +163,9 @@ def heal(c, name):
     """Undo `lab.partition NAME`: the host's bridge port comes up again."""
     _require_root()
     name = _name(name, "heal")
-    inv = _inventory(c)
+    inv, root = _lab(c)
     try:
-        lab.partition(inv, name, cut=False)
+        lab.partition(inv, name, cut=False, root=root)
     except (LabError, InventoryError) as exc:
         raise _fail(exc) from None
     console.print(f"{name}: [green]healed[/]")

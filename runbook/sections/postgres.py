@@ -20,8 +20,6 @@ def packages(ctx: Ctx, host: Host) -> list:
     """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
     Every file is checked first (a missing one fails before anything is installed); no
     default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
-    if ctx.inventory.cluster.os != "debian12":
-        raise NotImplementedError("only debian12 hosts are automated; RHEL steps are rendered, untested")
     debs = manifest(ctx).debs()
     return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shlex
-import threading
 from pathlib import Path
 
 from runbook.core.context import Ctx
@@ -17,18 +16,12 @@ def sans(ctx: Ctx, host: Host) -> tuple[list[str], list[str]]:
     return dns, [host.address]
 
 
-_PKI_LOCK = threading.Lock()  # hosts are decided in parallel; the CA is made once, by one of them
-
-
 def cert_material(ctx: Ctx, host: Host) -> tuple[bytes, bytes, bytes, Path]:
-    """(ca.crt, host.crt, host.key, key path) from state/pki; issued on first use, reused while valid."""
-    from runbook.credentials.pki import ensure_ca, ensure_host_cert
-
+    """(ca.crt, host.crt, host.key, key path) from state/pki; issued on first use, reused while valid.
+    A dry run or an export issues nothing on disk (ctx.pki keeps what is missing in memory)."""
     dns, ips = sans(ctx, host)
-    with _PKI_LOCK:
-        ca = ensure_ca(ctx.pki_dir)
-        crt, key, _ = ensure_host_cert(ctx.pki_dir, ca, host.name, dns, ips)
-    return ca.cert_path.read_bytes(), crt.read_bytes(), key.read_bytes(), key
+    crt, key, key_path = ctx.pki.host(host.name, dns, ips)
+    return ctx.pki.ca_pem(), crt, key, key_path
 
 
 def tls_files(ctx: Ctx, host: Host, tls_dir: str, owner: str) -> list:

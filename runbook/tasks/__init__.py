@@ -7,7 +7,8 @@ from runbook.sections import section_steps
 from runbook.tasks import records
 from runbook.tasks.procedures import audit, drill, maintain
 from runbook.tasks.sections import collections
-from runbook.tasks.session import DEFAULTS, check_env, section_install
+from runbook.inventory.settings import DEFAULTS
+from runbook.tasks.session import check_env, section_install
 
 check_env()  # a bad INVOKE_RUNBOOK_* is one clear error, before invoke casts or ignores it
 ns = Collection()
@@ -18,7 +19,9 @@ ns.add_collection(drill)
 ns.collections["cluster"].add_task(audit)
 ns.collections["etcd"].add_task(maintain)
 ns.add_collection(lab_tasks.ns)
-bundle = bundle_tasks.ns
+bundle = Collection("bundle")  # a copy: adding `push` must not change runbook.bundle.tasks.ns itself
+for name, t in bundle_tasks.ns.tasks.items():
+    bundle.add_task(t, name=name)
 bundle.add_task(section_install("bundle", lambda: section_steps("bundle"),
                                 "Verify the bundle and push what each host needs to /opt/runbook-bundle."),
                 name="push")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json as jsonlib
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -32,13 +33,26 @@ def _step(name):
         raise Exit(f"error: {exc}", code=2) from None
 
 
-@task
-def status(c):
+def ledger_doc(ctx) -> dict:
+    """The ledger as data: the --json document of runbook.status (steps in run order, one record each)."""
+    steps = [s.name for s in all_steps()]
+    order = {name: i for i, name in enumerate(steps)}
+    recs = sorted(ctx.ledger.all(), key=lambda r: (order.get(r.step, len(order)), r.host))
+    return {"cluster": ctx.inventory.cluster.name, "hosts": ["local"] + ctx.inventory.names(), "steps": steps,
+            "checkpoints": [{"host": r.host, "step": r.step, "status": r.status, "mode": r.mode,
+                             "started": r.started, "finished": r.finished, "note": r.note} for r in recs]}
+
+
+@task(help={"json": "print JSON (stable keys: cluster, hosts, steps, checkpoints) instead of the table"})
+def status(c, json=False):
     """Show the ledger as a steps x hosts table (done, manual, failed, running, rolled_back)."""
     with session(c, "runbook.status", lock=False) as ctx:
-        recs = {(r.host, r.step): r.status for r in ctx.ledger.all()}
-        hosts = ["local"] + ctx.inventory.names()
-        ui.console.print(ui.status_table(all_steps(), hosts, recs))
+        doc = ledger_doc(ctx)
+        if json:
+            print(jsonlib.dumps(doc, indent=2, sort_keys=True))
+            return
+        recs = {(r["host"], r["step"]): r["status"] for r in doc["checkpoints"]}
+        ui.console.print(ui.status_table(all_steps(), doc["hosts"], recs))
 
 
 @task(help={"limit": "how many runs to show (default 10)", "run": "show the events of this run id"})

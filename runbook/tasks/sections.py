@@ -1,7 +1,9 @@
 """Section tasks (`inv etcd.install`, `inv cluster.up`, ...) and the read-only cluster views."""
 from __future__ import annotations
 
-from invoke import Collection, task
+import json as jsonlib
+
+from invoke import Collection, Task, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
@@ -10,40 +12,67 @@ from runbook.sections import all_steps, section_steps
 from runbook.tasks.session import section_install, session
 
 
-def _etcd_table(ctx) -> Table:
+JSON_HELP = "print JSON (stable keys, for scripts and logs) instead of the table"
+
+
+def etcd_doc(ctx) -> dict:
+    """etcd endpoint status as data: the --json document of etcd.status (and the table's rows)."""
     from runbook.cluster.readers import etcd_status
 
     eps, errs = etcd_status(ctx)
+    return {"endpoints": [{"endpoint": e.endpoint, "id": e.id, "version": e.version, "db_size_bytes": e.db_size,
+                           "leader": e.leader, "raft_term": e.raft_term, "raft_index": e.raft_index,
+                           "errors": list(e.errors)} for e in eps],
+            "unreachable": [{"host": host, "endpoint": f"https://{host}:2379", "error": err}
+                            for host, err in errs.items()]}
+
+
+def members_doc(ctx) -> list[dict]:
+    """The Patroni members as data (patronictl list): the "members" of cluster.status --json."""
+    from runbook.cluster.readers import members
+
+    return [{"name": m.name, "host": m.host, "role": m.role, "state": m.state, "timeline": m.timeline,
+             "lag": m.lag, "leader": m.is_leader, "streaming": m.streaming} for m in members(ctx)]
+
+
+def _etcd_table(doc: dict) -> Table:
     t = Table(title="etcd")
     for c in ("endpoint", "id", "version", "db size", "leader", "raft term", "raft index", "errors"):
         t.add_column(c)
-    for e in eps:
-        t.add_row(e.endpoint, e.id, e.version, f"{e.db_size / 1024:.0f} KiB", "[green]yes[/]" if e.leader else "no",
-                  str(e.raft_term), str(e.raft_index), ", ".join(e.errors))
-    for host, err in errs.items():
-        t.add_row(f"https://{host}:2379", "-", "-", "-", "-", "-", "-", f"[red]down: {err}[/]")
-    return t, eps, errs
+    for e in doc["endpoints"]:
+        t.add_row(e["endpoint"], e["id"], e["version"], f"{e['db_size_bytes'] / 1024:.0f} KiB",
+                  "[green]yes[/]" if e["leader"] else "no", str(e["raft_term"]), str(e["raft_index"]),
+                  ", ".join(e["errors"]))
+    for u in doc["unreachable"]:
+        t.add_row(u["endpoint"], "-", "-", "-", "-", "-", "-", f"[red]down: {u['error']}[/]")
+    return t
 
 
-def _members_table(ctx) -> Table:
-    from runbook.cluster.readers import members
-
+def _members_table(ctx, ms: list[dict]) -> Table:
     t = Table(title=f"Patroni cluster {ctx.inventory.cluster.name}")
     for c in ("member", "host", "role", "state", "timeline", "lag"):
         t.add_column(c)
-    ms = members(ctx)
     for m in ms:
-        style = "green" if m.is_leader or m.streaming else "red"
-        t.add_row(m.name, m.host, m.role, f"[{style}]{m.state}[/]", str(m.timeline or ""), str(m.lag or 0))
-    return t, ms
+        style = "green" if m["leader"] or m["streaming"] else "red"
+        t.add_row(m["name"], m["host"], m["role"], f"[{style}]{m['state']}[/]", str(m["timeline"] or ""),
+                  str(m["lag"] or 0))
+    return t
 
 
-@task
-def etcd_status(c):
+def print_json(doc: object) -> None:
+    """Plain JSON on stdout (no Rich markup, wrapping or colour), keys sorted."""
+    print(jsonlib.dumps(doc, indent=2, sort_keys=True))
+
+
+@task(help={"json": JSON_HELP})
+def etcd_status(c, json=False):
     """Show every etcd endpoint: id, version, db size, leader, raft term and index, errors (Rich table)."""
     with session(c, "etcd.status", lock=False) as ctx:
-        t, _, _ = _etcd_table(ctx)
-        ui.console.print(t)
+        doc = etcd_doc(ctx)
+        if json:
+            print_json(doc)
+        else:
+            ui.console.print(_etcd_table(doc))
 
 
 @task
@@ -72,23 +101,37 @@ def etcd_health(c):
             raise Exit(f"unhealthy etcd member(s): {', '.join(bad)}", code=1)
 
 
-@task
-def cluster_status(c):
+@task(help={"json": JSON_HELP + ": {cluster, etcd: {endpoints, unreachable}, members, error}"})
+def cluster_status(c, json=False):
     """Show the etcd endpoint table and the Patroni members (role, state, timeline, lag)."""
     with session(c, "cluster.status", lock=False) as ctx:
-        t, _, _ = _etcd_table(ctx)
-        ui.console.print(t)
+        doc: dict = {"cluster": ctx.inventory.cluster.name, "etcd": etcd_doc(ctx), "members": None, "error": None}
+        if not json:
+            ui.console.print(_etcd_table(doc["etcd"]))
         try:
-            mt, _ = _members_table(ctx)
-            ui.console.print(mt)
+            doc["members"] = members_doc(ctx)
         except RuntimeError as exc:
-            raise Exit(f"error: {exc}", code=1) from None
+            doc["error"] = str(exc)
+        if json:
+            print_json(doc)
+        elif doc["members"] is not None:
+            ui.console.print(_members_table(ctx, doc["members"]))
+        if doc["error"]:
+            raise Exit(f"error: {doc['error']}", code=1)
+
+
+def _task(t: object) -> Task:
+    """invoke's @task is typed as returning a bare Callable; it returns a Task."""
+    assert isinstance(t, Task), t
+    return t
 
 
 def section_collection(name: str, doc: str) -> Collection:
     col = Collection(name)
     # A section needs the bundle on its hosts: the (idempotent, cheap when done) push steps come first.
-    col.add_task(section_install(name, lambda: section_steps("bundle") + section_steps(name), doc),
+    # the roles it is about (etcd.names also writes /etc/hosts everywhere: not a reason to name node01)
+    roles = {s.role for s in section_steps(name) if s.role not in ("local", "all")}
+    col.add_task(section_install(name, lambda: section_steps("bundle") + section_steps(name), doc, roles),
                  name="install", default=False)
     return col
 
@@ -96,17 +139,16 @@ def section_collection(name: str, doc: str) -> Collection:
 def collections() -> list[Collection]:
     etcd = section_collection("etcd", "Install the etcd section (names, binaries, user, PKI, TLS, config, unit, "
                                       "start, ectl, existing) on the etcd hosts; resumable.")
-    etcd.add_task(etcd_status, name="status")
-    etcd.add_task(etcd_health, name="health")
+    etcd.add_task(_task(etcd_status), name="status")
+    etcd.add_task(_task(etcd_health), name="health")
     postgres = section_collection("postgres", "Install the PostgreSQL section (packages from the bundle, default "
                                               "cluster off, home, PGDATA, TLS) on the postgres hosts; resumable.")
     patroni = section_collection("patroni", "Install the Patroni section (venv, wheels, profile, config, validate, "
                                             "unit, ordered start) on the postgres hosts; resumable.")
     from runbook.tasks.procedures import reload, restart, switchover
 
-    patroni.add_task(switchover)
-    patroni.add_task(restart)
-    patroni.add_task(reload)
+    for t in (switchover, restart, reload):
+        patroni.add_task(_task(t))
     cluster = Collection("cluster")
     cluster.add_task(section_install("cluster.up", all_steps,
                                      "Run the whole runbook in order (push bundle, etcd, postgres, patroni, "

@@ -18,144 +18,53 @@ from runbook.core.engine import Quit, RunFailed, apply
 from runbook.core.ledger import Ledger, LedgerLocked
 from runbook.core.transport import SshTransport
 from runbook.errors import RunbookError
-from runbook.inventory import Inventory, InventoryError, load_inventory
+from runbook.inventory import Host, Inventory, InventoryError, load_inventory
+from runbook.inventory.settings import Settings, SettingsError, env_problems, settings_of
 
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # its tracebacks duplicate our TransportError
 
-DEFAULTS = {"inventory": "hosts.yml", "state_dir": "state", "bundle_dir": "bundle", "parallel": 16}
-# Every key the `runbook` config section may hold: the run settings above plus bundle.build's
-# (runbook/bundle/tasks.py). Anything else is a typo that invoke would silently ignore.
-BUNDLE_KEYS = ("etcd_url", "etcd_sha256", "wheel_python", "pip_index", "cache")
-ALLOWED_KEYS = tuple(sorted([*DEFAULTS, *BUNDLE_KEYS]))
-CONFIG_FILES = (("_runtime", "_runtime_path"), ("_project", "_project_path"), ("_user", "_user_path"),
-                ("_system", "_system_path"))
-
 RUN_HELP = {
     "hosts": "comma-separated host names from the inventory (default: every host of the section)",
-    "dry": "show the plan (steps x hosts) and diffs of rendered files; change nothing",
+    "dry": "show the plan (steps x hosts) and diffs of rendered files; change nothing, create nothing",
     "step": "ask before every step: yes / skip / continue-all / quit (answers are recorded)",
     "verify": "re-check done steps against reality and re-run what drifted",
 }
 
 
-def env_problems(environ=None) -> list[str]:
-    """INVOKE_RUNBOOK_* variables invoke would crash on (a non-integer PARALLEL: invoke casts it to int
-    while loading its config, before any task runs) or silently ignore (an unknown key)."""
-    environ = os.environ if environ is None else environ
-    out = []
-    for name in sorted(k for k in environ if k.startswith("INVOKE_RUNBOOK_")):
-        key = name.removeprefix("INVOKE_RUNBOOK_").lower()
-        if key not in ALLOWED_KEYS:
-            out.append(f"{name}: unknown setting{_did_you_mean(key)}; allowed: "
-                       + ", ".join(f"INVOKE_RUNBOOK_{k.upper()}" for k in ALLOWED_KEYS))
-        elif key == "parallel" and not environ[name].strip().isdigit():
-            out.append(f"{name}={environ[name]!r}: not a whole number; give how many hosts to work on at "
-                       "once, e.g. 16")
-    return out
-
-
 def check_env() -> None:
-    """Called by tasks.py while invoke loads the collection, i.e. before invoke reads the environment."""
+    """Called while invoke loads the collection, i.e. before invoke reads (and casts) the environment."""
     found = env_problems()
     if found:
         raise Exit("error: " + "\n       ".join(found), code=2)
 
 
-def _did_you_mean(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, ALLOWED_KEYS, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _origin(c, key: str | None = None) -> str:
-    """Where the runbook section (or runbook.<key>) comes from, for messages."""
-    cfg = getattr(c, "config", None)
-    if key and f"INVOKE_RUNBOOK_{key.upper()}" in os.environ:
-        return f"INVOKE_RUNBOOK_{key.upper()}"
-    for data, path in CONFIG_FILES:
-        section = (getattr(cfg, data, None) or {}).get("runbook")
-        if getattr(cfg, path, None) and isinstance(section, dict) and (key is None or key in section):
-            return str(getattr(cfg, path))
-    return "invoke config"
-
-
-def _duplicate_keys(path: str) -> list[str]:
-    """Duplicate keys in the runbook section of an invoke YAML file (invoke keeps the last silently)."""
-    import yaml
-
-    if not str(path).endswith((".yaml", ".yml")):
-        return []
+def settings(c) -> Settings:
+    """The validated `runbook` settings of this invoke run (every problem at once, exit 2)."""
     try:
-        root = yaml.compose(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return []  # invoke itself read it; nothing more to say here
-    out = []
-    for k, v in (root.value if isinstance(root, yaml.MappingNode) else []):
-        if k.value != "runbook" or not isinstance(v, yaml.MappingNode):
-            continue
-        first: dict[str, int] = {}
-        for kk, _ in v.value:
-            if kk.value in first:
-                out.append(f"{path}:{kk.start_mark.line + 1}: runbook.{kk.value}: duplicate key (first at line "
-                           f"{first[kk.value]}); invoke silently keeps the last one - delete one of them")
-            first.setdefault(kk.value, kk.start_mark.line + 1)
-    return out
+        return settings_of(c)
+    except SettingsError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
 
 
-def config_problems(c) -> list[str]:
-    """Every problem with the `runbook` config section: not a mapping, unknown or duplicate keys, parallel."""
-    cfg = c.config.get("runbook", {}) if hasattr(c, "config") else {}
-    if cfg is None:
-        return []
-    if not hasattr(cfg, "keys"):
-        return [f"{_origin(c)}: runbook: expected a mapping of settings ({', '.join(ALLOWED_KEYS)}), "
-                f"got {type(cfg).__name__}"]
-    out = []
-    for _data, path in CONFIG_FILES:
-        if getattr(getattr(c, "config", None), path, None):
-            out += _duplicate_keys(getattr(c.config, path))
-    for key in sorted(set(cfg.keys()) - set(ALLOWED_KEYS)):
-        out.append(f"{_origin(c, key)}: runbook.{key}: unknown key{_did_you_mean(key)}; allowed: "
-                   f"{', '.join(ALLOWED_KEYS)}")
-    par = cfg.get("parallel", DEFAULTS["parallel"])
-    if isinstance(par, bool) or not (isinstance(par, int) or (isinstance(par, str) and par.strip().isdigit())) \
-            or int(par) < 1:
-        out.append(f"{_origin(c, 'parallel')}: runbook.parallel = {par!r}: must be a whole number >= 1 "
-                   "(how many hosts are worked on at once within a step)")
-    for key in ("inventory", "state_dir", "bundle_dir"):
-        v = cfg.get(key, DEFAULTS[key])
-        if not isinstance(v, str) or not v.strip():
-            out.append(f"{_origin(c, key)}: runbook.{key} = {v!r}: must be a non-empty path")
-    return out
-
-
-def check_config(c) -> None:
-    found = config_problems(c)
-    if found:
-        raise Exit("error: " + "\n       ".join(found), code=2)
-
-
-def setting(c, key: str):
-    cfg = c.config.get("runbook", {}) if hasattr(c, "config") else {}
-    value = cfg.get(key, DEFAULTS[key]) if cfg is not None else DEFAULTS[key]
-    return int(value) if key == "parallel" else value
-
-
-def inventory_of(c) -> Inventory:
+def inventory_of(s: Settings) -> Inventory:
     try:
-        return load_inventory(setting(c, "inventory"))
+        return load_inventory(s.inventory)
     except InventoryError as exc:
         raise Exit(f"error: {exc}", code=2) from None
 
 
-def state_dir(c, inv: Inventory) -> Path:
-    p = Path(setting(c, "state_dir"))
-    p = p if p.is_absolute() else Path.cwd() / p
-    where = f"state dir {p} (runbook.state_dir, from {_origin(c, 'state_dir')})"
+def state_dir(s: Settings, *, create: bool) -> Path:
+    """The state dir, checked; created (0700) only by a command that records something."""
+    p = s.state_dir
+    where = f"state dir {p} ({s.origin('state_dir')})"
     if p.exists() and not p.is_dir():
         raise Exit(f"error: {where} is not a directory; point runbook.state_dir / INVOKE_RUNBOOK_STATE_DIR at a "
                    "directory (it holds the ledger, the PKI and secrets.yml)", code=2)
+    if not create:  # a view or a dry run creates nothing, but a path that could never be created is wrong
+        above = next((d for d in p.parents if d.exists()), None)
+        if above is not None and not above.is_dir():
+            raise Exit(f"error: {where} cannot be created: Not a directory ({above} is a file)", code=2)
+        return p
     try:
         p.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -169,37 +78,54 @@ def state_dir(c, inv: Inventory) -> Path:
 def _check_secrets(sd: Path) -> None:
     """A state/secrets.yml that is unsafe or malformed is refused before anything is recorded (the ledger
     masks every secret it stores, so it would trip over the file half-way)."""
-    from runbook.credentials.secrets import _load, secrets_path
+    from runbook.credentials.secrets import load_secrets, secrets_path
 
     if secrets_path(sd).exists():
-        _load(secrets_path(sd))
+        load_secrets(sd)
+
+
+def check_roles(inv: Inventory, selected: list[Host], section: str, roles: set[str]) -> None:
+    """`inv etcd.install --hosts node01`: node01 has no etcd role - said before anything else is looked at."""
+    if not roles or "all" in roles:
+        return
+    wrong = [h for h in selected if not roles & set(h.roles)]
+    if wrong:
+        want = " or ".join(sorted(roles))
+        names = ", ".join(h.name for r in sorted(roles) for h in inv.role(r))
+        raise Exit("error: --hosts: " + "; ".join(f"{h.name} has no {want} role (its roles: {', '.join(h.roles)})"
+                                                  for h in wrong)
+                   + f"; {section}.install runs on the {want} hosts of {inv.path}: {names}", code=2)
 
 
 @contextmanager
 def session(c, command: str, *, lock: bool = True, options: Options | None = None,
-            hosts: str | None = None) -> Iterator[Ctx]:
-    """Validate the inventory and --hosts first (nothing connects, nothing is recorded before that),
-    then open the ledger and take the run lock. ctx.selected holds the selected hosts."""
+            hosts: str | None = None, roles: set[str] | None = None) -> Iterator[Ctx]:
+    """Validate the settings, the inventory and --hosts first (nothing connects, nothing is written before
+    that), then open the ledger and take the run lock. ctx.selected holds the selected hosts.
+
+    Without `lock` (a dry run, export, the status views) nothing is created: no state dir, no ledger file
+    (an empty in-memory one when there is none yet), no secrets, no CA or certificate."""
     from runbook.bundle.manifest import BundleError
     from runbook.credentials.secrets import SecretsError
 
-    check_config(c)
-    inv = inventory_of(c)
+    s = settings(c)
+    inv = inventory_of(s)
     try:
         selected = inv.select(hosts)
     except InventoryError as exc:
         raise Exit(f"error: {exc}", code=2) from None
-    sd = state_dir(c, inv)
+    if hosts and roles is not None:
+        check_roles(inv, selected, command.split(".")[0], roles)
+    sd = state_dir(s, create=lock)
     try:
         _check_secrets(sd)
     except SecretsError as exc:
         raise Exit(f"error: {exc}", code=2) from None
-    bundle = Path(setting(c, "bundle_dir"))
-    ctx = Ctx(inventory=inv, transport=SshTransport(), state_dir=sd,
-              bundle_dir=bundle if bundle.is_absolute() else Path.cwd() / bundle,
-              options=options or Options(parallel=setting(c, "parallel")), selected=selected,
-              observer=ui.RichObserver())
-    ledger = Ledger(sd / f"{inv.cluster.name}.db", redact=ctx.redact)
+    ctx = Ctx(inventory=inv, transport=SshTransport(), state_dir=sd, bundle_dir=s.bundle_dir,
+              options=options or Options(parallel=s.parallel), selected=selected,
+              observer=ui.RichObserver(), read_only=not lock)
+    db = sd / f"{inv.cluster.name}.db"
+    ledger = Ledger(db if lock or db.exists() else ":memory:", redact=ctx.redact)
     ctx.ledger = ledger
     if lock:
         try:
@@ -225,7 +151,7 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
         summary = str(exc)
         hint = ""
         if isinstance(exc, BundleError) and not ctx.bundle_dir.is_dir():
-            hint = f" (runbook.bundle_dir, from {_origin(c, 'bundle_dir')})"
+            hint = f" ({s.origin('bundle_dir')})"
         raise Exit(f"error: {ctx.redact(str(exc))}{hint}", code=exc.exit_code) from None
     finally:
         ctx.transport.close()
@@ -234,16 +160,17 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
         ledger.db.conn.close()
 
 
-def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, verify: bool) -> None:
-    """Apply steps on the selected hosts with the operator modes; print plan or summary."""
-    check_config(c)
-    opts = Options(dry=dry, step=step, verify=verify, parallel=setting(c, "parallel"))
+def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, verify: bool,
+              roles: set[str] | None = None) -> None:
+    """Apply steps on the selected hosts with the operator modes; print plan or summary. `roles`: the
+    roles the section works on (a --hosts name without one of them is refused up front)."""
+    opts = Options(dry=dry, step=step, verify=verify, parallel=settings(c).parallel)
     if step and not sys.stdin.isatty() and os.environ.get("RUNBOOK_STEP_ANSWERS") is None:
         raise Exit("error: --step asks before every step and needs an interactive terminal", code=2)
     if os.environ.get("RUNBOOK_STEP_ANSWERS"):
         answers = iter(os.environ["RUNBOOK_STEP_ANSWERS"].split(","))
         opts.answer = lambda _name: next(answers, "quit")
-    with session(c, command, lock=not dry, options=opts, hosts=hosts) as ctx:
+    with session(c, command, lock=not dry, options=opts, hosts=hosts, roles=roles) as ctx:
         t0 = time.monotonic()
         report = apply(ctx, steps, ctx.selected)
         if dry:
@@ -266,11 +193,11 @@ def show_plan(ctx: Ctx, report) -> None:
         raise Exit("dry run incomplete: could not reach " + "; ".join(str(e) for e in failed.values()), code=1)
 
 
-def section_install(section_name: str, steps_fn, doc: str):
-    """An `install` task for one section (or `up` for the whole runbook)."""
+def section_install(section_name: str, steps_fn, doc: str, roles: set[str] | None = None):
+    """An `install` task for one section (or `up` for the whole runbook); `roles`: see run_steps."""
 
     def install(c, hosts=None, dry=False, step=False, verify=False):
-        run_steps(c, f"{section_name}", steps_fn(), hosts, dry, step, verify)
+        run_steps(c, f"{section_name}", steps_fn(), hosts, dry, step, verify, roles)
 
     install.__doc__ = doc
     return task(help=RUN_HELP)(install)

@@ -15,7 +15,10 @@ SCALE = float(os.environ.get("RUNBOOK_TIMEOUT_SCALE", "1"))  # slow CI: multiply
 
 
 def env(state: Path, inventory: Path | None = None) -> dict:
-    e = dict(os.environ, INVOKE_RUNBOOK_STATE_DIR=str(state), COLUMNS="160")
+    from runbook.lab.lab import lab_root
+
+    # the runbook's state is per test session; the lab (brought up by conftest) stays where it is
+    e = dict(os.environ, INVOKE_RUNBOOK_STATE_DIR=str(state), INVOKE_RUNBOOK_LAB_DIR=str(lab_root()), COLUMNS="160")
     inventory = inventory or os.environ.get("RUNBOOK_E2E_INVENTORY")  # the `lab` fixture's inventory
     if inventory:
         e["INVOKE_RUNBOOK_INVENTORY"] = str(inventory)

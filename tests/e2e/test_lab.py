@@ -61,7 +61,7 @@ def test_hosts_up_reachable_and_airgapped(lab, lab_transport):
         assert r.stdout.strip() in ("running", "degraded"), (h.name, r)
         failed = lab_transport.run(h, "systemctl --failed --plain --no-legend").stdout.split()
         assert not [u for u in failed if u.endswith(".service") and u not in HARMLESS_FAILURES], (h.name, failed)
-        init = Machine.of(lab.path, h.name).init_pid()
+        init = Machine.of(labmod.lab_root(), h.name).init_pid()
         assert f"/{CGROUP_GROUP}/{h.name}/payload/" in Path(f"/proc/{init}/cgroup").read_text()
         assert lab_transport.run(h, "hostname").stdout.strip() == h.name
         assert lab_transport.run(h, "id -u").stdout.strip() == "0"  # sudo -n as the inventory user
@@ -86,13 +86,13 @@ def test_host_keys_distinct_and_recorded(lab):
 
 def test_second_up_is_a_noop(lab):
     kh = lab.hosts[0].known_hosts
-    before = {h.name: Machine.of(lab.path, h.name).init_pid() for h in lab.hosts}
+    before = {h.name: Machine.of(labmod.lab_root(), h.name).init_pid() for h in lab.hosts}
     kh_before = (kh.read_bytes(), kh.stat().st_mtime_ns)
     t0 = time.monotonic()
     result = labmod.up(lab)
     assert time.monotonic() - t0 < 10
     assert set(result.values()) == {"up"}, result
-    assert {h.name: Machine.of(lab.path, h.name).init_pid() for h in lab.hosts} == before
+    assert {h.name: Machine.of(labmod.lab_root(), h.name).init_pid() for h in lab.hosts} == before
     assert (kh.read_bytes(), kh.stat().st_mtime_ns) == kh_before
 
 
@@ -121,7 +121,7 @@ def test_kill_then_start_keeps_the_disk(drill):
     assert t.run(h, f"echo {token} > /var/lib/lab-e2e-marker").ok
     t.close()
     assert labmod.kill(inv, h.name) == "killed"
-    m = Machine.of(inv.path, h.name)
+    m = Machine.of(labmod.lab_root(), h.name)
     assert m.init_pid() is None and m.nspawn_pid() is None and not net.netns_exists(h.name)
     assert labmod.host_state(inv, h)[0] == "off (disk kept)"
     assert not labmod.port_open(h.address, h.port, timeout=1)
@@ -157,7 +157,7 @@ def test_partition_then_heal(drill):
 def test_up_repairs_a_killed_run(drill):
     inv, t = drill
     t.close()
-    orphan, dead = Machine.of(inv.path, "d-etcd02"), Machine.of(inv.path, "d-etcd03")
+    orphan, dead = Machine.of(labmod.lab_root(), "d-etcd02"), Machine.of(labmod.lab_root(), "d-etcd03")
     os.kill(orphan.nspawn_pid(), signal.SIGKILL)  # its init lives on without nspawn
     os.kill(dead.init_pid(), signal.SIGKILL)  # leaves netns, mount and a dead pid behind
     for _ in range(50):
@@ -175,17 +175,17 @@ def test_up_repairs_a_killed_run(drill):
 def test_down_leaves_nothing(drill, lab):
     inv, t = drill
     t.close()
-    state = inv.path.parent / "state" / "lab"
+    state = labmod.lab_root()  # shared with the session lab: look at the drill hosts' own dirs
     labmod.down(inv)
     mounts = subprocess.run(["findmnt", "-rn", "-o", "TARGET"], check=False, capture_output=True, text=True).stdout
-    assert str(state) not in mounts
+    assert not [n for n in DRILL_HOSTS if str(state / "hosts" / n) in mounts]
     netns = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
     assert not [n for n in DRILL_HOSTS if n in netns.split()]
     for n in DRILL_HOSTS:
         assert not net.link_exists(net.veth_name(n))
     assert not net.link_exists("lab192-168-61")
     assert not [c for c in _nspawn_cmdlines() if any(f" -M {n} " in c for n in DRILL_HOSTS)]
-    assert not (state / "hosts").exists()
+    assert not [n for n in DRILL_HOSTS if (state / "hosts" / n).exists()]
     assert not [r for r in cgroup_roots() for n in DRILL_HOSTS if (r / CGROUP_GROUP / n).exists()]
     # the session lab on the other subnet is untouched
     assert all(labmod.host_state(lab, h)[0] == "up" for h in lab.hosts)

@@ -115,6 +115,18 @@ def test_unknown_runbook_env_var_is_refused(guard_dir, tmp_path):
             "INVOKE_RUNBOOK_STATE_DIR")
 
 
+@pytest.mark.parametrize("var,value,expect", [
+    ("INVOKE_RUNBOOK_MANIFEST_SHA256", "abc", "runbook.manifest_sha256 = 'abc': must be a sha256: 64 hex digits"),
+    ("INVOKE_RUNBOOK_DEBIAN_MIRROR", "mirror", "runbook.debian_mirror = 'mirror': must be a URL"),
+    ("INVOKE_RUNBOOK_INVENTORY", "", "runbook.inventory = '': must be a non-empty path"),
+], ids=["manifest-sha256", "debian-mirror", "empty-inventory"])
+def test_bad_runbook_env_value_is_refused(guard_dir, tmp_path, var, value, expect):
+    """Every key of the settings model can be set from the environment, and is validated there too."""
+    r = inv_run(["cluster.up", "--dry"], guard_dir, tmp_path, **{var: value})
+    refused(r, tmp_path, f"{var}: {expect}")
+    assert not (tmp_path / "state").exists()
+
+
 def test_state_dir_is_a_file(guard_dir, tmp_path):
     f = tmp_path / "state-file"
     f.write_text("not a directory\n")
@@ -141,7 +153,7 @@ def test_state_dir_not_writable(tmp_path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}
         env.update(INVOKE_RUNBOOK_INVENTORY=str(VALID), INVOKE_RUNBOOK_STATE_DIR=str(ro), NO_COLOR="1",
                    HOME=str(base), PYTHONDONTWRITEBYTECODE="1")
-        cmd = [str(INV), "runbook.status"]
+        cmd = [str(INV), "etcd.install"]  # a command that records: a view would only read
         if os.geteuid() == 0:
             if not shutil.which("setpriv"):
                 pytest.fail("needs setpriv (util-linux) to drop root")
@@ -172,10 +184,10 @@ def _config_file(tmp_path: Path, text: str) -> Path:
 def test_config_file_unknown_key(guard_dir, tmp_path):
     cfg = _config_file(tmp_path, f"runbook:\n  inventroy: {VALID}\n  paralel: 4\n")
     r = inv_run(["-f", str(cfg), "etcd.install", "--dry"], guard_dir, tmp_path)
-    out = refused(r, tmp_path, f"{cfg}: runbook.inventroy: unknown key (did you mean 'inventory'?)",
-                  f"{cfg}: runbook.paralel: unknown key (did you mean 'parallel'?)",
-                  "allowed: bundle_dir, cache, etcd_sha256, etcd_url, inventory, parallel, pip_index, state_dir, "
-                  "wheel_python")
+    out = refused(r, tmp_path, f"{cfg}:2: runbook.inventroy: unknown key (did you mean 'inventory'?)",
+                  f"{cfg}:3: runbook.paralel: unknown key (did you mean 'parallel'?)",
+                  "allowed: bundle_dir, cache, debian_mirror, etcd_sha256, etcd_url, inventory, lab_dir, "
+                  "manifest_sha256, parallel, pip_index, state_dir, wheel_python")
     assert out.count("unknown key") == 2  # every problem at once
 
 
@@ -188,13 +200,13 @@ def test_config_file_duplicate_key(guard_dir, tmp_path):
 def test_config_file_parallel_not_a_number(guard_dir, tmp_path):
     cfg = _config_file(tmp_path, "runbook:\n  parallel: many\n")
     r = inv_run(["-f", str(cfg), "cluster.up", "--dry"], guard_dir, tmp_path)
-    refused(r, tmp_path, f"{cfg}: runbook.parallel = 'many': must be a whole number >= 1")
+    refused(r, tmp_path, f"{cfg}:2: runbook.parallel = 'many': must be a whole number >= 1")
 
 
 def test_config_file_empty_state_dir(guard_dir, tmp_path):
     cfg = _config_file(tmp_path, "runbook:\n  state_dir:\n")
     r = inv_run(["-f", str(cfg), "runbook.status"], guard_dir, tmp_path, INVOKE_RUNBOOK_STATE_DIR=None)
-    refused(r, tmp_path, f"{cfg}: runbook.state_dir = None: must be a non-empty path")
+    refused(r, tmp_path, f"{cfg}:2: runbook.state_dir = None: must be a non-empty path")
 
 
 # -- the bundle: `inv cluster.up` stops at bundle.verify (local) before any host is touched ------------

@@ -68,6 +68,8 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "postgres_major_range.yml": ("cluster.postgres_major:", "11 is out of range", "12-18"),
     "etcd_version_bad.yml": ("cluster.etcd_version:", "'3.5'", "write X.Y.Z, e.g. 3.5.16"),
     "bad_os.yml": ("cluster.os:", "'ubuntu22' is not a supported OS", "'debian12', 'rhel8' or 'rhel9'"),
+    "os_rhel9.yml": ("cluster.os:", "'rhel9' is not supported yet", "use os: debian12"),
+    "nul_byte.yml": (":6: a NUL byte (0x00) at line 6, column 31", "plain text", "remove it"),
     "sudo_not_bool.yml": ("ssh.sudo:", "expected true or false", "'sometimes'"),
     "bad_fqdn.yml": ("hosts.etcd01.fqdn:", "is not a DNS name", "e.g. etcd01.example.org"),
     "not_a_mapping.yml": ("(top level): expected a mapping with keys cluster, ssh and hosts", "got a list",
