@@ -80,7 +80,7 @@ def link_info(name: str) -> dict | None:
 
 def link_is_up(name: str) -> bool:
     info = link_info(name)
-    return bool(info) and "UP" in info.get("flags", [])
+    return info is not None and "UP" in info.get("flags", [])
 
 
 def check_subnet_free(net: ipaddress.IPv4Network, bridge: str) -> None:

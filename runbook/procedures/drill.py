@@ -12,6 +12,7 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from runbook import console as ui
 from runbook.cluster.readers import Member, host_of, members, wait
@@ -78,7 +79,8 @@ class Writer:
                 conn.execute(f"INSERT INTO {TABLE} (run, seq) VALUES (%s, %s)", (self.run, seq))
             except psycopg.Error:
                 self.errors += 1
-                conn = _close(conn)
+                _close(conn)
+                conn = None
                 self._stop.wait(0.1)
                 continue
             if any("synchronous replication" in w for w in warned):
@@ -99,11 +101,15 @@ class Writer:
         return max(((b - a, b) for a, b in zip(times, times[1:], strict=False)), default=(0.0, hi))
 
 
-def _close(conn: object) -> None:
+def _close(conn: Any) -> None:
+    """Close a psycopg connection that may already be broken (a failover just killed its server)."""
+    if conn is None:
+        return None
     try:
-        conn.close() if conn is not None else None
-    except Exception:
+        conn.close()
+    except Exception:  # psycopg raises various errors on a connection whose server vanished
         pass
+    return None
 
 
 def prepare_table(ctx: Ctx, leader: Host) -> None:
@@ -125,7 +131,8 @@ def prove(ctx: Ctx, w: Writer) -> dict:
 
     def ask() -> tuple[str, set[int]]:
         with psycopg.connect(writer_dsn(ctx)) as conn:
-            addr = str(conn.execute("SELECT inet_server_addr()").fetchone()[0])
+            row = conn.execute("SELECT inet_server_addr()").fetchone()
+            addr = str(row[0]) if row else "?"
             rows = conn.execute(f"SELECT seq FROM {TABLE} WHERE run = %s", (w.run,)).fetchall()
         return addr, {r[0] for r in rows}
 
