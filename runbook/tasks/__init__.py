@@ -5,7 +5,7 @@ from runbook.bundle import tasks as bundle_tasks
 from runbook.lab import tasks as lab_tasks
 from runbook.sections import section_steps
 from runbook.tasks import records
-from runbook.tasks.procedures import audit, drill
+from runbook.tasks.procedures import audit, drill, secrets
 from runbook.tasks.sections import collections
 from runbook.tasks.session import DEFAULTS, check_env, section_install
 
@@ -15,6 +15,7 @@ for col in collections():
     ns.add_collection(col)
 ns.add_collection(records.ns)
 ns.add_collection(drill)
+ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)
 ns.add_collection(lab_tasks.ns)
 bundle = bundle_tasks.ns
