@@ -35,6 +35,7 @@ ROTATION_FILE = "secrets.rotation.yml"
 PHASES = ("generate", "alter", "commit", "configs", "verify", "done")
 PG_ROLES = ("superuser", "replication", "rewind", "admin")  # roles in PostgreSQL; restapi is Patroni's
 STEP = "secrets.rotate"
+VERIFY_TRIES, VERIFY_INTERVAL = 15, 2.0  # about 30 s for every host to apply its reload
 
 
 @dataclass
@@ -272,9 +273,16 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
     if not phase_done(ctx, rot, "verify"):
         t0 = time.time()
         lead = the_leader(ctx)
-        got = verify_logins(ctx, lead, rot)
+        # Patroni applies a reload in its next loop (loop_wait): the REST API may take the old password for
+        # a few seconds more; the verification is retried within its own bound
+        got: dict = {}
+        for _ in range(VERIFY_TRIES):
+            got = verify_logins(ctx, lead, rot)
+            problems = login_problems(rot, got)
+            if not problems:
+                break
+            time.sleep(VERIFY_INTERVAL)
         res["logins"] = {r: {"new": n, "old": o} for r, (n, o) in got.items()}
-        problems = login_problems(rot, got)
         ctx.ledger.event(lead.name, f"{STEP}.verify", "check", str(res["logins"]), 1 if problems else 0)
         if problems:
             raise ProcedureFailed("secrets.rotate: the logins do not prove the rotation:\n  " + "\n  ".join(problems)
