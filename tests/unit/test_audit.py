@@ -173,9 +173,18 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 2 + 3 * 5 + 2 * 7
+    assert len(checks) == 2 + 3 * 5 + 2 * 8
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
+
+
+def test_run_audit_reports_a_left_bootstrap_script(ctx):
+    _state(ctx)
+    _lab_answers(ctx)
+    ctx.transport.on(r"^test ! -e /etc/patroni/post_bootstrap.sh", lambda h, c: 1 if h.name == "node01" else 0)
+    found = [(c.host, p) for c in a.run_audit(ctx) for p in c.problems]
+    assert found == [("node01", "/etc/patroni/post_bootstrap.sh is still there (an older runbook left it with the "
+                                "admin password); `inv cluster.up` removes it (patroni.config)")]
 
 
 def test_run_audit_reports_a_bad_mode_a_leak_and_an_unreachable_host(ctx):
