@@ -35,6 +35,8 @@ ROTATION_FILE = "secrets.rotation.yml"
 PHASES = ("generate", "alter", "commit", "configs", "verify", "done")
 PG_ROLES = ("superuser", "replication", "rewind", "admin")  # roles in PostgreSQL; restapi is Patroni's
 STEP = "secrets.rotate"
+IRREVERSIBLE = {"alter": " (irreversible: the old passwords stop working on the cluster)",
+                "done": " (irreversible: the old passwords are forgotten)"}
 VERIFY_TRIES, VERIFY_INTERVAL = 15, 2.0  # about 30 s for every host to apply its reload
 
 
@@ -217,9 +219,9 @@ def plan(ctx: Ctx, role: str | None) -> list[str]:
         roles = pick_roles(role)
         lead = the_leader(ctx)
         return [f"a new rotation of {', '.join(roles)}; leader {lead.name}"] + \
-            [f"{p}: will run" for p in PHASES]
+            [f"{p}: will run{IRREVERSIBLE.get(p, '')}" for p in PHASES]
     return [f"resume rotation {rot.id} of {', '.join(rot.roles)}"] + \
-        [f"{p}: {'done' if phase_done(ctx, rot, p) else 'will run'}" for p in PHASES]
+        [f"{p}: {'done' if phase_done(ctx, rot, p) else 'will run' + IRREVERSIBLE.get(p, '')}" for p in PHASES]
 
 
 def rotate(ctx: Ctx, role: str | None) -> dict:

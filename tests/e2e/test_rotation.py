@@ -19,7 +19,7 @@ import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from helpers import inv
+from helpers import inv, kill_when
 
 from runbook.cluster.readers import members, wait
 from runbook.core.context import Ctx
@@ -121,6 +121,22 @@ def test_rotate_every_password_after_a_switchover_under_a_writer(rig):
     assert not (state / "secrets.rotation.yml").exists()
     journal = inv(state, "cluster.audit", check=False)
     assert journal.returncode == 0, journal.stdout[-3000:]  # no secret in logs, journal or ledger
+
+
+def test_rotation_killed_after_the_alter_resumes_with_the_same_password(rig):
+    inventory, state, ctx = rig
+    kill_when(state, ["secrets.rotate", "--role", "admin"],
+              "select 1 from checkpoints where step = 'secrets.rotate.alter' and status = 'done'", budget=300)
+    pending = yaml.safe_load((state / "secrets.rotation.yml").read_text())["roles"]["admin"]
+    ctx._secrets = None
+    user = ctx.secrets["admin"]["username"]
+    assert _login(ctx, user, pending["new"]) == "ok"  # applied on the cluster, before any config has it
+    assert _login(ctx, user, pending["old"]) == "refused"
+    out = inv(state, "secrets.rotate", timeout=600).stdout
+    assert "resuming rotation" in out and "✓ alter" not in out  # the ALTER is not repeated
+    assert _passwords(state)["admin"] == pending["new"]  # not generated again
+    assert not (state / "secrets.rotation.yml").exists()
+    print(f"\nkilled after the alter, resumed: {out.strip().splitlines()[-1]}")
 
 
 # -- certificates ---------------------------------------------------------------------------------
