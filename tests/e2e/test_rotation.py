@@ -126,7 +126,8 @@ def test_rotate_every_password_after_a_switchover_under_a_writer(rig):
 def test_rotation_killed_after_the_alter_resumes_with_the_same_password(rig):
     inventory, state, ctx = rig
     kill_when(state, ["secrets.rotate", "--role", "admin"],
-              "select 1 from checkpoints where step = 'secrets.rotate.alter' and status = 'done'", budget=300)
+              "select 1 from checkpoints c join runs r on r.id = c.run_id where c.step = 'secrets.rotate.alter' "
+              "and c.status = 'done' and r.command = 'secrets.rotate' and r.outcome = 'running'", budget=300)
     pending = yaml.safe_load((state / "secrets.rotation.yml").read_text())["roles"]["admin"]
     ctx._secrets = None
     user = ctx.secrets["admin"]["username"]
