@@ -108,13 +108,14 @@ def the_leader(ctx: Ctx) -> Host:
     try:
         ms = members(ctx)
     except RuntimeError as exc:
-        raise ProcedureFailed(f"secrets.rotate refused: Patroni did not answer ({exc}); nothing was changed", 1) \
-            from None
+        raise ProcedureFailed(f"secrets.rotate stopped: Patroni did not answer ({exc}); run it again when it does "
+                              "(a rotation in progress resumes with its own passwords)", 1) from None
     leaders = [m for m in ms if m.is_leader]
     if len(leaders) != 1:
         now = ", ".join(f"{m.name}={m.role}/{m.state}" for m in ms) or "no members"
         raise ProcedureFailed(f"secrets.rotate refused: no running leader ({now}); the passwords change on the "
-                              "leader first. Bring the cluster back (`inv cluster.status`), then run it again", 1)
+                              "leader first. Bring the cluster back (`inv cluster.status`), then run it again (a "
+                              "rotation in progress resumes with its own passwords)", 1)
     return host_of(ctx, leaders[0].name)
 
 

@@ -68,7 +68,7 @@ def serve_new_cert(host: Host, crt: str, unit: str, reload: str | None, ports: l
     lines = [
         "fp() { openssl x509 -noout -fingerprint -sha256 2>/dev/null | cut -d= -f2; }",
         'served() { case $1 in *:*) o="-starttls ${1#*:}";; *) o="";; esac; '
-        f"openssl s_client $o -connect {host.address}:${{1%%:*}} </dev/null 2>/dev/null | fp; }}",
+        f"timeout 5 openssl s_client $o -connect {host.address}:${{1%%:*}} </dev/null 2>/dev/null | fp; }}",
         f'show() {{ for p in {specs}; do s=$(served $p); echo "  {host.address}:${{p%%:*}} serves ${{s:-nothing}}"; '
         "done; }",
         f"systemctl is-active -q {unit} || {{ echo '{unit} is not running: nothing to reload'; exit 0; }}",
