@@ -193,7 +193,7 @@ def etcd_rules(ctx: Ctx) -> list[Rule]:
 def patroni_rules(ctx: Ctx) -> list[Rule]:
     p = ctx.paths
     return [Rule(p.patroni_tls_dir, "0750", "postgres"), Rule(f"{p.patroni_tls_dir}/*.key", "0600", "postgres"),
-            Rule(p.patroni_conf, "0600", "postgres"), Rule(p.post_bootstrap, "0700", "postgres")]
+            Rule(p.patroni_conf, "0600", "postgres")]
 
 
 def audit_etcd(ctx: Ctx, h: Host) -> list[Check]:
@@ -228,8 +228,12 @@ def audit_postgres(ctx: Ctx, h: Host) -> list[Check]:
                "coalesce(address, ''), coalesce(auth_method, ''), coalesce(error, '') from pg_hba_file_rules")
     hba = run(psql(ctx, f"-tA -F '|' -c {shlex.quote(hba_sql)}"), user="postgres")
     ssl_on = run(psql(ctx, "-tAc 'show ssl'"), user="postgres")
-    return [Check(h.name, "Patroni key, TLS dir, config, post_bootstrap modes",
+    leftover = run(f"test ! -e {p.post_bootstrap}")
+    return [Check(h.name, "Patroni key, TLS dir, config modes",
                   check_modes(run(_stat_cmd(patroni_rules(ctx))).stdout, patroni_rules(ctx))),
+            Check(h.name, "no post_bootstrap script left after the bootstrap",
+                  [] if leftover.ok else [f"{p.post_bootstrap} is still there (an older runbook left it with the "
+                                          "admin password); `inv cluster.up` removes it (patroni.config)"]),
             Check(h.name, "REST API verify_client required",
                   check_verify_client(run(f"grep -E '^ *verify_client:' {p.patroni_conf}").stdout)),
             Check(h.name, "REST API refuses unauthenticated POST / no client cert",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass
 
 from runbook import console as ui
 from runbook.cluster.readers import Member, host_of, members, wait
@@ -55,17 +56,64 @@ def prechecks(ctx: Ctx, ms: list[Member], candidate: str | None) -> tuple[Member
     return (leaders[0] if leaders else None), cand, problems
 
 
-def _write_ok(ctx: Ctx, member: str) -> bool:
+@dataclass(frozen=True)
+class Bounds:
+    """The post-check's budgets (seconds): each wait has its own, each try is much shorter than its wait."""
+
+    leader: float = 60  # the candidate is the Patroni leader
+    writable: float = 30  # ... and takes a local write transaction
+    try_s: float = 10  # one psql try
+    old_leader: float = 120  # the old leader streams from the new one
+    sync: float = 60  # a sync standby is named again
+    interval: float = 0.5
+
+
+# pg_current_xact_id() assigns a transaction id: it fails in recovery and, committed with
+# synchronous_commit = local, writes a commit record without waiting for any standby (the old leader
+# may still be restarting) and without creating anything in a user database.
+WRITABLE_SQL = "SET synchronous_commit TO local; SET statement_timeout TO '5s'; " \
+               "SELECT pg_is_in_recovery(), pg_current_xact_id();"
+
+
+def writable(ctx: Ctx, member: str, try_s: float = 10) -> bool:
+    """True when the member's PostgreSQL is out of recovery and commits a transaction locally."""
     from runbook.cluster.commands import psql
 
-    sql = ("CREATE TABLE IF NOT EXISTS runbook_verify (token text primary key, at timestamptz default now()); "
-           f"INSERT INTO runbook_verify (token) VALUES ('switchover-{time.time_ns()}');")
-    r = ctx.transport.run(host_of(ctx, member), psql(ctx, f"-v ON_ERROR_STOP=1 -c {shlex.quote(sql)}"),
-                          user="postgres", timeout=30)
-    return r.ok
+    r = ctx.transport.run(host_of(ctx, member), psql(ctx, f"-tA -v ON_ERROR_STOP=1 -c {shlex.quote(WRITABLE_SQL)}"),
+                          user="postgres", timeout=try_s)
+    return r.ok and committed_locally(r.stdout)
 
 
-def do_switchover(ctx: Ctx, candidate: str | None) -> dict:
+def committed_locally(out: str) -> bool:
+    """psql -tA output of WRITABLE_SQL: 'f|<xid>' = not in recovery and a transaction id was assigned."""
+    last = out.strip().splitlines()[-1:]
+    return bool(last) and last[0].startswith("f|") and last[0][2:].isdigit()
+
+
+def postcheck(ctx: Ctx, lead: Member, cand: Member, t0: float, bounds: Bounds = Bounds()) -> dict:
+    """After the switchover command: the candidate leads and writes locally, then (own bound) the old leader
+    streams, then a sync standby is named again. Raises ProcedureFailed naming the check that timed out."""
+    iv = bounds.interval
+    if not wait(lambda: any(m.name == cand.name and m.is_leader for m in members(ctx)), bounds.leader, iv):
+        raise ProcedureFailed(f"post-check failed: {cand.name} is not the running leader {bounds.leader:.0f} s after "
+                              "the switchover; see `inv cluster.status`", 1)
+    if not wait(lambda: writable(ctx, cand.name, bounds.try_s), bounds.writable, iv):
+        raise ProcedureFailed(f"post-check failed: {cand.name} leads but did not commit a local write transaction "
+                              f"within {bounds.writable:.0f} s (still in recovery?); see `inv cluster.status`", 1)
+    t_write = time.monotonic() - t0
+    if not wait(lambda: any(m.name == lead.name and m.streaming for m in members(ctx)), bounds.old_leader, iv):
+        raise ProcedureFailed(f"post-check failed: the switchover to {cand.name} succeeded (it leads and writes), "
+                              f"but the old leader {lead.name} is not streaming after {bounds.old_leader:.0f} s; "
+                              "see `inv cluster.status` and its Patroni log", 1)
+    t_back = time.monotonic() - t0
+    # synchronous_mode: the cluster is only as safe as before once a sync standby is named again
+    if not wait(lambda: any(m.role == "Sync Standby" and m.streaming for m in members(ctx)), bounds.sync, iv):
+        raise ProcedureFailed(f"post-check failed: the switchover to {cand.name} succeeded, but no sync standby "
+                              f"{bounds.sync:.0f} s later", 1)
+    return {"writable_s": round(t_write, 2), "old_leader_streaming_s": round(t_back, 2)}
+
+
+def do_switchover(ctx: Ctx, candidate: str | None, bounds: Bounds = Bounds()) -> dict:
     from runbook.cluster.commands import patronictl
 
     ms = members(ctx)
@@ -82,19 +130,7 @@ def do_switchover(ctx: Ctx, candidate: str | None) -> dict:
                      r.stdout, r.stderr, round(t_cmd, 3))
     if not r.ok:
         raise ProcedureFailed(f"patronictl switchover failed on {lh.name}: {r.stderr.strip() or r.stdout.strip()}", 1)
-    new = wait(lambda: any(m.name == cand.name and m.is_leader for m in members(ctx)), 60, 0.5)
-    if not new or not wait(lambda: _write_ok(ctx, cand.name), 30, 0.5):
-        raise ProcedureFailed(f"post-check failed: {cand.name} is not a leader accepting writes after 60 s", 1)
-    t_write = time.monotonic() - t0
-    back = wait(lambda: any(m.name == lead.name and m.streaming for m in members(ctx)), 120, 1)
-    t_back = time.monotonic() - t0
-    if not back:
-        raise ProcedureFailed(f"post-check failed: the old leader {lead.name} is not streaming after 120 s", 1)
-    # synchronous_mode: the cluster is only as safe as before once a sync standby is named again
-    if not wait(lambda: any(m.role == "Sync Standby" and m.streaming for m in members(ctx)), 60, 1):
-        raise ProcedureFailed("post-check failed: no sync standby 60 s after the switchover", 1)
-    res = {"from": lead.name, "to": cand.name, "command_s": round(t_cmd, 2), "writable_s": round(t_write, 2),
-           "old_leader_streaming_s": round(t_back, 2)}
+    res = {"from": lead.name, "to": cand.name, "command_s": round(t_cmd, 2), **postcheck(ctx, lead, cand, t0, bounds)}
     ctx.ledger.event(lh.name, "patroni.switchover", "result", str(res), 0)
     return res
 

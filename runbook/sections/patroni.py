@@ -97,8 +97,9 @@ def config(ctx: Ctx, host: Host) -> list:
     return [Run(f"install -d -m 0750 -o postgres -g postgres {conf_dir}"),
             template("patroni/config.yml.j2", ctx.paths.patroni_conf, c, mode="0600", owner="postgres",
                      secret=True),
-            template("patroni/post_bootstrap.sh.j2", ctx.paths.post_bootstrap, c, mode="0700", owner="postgres",
-                     secret=True),
+            # the bootstrap step brings the post_bootstrap script for its one start; a copy an older
+            # runbook left on every host (with the admin password in it) goes
+            Run(f"rm -f {ctx.paths.post_bootstrap}"),
             Run("systemctl reload patroni 2>/dev/null || true")]
 
 
@@ -156,14 +157,21 @@ def _unit_undo(ctx: Ctx, host: Host) -> list:
 @section.step("bootstrap", role="postgres", only=bootstrap_host)
 def bootstrap(ctx: Ctx, host: Host) -> list:
     """Start the first node: Patroni initialises the cluster; bounded wait until it is the leader
-    (or, re-applied after a rollback while the other node took over, until it streams from it)"""
-    return [Run("systemctl start patroni"),
-            Run(wait_for(member_ok(ctx, host), 180, 2), user="postgres", timeout=240)]
+    (or, re-applied after a rollback while the other node took over, until it streams from it)
+    The post_bootstrap script (creates the admin role, no password in it: patroni.roles sets it) is
+    there for this start only and removed once the node runs; the check wants it gone too."""
+    pb = ctx.paths.post_bootstrap
+    script = template("patroni/post_bootstrap.sh.j2", pb, pctx(ctx, host)).content
+    return [Run(f"install -m 0700 -o postgres -g postgres /dev/stdin {pb}", stdin=script),
+            Run("systemctl start patroni"),
+            Run(wait_for(member_ok(ctx, host), 180, 2), user="postgres", timeout=240),
+            Run(f"rm -f {pb}")]
 
 
 @bootstrap.check
 def _bootstrap_check(ctx: Ctx, host: Host) -> str:
-    return f"systemctl is-active -q patroni && sudo -u postgres sh -c {shlex.quote(member_ok(ctx, host))}"
+    return f"systemctl is-active -q patroni && sudo -u postgres sh -c {shlex.quote(member_ok(ctx, host))} " \
+           f"&& test ! -e {ctx.paths.post_bootstrap}"
 
 
 @bootstrap.undo
@@ -171,10 +179,33 @@ def _bootstrap_undo(ctx: Ctx, host: Host) -> list:
     return [Run("systemctl stop patroni")]
 
 
+# A session that sets passwords: no statement in the server log, not even with an error (an ALTER ROLE
+# that fails would otherwise be logged with its PASSWORD literal at log_min_error_statement = error).
+NO_LOG_SQL = ("SET log_statement TO 'none';", "SET log_min_error_statement TO 'panic';",
+              "SET log_min_duration_statement TO -1;")
+
+
+def current_leader(ctx: Ctx, hosts: list[Host]) -> list[Host]:
+    """The Patroni leader once the cluster is initialised (asked through patronictl), else the bootstrap
+    host. When no leader answers, the bootstrap host too: the roles step then refuses there, clearly."""
+    from runbook.cluster.readers import leader
+
+    first = ctx.inventory.postgres[0]
+    rec = ctx.ledger.get(first.name, "patroni.bootstrap") if ctx.ledger is not None else None
+    if rec is None or rec.status not in ("done", "manual"):
+        return bootstrap_host(ctx, hosts)
+    try:
+        lead = leader(ctx)
+    except RuntimeError:  # no postgres host answered patronictl list
+        lead = None
+    name = lead.name if lead else first.name
+    return [h for h in hosts if h.name == name]
+
+
 def roles_sql(ctx: Ctx) -> bytes:
     """Create or re-key the roles the bootstrap creates; repairs a bootstrap interrupted before them."""
     s = ctx.secrets
-    out = ["SET log_statement TO 'none';", "SET synchronous_commit TO 'local';"]
+    out = [*NO_LOG_SQL, "SET synchronous_commit TO 'local';"]
     for key, attrs in (("replication", "REPLICATION LOGIN"), ("rewind", "LOGIN"), ("admin", "LOGIN CREATEDB")):
         u, p = s[key]["username"], s[key]["password"]
         out.append(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{u}') THEN "
@@ -187,14 +218,18 @@ def roles_sql(ctx: Ctx) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-@section.step("roles", role="postgres", only=bootstrap_host)
+@section.step("roles", role="postgres", only=current_leader)
 def roles(ctx: Ctx, host: Host) -> list:
-    """Roles: replication, rewind and admin roles exist with their passwords (on the primary)
+    """Roles: replication, rewind and admin roles exist with their passwords (on the current leader)
     Patroni creates them during bootstrap; a bootstrap interrupted before that left a cluster
-    without them and replicas failing forever: this step detects and repairs it."""
+    without them and replicas failing forever: this step detects and repairs it. It runs on the
+    leader Patroni names (the first host before the cluster exists) and fails on a replica."""
     in_recovery = psql(ctx, "-tAc 'select pg_is_in_recovery()'")
     apply_sql = psql(ctx, "-v ON_ERROR_STOP=1 -f -")
-    return [Run(f'if [ "$({in_recovery})" = f ]; then {apply_sql}; fi', user="postgres", stdin=roles_sql(ctx))]
+    refuse = (f"echo '{host.name} is not a running primary: roles change on the leader only; run again when "
+              "`inv cluster.status` shows a leader' >&2; exit 1")
+    return [Run(f'if [ "$({in_recovery})" = f ]; then {apply_sql}; else {refuse}; fi', user="postgres",
+                stdin=roles_sql(ctx))]
 
 
 @roles.check

@@ -2,12 +2,12 @@
 from invoke import Collection
 
 from runbook.bundle import tasks as bundle_tasks
+from runbook.inventory.settings import DEFAULTS
 from runbook.lab import tasks as lab_tasks
 from runbook.sections import section_steps
 from runbook.tasks import records
-from runbook.tasks.procedures import audit, drill, maintain
+from runbook.tasks.procedures import audit, drill, maintain, secrets
 from runbook.tasks.sections import collections
-from runbook.inventory.settings import DEFAULTS
 from runbook.tasks.session import check_env, section_install
 
 check_env()  # a bad INVOKE_RUNBOOK_* is one clear error, before invoke casts or ignores it
@@ -16,6 +16,7 @@ for col in collections():
     ns.add_collection(col)
 ns.add_collection(records.ns)
 ns.add_collection(drill)
+ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)
 ns.collections["etcd"].add_task(maintain)
 ns.add_collection(lab_tasks.ns)

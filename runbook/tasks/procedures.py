@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
@@ -163,3 +164,29 @@ def drill_switchover(c, count=2):
 drill = Collection("drill")
 drill.add_task(drill_failover, name="failover")
 drill.add_task(drill_switchover, name="switchover")
+
+
+# -- secrets.rotate (password rotation) ---------------------------------------------------------
+@task(help={"role": "rotate only this one: superuser, replication, rewind, admin or restapi (default: all)",
+            "dry": "say what would be done (leader, roles, phases already done); change and generate nothing"})
+def rotate(c, role=None, dry=False):
+    """Rotate passwords: new ones changed on the current leader first (superuser included), then the Patroni
+    configs re-rendered and reloaded on every host, then a TLS login proves each new password (and that the
+    old one is refused). Resumable: a run after a failure finishes the same rotation with the same passwords."""
+    from runbook.procedures.secrets_rotate import plan
+    from runbook.procedures.secrets_rotate import rotate as do_rotate
+
+    with session(c, "secrets.rotate", lock=not dry) as ctx:
+        if dry:
+            for line in plan(ctx, role):
+                ui.console.print(f"  {line}")
+            ui.console.print("dry run: nothing changed, nothing generated")
+            return
+        t0 = time.monotonic()
+        res = do_rotate(ctx, role)
+        ui.console.print(f"[bold green]✓[/] secrets.rotate {res['rotation']}: {', '.join(res['roles'])} rotated on "
+                         f"the leader {res['leader']} in {time.monotonic() - t0:.1f}s")
+
+
+secrets = Collection("secrets")
+secrets.add_task(rotate)

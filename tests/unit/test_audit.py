@@ -15,7 +15,7 @@ from runbook.procedures.drill import Writer, rewind_verdict
 
 ETCD_STAT = "/etc/etcd/tls|750|etcd\n/etc/etcd/tls/a-etcd01.key|600|etcd\n"
 PATRONI_STAT = ("/opt/patroni/.tls|750|postgres\n/opt/patroni/.tls/a-node01.key|600|postgres\n"
-                "/etc/patroni/config.yml|600|postgres\n/etc/patroni/post_bootstrap.sh|700|postgres\n")
+                "/etc/patroni/config.yml|600|postgres\n")
 HBA = """3|local|all|all||peer|
 4|hostnossl|all|all|0.0.0.0|reject|
 5|hostnossl|replication|all|0.0.0.0|reject|
@@ -48,10 +48,8 @@ def test_modes_wrong_mode_owner_and_missing():
 
 def test_patroni_rules_on_captured_stat(ctx):
     assert a.check_modes(PATRONI_STAT, a.patroni_rules(ctx)) == []
-    bad = PATRONI_STAT.replace("config.yml|600", "config.yml|644").replace("bootstrap.sh|700", "bootstrap.sh|755")
-    assert a.check_modes(bad, a.patroni_rules(ctx)) == ["/etc/patroni/config.yml is 0644 postgres, want 0600 postgres",
-                                                        "/etc/patroni/post_bootstrap.sh is 0755 postgres, want 0700 "
-                                                        "postgres"]
+    bad = PATRONI_STAT.replace("config.yml|600", "config.yml|644")
+    assert a.check_modes(bad, a.patroni_rules(ctx)) == ["/etc/patroni/config.yml is 0644 postgres, want 0600 postgres"]
 
 
 def test_local_mode(tmp_path):
@@ -183,9 +181,18 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 2 + 3 * (5 + 3) + 2 * (7 + 1)  # security + capacity checks per etcd / postgres host
+    assert len(checks) == 2 + 3 * (5 + 3) + 2 * (8 + 1)  # security + capacity checks per etcd / postgres host
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
+
+
+def test_run_audit_reports_a_left_bootstrap_script(ctx):
+    _state(ctx)
+    _lab_answers(ctx)
+    ctx.transport.on(r"^test ! -e /etc/patroni/post_bootstrap.sh", lambda h, c: 1 if h.name == "node01" else 0)
+    found = [(c.host, p) for c in a.run_audit(ctx) for p in c.problems]
+    assert found == [("node01", "/etc/patroni/post_bootstrap.sh is still there (an older runbook left it with the "
+                                "admin password); `inv cluster.up` removes it (patroni.config)")]
 
 
 def test_run_audit_reports_a_bad_mode_a_leak_and_an_unreachable_host(ctx):

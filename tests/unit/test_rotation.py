@@ -1,0 +1,156 @@
+"""secrets.rotate and the roles step on the fake transport: the current leader first, before any config has
+the new password; resumable without a second password; no secret in argv or the ledger; refused without
+a leader. The bootstrap script: no password, there for the first start only."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from runbook.core.engine import apply, decide
+from runbook.credentials.secrets import ensure_secrets
+from runbook.errors import ProcedureFailed
+from runbook.procedures import secrets_rotate as sr
+from runbook.sections.patroni import bootstrap, config, current_leader, roles, roles_sql
+
+SWITCHED = [{"Member": "patroni_node02", "Host": "node02", "Role": "Leader", "State": "running", "TL": 2},
+            {"Member": "patroni_node01", "Host": "node01", "Role": "Sync Standby", "State": "streaming", "TL": 2}]
+NO_LEADER = [{"Member": "patroni_node02", "Host": "node02", "Role": "Replica", "State": "running", "TL": 2},
+             {"Member": "patroni_node01", "Host": "node01", "Role": "Replica", "State": "stopped", "TL": 2}]
+ALL_OK = "superuser|ok|refused\nreplication|ok|refused\nrewind|ok|refused\nadmin|ok|refused\n"
+
+
+@pytest.fixture
+def cluster(ctx):
+    """A cluster whose leader is node02 (after a switchover), bootstrapped on node01 (recorded)."""
+    t = ctx.transport
+    t.on(r"list -f json", (0, json.dumps(SWITCHED)))
+    t.on(r"^sh -s$", (0, ALL_OK))
+    t.on(r"/bin/python -c", (0, "restapi|ok|refused\n"))
+    ctx.ledger.set("node01", "patroni.bootstrap", "done", fingerprint="x")
+    apply(ctx, [config], ctx.inventory.postgres)  # the configs as cluster.up left them
+    return t
+
+
+def configs_with(t, password: str) -> list[str]:
+    return [h for (h, path), (content, _, _) in t.files.items()
+            if path == "/etc/patroni/config.yml" and password.encode() in content]
+
+
+def test_rotation_changes_the_leader_first_then_the_configs(ctx, cluster):
+    old = {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()}
+    seen = {}
+
+    def alter(host, cmd):  # at the moment of the ALTER: which configs already carry a new password?
+        rot = sr.load_rotation(ctx.state_dir)
+        seen["host"], seen["configs"] = host.name, [h for v in rot.roles.values() for h in configs_with(cluster,
+                                                                                                       v["new"])]
+        return 0
+    cluster.on(r"psql .* -v ON_ERROR_STOP=1 -f -$", alter)
+    res = sr.rotate(ctx, None)
+    assert res["leader"] == "node02" and seen == {"host": "node02", "configs": []}
+    new = {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()}
+    assert set(new) == set(old) and all(new[k] != old[k] for k in old)  # superuser and restapi included
+    assert sorted(configs_with(cluster, new["superuser"])) == ["node01", "node02"]
+    assert not sr.rotation_path(ctx.state_dir).exists()
+    argv = "\n".join(cluster.commands())
+    dump = "\n".join(ctx.ledger.db.conn.iterdump())
+    for pw in [*old.values(), *new.values()]:
+        assert pw not in argv and pw not in dump
+    phases = {r.step: r.status for r in ctx.ledger.all() if r.host == "local"}
+    assert phases == {f"secrets.rotate.{p}": "done" for p in sr.PHASES}
+
+
+def test_one_role_only(ctx, cluster):
+    old = ensure_secrets(ctx.state_dir)
+    res = sr.rotate(ctx, "replication")
+    new = ensure_secrets(ctx.state_dir)
+    assert res["roles"] == ["replication"] and new["replication"] != old["replication"]
+    assert {k: v for k, v in new.items() if k != "replication"} == {k: v for k, v in old.items() if k != "replication"}
+    with pytest.raises(ProcedureFailed, match="--role replicator: unknown; one of superuser, replication"):
+        sr.rotate(ctx, "replicator")
+
+
+def test_refused_without_a_leader_and_nothing_generated(ctx, cluster):
+    before = sr.secrets_path(ctx.state_dir).read_text()
+    cluster.on(r"list -f json", (0, json.dumps(NO_LEADER)))
+    with pytest.raises(ProcedureFailed, match="no running leader .*patroni_node02=Replica/running"):
+        sr.rotate(ctx, None)
+    assert not sr.rotation_path(ctx.state_dir).exists()
+    assert sr.secrets_path(ctx.state_dir).read_text() == before
+
+
+def test_a_resumed_run_keeps_the_applied_passwords(ctx, cluster, monkeypatch):
+    monkeypatch.setattr(sr, "VERIFY_TRIES", 1)
+    monkeypatch.setattr(sr, "VERIFY_INTERVAL", 0)
+    cluster.on(r"/bin/python -c", (0, "restapi|refused|ok\n"))  # the REST API has not reloaded yet
+    with pytest.raises(ProcedureFailed, match="restapi .*the new password does not log in"):
+        sr.rotate(ctx, None)
+    first = sr.load_rotation(ctx.state_dir)
+    assert first is not None
+    with pytest.raises(ProcedureFailed, match="a rotation of superuser, .* is in progress"):
+        sr.rotate(ctx, "admin")
+    alters = len([c for c in cluster.commands("node02") if c.endswith("-f -")])
+    cluster.on(r"/bin/python -c", (0, "restapi|ok|refused\n"))
+    res = sr.rotate(ctx, None)
+    assert res["rotation"] == first.id
+    assert {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()} == \
+        {k: v["new"] for k, v in first.roles.items()}
+    assert len([c for c in cluster.commands("node02") if c.endswith("-f -")]) == alters  # no ALTER again
+
+
+def test_alter_sql_logs_nothing_even_on_error():
+    rot = sr.Rotation("x", {r: {"username": u, "old": "o" * 20, "new": "n" * 20} for r, u in
+                            (("superuser", "postgres"), ("admin", "admin"), ("restapi", "patroni"))})
+    sql = sr.alter_sql(rot).decode().splitlines()
+    first_alter = next(i for i, s in enumerate(sql) if s.startswith("ALTER"))
+    assert {"SET log_statement TO 'none';", "SET log_min_error_statement TO 'panic';"} <= set(sql[:first_alter])
+    assert [s.split('"')[1] for s in sql if s.startswith("ALTER")] == ["postgres", "admin"]  # restapi: no role
+
+
+def test_login_problems_need_new_ok_and_old_refused():
+    rot = sr.Rotation("x", {"admin": {"username": "admin", "old": "a" * 20, "new": "b" * 20}})
+    assert sr.login_problems(rot, sr.parse_logins("admin|ok|refused\n")) == []
+    assert sr.login_problems(rot, sr.parse_logins("admin|ok|ok\n")) == [
+        "admin (admin): the old password is not refused: ok"]
+    assert sr.login_problems(rot, {}) == ["admin (admin): the new password does not log in: no answer",
+                                          "admin (admin): the old password is not refused: no answer"]
+
+
+def test_roles_step_follows_the_leader(ctx, inv):
+    ctx.transport.on(r"list -f json", (0, json.dumps(SWITCHED)))
+    assert [h.name for h in current_leader(ctx, inv.postgres)] == ["node01"]  # before the bootstrap: first host
+    assert ctx.transport.calls == []  # ... without asking anything (dry runs of a fresh install)
+    ctx.ledger.set("node01", "patroni.bootstrap", "done", fingerprint="x")
+    assert [h.name for h in current_leader(ctx, inv.postgres)] == ["node02"]
+    ctx.transport.on(r"list -f json", (0, json.dumps(NO_LEADER)))
+    assert [h.name for h in current_leader(ctx, inv.postgres)] == ["node01"]
+    cmd = roles.actions_fn(ctx, inv.get("node01"))[0].cmd
+    assert "else echo 'node01 is not a running primary" in cmd and cmd.endswith("exit 1; fi")  # not silently done
+    assert b"SET log_min_error_statement TO 'panic';" in roles_sql(ctx)
+
+
+def test_bootstrap_script_is_put_for_the_first_start_only(ctx, inv):
+    secrets = ensure_secrets(ctx.state_dir)
+    node01 = inv.get("node01")
+    assert not [a for a in config.actions_fn(ctx, node01) if getattr(a, "path", "") == ctx.paths.post_bootstrap]
+    assert f"rm -f {ctx.paths.post_bootstrap}" in [getattr(a, "cmd", "") for a in config.actions_fn(ctx, node01)]
+    acts = bootstrap.actions_fn(ctx, node01)
+    assert acts[0].cmd.endswith(f"/dev/stdin {ctx.paths.post_bootstrap}") and acts[0].stdin.startswith(b"#!/bin/sh")
+    assert acts[1].cmd == "systemctl start patroni" and acts[-1].cmd == f"rm -f {ctx.paths.post_bootstrap}"
+    assert not [v for v in secrets.values() if v["password"].encode() in acts[0].stdin]
+    assert bootstrap.check_fn(ctx, node01).endswith(f"test ! -e {ctx.paths.post_bootstrap}")
+    assert decide(ctx, bootstrap, node01).run  # the plan of a fresh install still starts it
+
+
+def test_rotation_file_mode_and_shape_are_checked(ctx):
+    ctx.state_dir.mkdir(parents=True, exist_ok=True)
+    p = sr.rotation_path(ctx.state_dir)
+    p.write_text(yaml.safe_dump({"id": "x", "roles": {"admin": {"username": "admin"}}}))
+    p.chmod(0o600)
+    with pytest.raises(ProcedureFailed, match="not a rotation record"):
+        sr.load_rotation(ctx.state_dir)
+    p.chmod(0o644)
+    with pytest.raises(ProcedureFailed, match="readable by group/others"):
+        sr.load_rotation(ctx.state_dir)
