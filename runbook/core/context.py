@@ -35,6 +35,7 @@ class Ctx:
     ledger: object = None  # runbook.ledger.Ledger, set by the engine
     selected: list = field(default_factory=list)
     observer: Observer = field(default_factory=SilentObserver)
+    settings: dict = field(default_factory=dict)  # the `runbook` config section (until the settings model)
     _secrets: dict | None = field(default=None, repr=False)  # the hosts --hosts selected (all by default)
 
     def transport_for(self, host: Host) -> Transport:

@@ -25,7 +25,8 @@ logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # its tracebacks dupli
 DEFAULTS = {"inventory": "hosts.yml", "state_dir": "state", "bundle_dir": "bundle", "parallel": 16}
 # Every key the `runbook` config section may hold: the run settings above plus bundle.build's
 # (runbook/bundle/tasks.py). Anything else is a typo that invoke would silently ignore.
-BUNDLE_KEYS = ("etcd_url", "etcd_sha256", "wheel_python", "pip_index", "cache")
+BUNDLE_KEYS = ("etcd_url", "etcd_sha256", "wheel_python", "pip_index", "cache", "debian_mirror",
+               "debian_security_mirror", "manifest_sha256", "allow_downgrade")
 ALLOWED_KEYS = tuple(sorted([*DEFAULTS, *BUNDLE_KEYS]))
 CONFIG_FILES = (("_runtime", "_runtime_path"), ("_project", "_project_path"), ("_user", "_user_path"),
                 ("_system", "_system_path"))
@@ -198,7 +199,7 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
     ctx = Ctx(inventory=inv, transport=SshTransport(), state_dir=sd,
               bundle_dir=bundle if bundle.is_absolute() else Path.cwd() / bundle,
               options=options or Options(parallel=setting(c, "parallel")), selected=selected,
-              observer=ui.RichObserver())
+              observer=ui.RichObserver(), settings=dict(c.config.get("runbook", None) or {}))
     ledger = Ledger(sd / f"{inv.cluster.name}.db", redact=ctx.redact)
     ctx.ledger = ledger
     if lock:
