@@ -17,6 +17,7 @@ from typing import Any
 
 from invoke import Collection, Context, Exit, task
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
@@ -52,7 +53,7 @@ class RichReporter(Reporter):
     """Each phase is a spinner line with elapsed time; log lines print above it."""
 
     def log(self, msg: str) -> None:
-        console.print(f"   [dim]{msg}[/dim]")
+        console.print(f"   [dim]{escape(msg)}[/dim]")  # escaped: "patroni[etcd3]" is not markup
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
