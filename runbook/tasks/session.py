@@ -27,7 +27,10 @@ DEFAULTS = {"inventory": "hosts.yml", "state_dir": "state", "bundle_dir": "bundl
 # (runbook/bundle/tasks.py). Anything else is a typo that invoke would silently ignore.
 BUNDLE_KEYS = ("etcd_url", "etcd_sha256", "wheel_python", "pip_index", "cache", "debian_mirror",
                "debian_security_mirror", "manifest_sha256", "allow_downgrade")
-ALLOWED_KEYS = tuple(sorted([*DEFAULTS, *BUNDLE_KEYS]))
+# invoke lets INVOKE_RUNBOOK_<KEY> override only the keys its config already has: the optional ones are
+# present too, "" meaning unset (e.g. INVOKE_RUNBOOK_ALLOW_DOWNGRADE=1, INVOKE_RUNBOOK_MANIFEST_SHA256=...).
+DEFAULTS.update({k: "" for k in BUNDLE_KEYS})
+ALLOWED_KEYS = tuple(sorted(DEFAULTS))
 CONFIG_FILES = (("_runtime", "_runtime_path"), ("_project", "_project_path"), ("_user", "_user_path"),
                 ("_system", "_system_path"))
 
