@@ -84,10 +84,7 @@ def _copy(src: Path, dst: Path) -> None:
 def etcd_tarball(opts: BuildOptions, log: Callable[[str], None]) -> tuple[etcd_mod.EtcdTarball, str]:
     """Pick the etcd source: --etcd-tarball (with its sha256), then runbook.etcd_url, else build it from Debian."""
     if opts.etcd_tarball:
-        if not opts.etcd_sha256:
-            raise BundleError(f"--etcd-tarball {opts.etcd_tarball}: no sha256 to check it against; pass "
-                              "--etcd-sha256 (from the release's SHA256SUMS) or set runbook.etcd_sha256 — a "
-                              "tarball of unknown origin is not put in the bundle")
+        _require_sha256(opts)
         return etcd_mod.from_file(Path(opts.etcd_tarball), opts.etcd_sha256), "operator's file"
     if opts.etcd_url:
         return etcd_mod.from_url(opts.etcd_url, opts.etcd_sha256, opts.cache, log), "configured URL"
@@ -95,6 +92,13 @@ def etcd_tarball(opts: BuildOptions, log: Callable[[str], None]) -> tuple[etcd_m
         "Debian trixie's etcd-server/etcd-client (inv bundle.etcd-from-debian)")
     mirror = _mirrors(opts).main
     return etcd_mod.build_from_debian(opts.cache, mirror, log), f"built from Debian trixie packages ({mirror})"
+
+
+def _require_sha256(opts: BuildOptions) -> None:
+    if opts.etcd_tarball and not opts.etcd_sha256:
+        raise BundleError(f"--etcd-tarball {opts.etcd_tarball}: no sha256 to check it against; pass "
+                          "--etcd-sha256 (from the release's SHA256SUMS) or set runbook.etcd_sha256 — a "
+                          "tarball of unknown origin is not put in the bundle")
 
 
 def _mirrors(opts: BuildOptions) -> sources.DebianMirrors:
@@ -178,6 +182,7 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
     phases: dict[str, float] = {}
     notes: list[str] = []
     dest = Path(opts.bundle_dir).resolve()
+    _require_sha256(opts)  # before anything is written
     opts.cache.mkdir(parents=True, exist_ok=True)
     stage = _prepare(dest)
     entries: list[Entry] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from runbook.bundle.build import BuildOptions, etcd_tarball
+from runbook.bundle.build import BuildOptions, build_bundle, etcd_tarball
 from runbook.bundle.manifest import BundleError, approved, load_manifest, make_entry, manifest_sha256, write_manifest
 from runbook.bundle.wheels import parse_report, resolved_txt
 from runbook.core.step import Local, Run
@@ -94,6 +94,9 @@ def test_an_etcd_tarball_without_its_sha256_is_refused(tmp_path):
     tarball.write_bytes(b"x")
     with pytest.raises(BundleError, match=r"--etcd-tarball .*no sha256 .*--etcd-sha256 .*runbook.etcd_sha256"):
         etcd_tarball(BuildOptions(bundle_dir=tmp_path / "b", etcd_tarball=str(tarball)), print)
+    with pytest.raises(BundleError, match=r"--etcd-tarball .*no sha256"):
+        build_bundle(BuildOptions(bundle_dir=tmp_path / "b", etcd_tarball=str(tarball), cache=tmp_path / "c"))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()  # refused before writing anything
     with pytest.raises(BundleError, match="does not match the expected sha256"):
         etcd_tarball(BuildOptions(bundle_dir=tmp_path / "b", etcd_tarball=str(tarball), etcd_sha256="1" * 64), print)
 
