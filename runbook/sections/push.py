@@ -15,9 +15,7 @@ section = Section("bundle", 10, "Push the offline bundle to the hosts")
 def verify(ctx: Ctx, host: Host) -> list:
     """Verify the bundle against its manifest on the control machine
     Every file is re-hashed; a missing, extra or altered file stops the run before any host is touched."""
-    from runbook.bundle.manifest import verify_bundle
-
-    from runbook.bundle.manifest import approved
+    from runbook.bundle.manifest import approved, verify_bundle
 
     m = manifest(ctx)
     pinned = str(ctx.settings.get("manifest_sha256") or "")
