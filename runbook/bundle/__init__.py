@@ -4,9 +4,14 @@ Layout of a bundle directory (default ``bundle/``)::
 
     manifest.json                                   every other file: path, sha256, size, kind, ...
     etcd/etcd-vX.Y.Z-linux-amd64.tar.gz             kind etcd,  roles [etcd]
-    debs/debian12/*.deb                             kind deb,   roles [postgres]  (dpkg -i *.deb)
+    debs/debian12/*.deb                             kind deb,   roles [postgres]  (dpkg -i of exactly these)
     wheels/*.whl                                    kind wheel, roles [postgres]
     wheels/requirements.txt                         kind meta,  roles [postgres]  (--require-hashes)
+    wheels/resolved.txt                             kind meta,  roles []  (what pip resolved, with hashes)
+
+Provenance: the sha256 of manifest.json is printed by bundle.build; ``runbook.manifest_sha256``
+pins it and bundle.verify / bundle.push refuse any other (``approved(m, pin)``). Where packages
+come from: runbook.bundle.sources (this machine's apt sources and pip configuration).
 
 API for the push/install steps (all raise ``BundleError`` with a message naming the file and
 what to do)::

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from runbook.bundle import debs as debs_mod
 from runbook.bundle import etcd as etcd_mod
+from runbook.bundle import sources
 from runbook.bundle import wheels as wheels_mod
 from runbook.bundle.manifest import (
     MANIFEST,
     REQUIREMENTS,
+    RESOLVED,
     BundleError,
     Entry,
     Manifest,
@@ -46,7 +48,9 @@ class BuildOptions:
     cache: Path = DEFAULT_CACHE
     wheel_python: str = "/usr/bin/python3"
     requirements: tuple[str, ...] = wheels_mod.DEFAULT_REQUIREMENTS
-    index_url: str = wheels_mod.DEFAULT_INDEX
+    index_url: str = ""  # runbook.pip_index; empty: pip's configuration, else pip's own default
+    debian_mirror: str = ""  # runbook.debian_mirror; empty: this machine's apt sources
+    debian_security_mirror: str = ""  # runbook.debian_security_mirror; empty: this machine's apt sources
     check_wheels: bool = True
     recommends: bool = True
 
@@ -78,14 +82,27 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 def etcd_tarball(opts: BuildOptions, log: Callable[[str], None]) -> tuple[etcd_mod.EtcdTarball, str]:
-    """Pick the etcd source: --etcd-tarball, then runbook.etcd_url, else build it from Debian."""
+    """Pick the etcd source: --etcd-tarball (with its sha256), then runbook.etcd_url, else build it from Debian."""
     if opts.etcd_tarball:
-        return etcd_mod.from_file(Path(opts.etcd_tarball), opts.etcd_sha256 or None), "operator's file"
+        _require_sha256(opts)
+        return etcd_mod.from_file(Path(opts.etcd_tarball), opts.etcd_sha256), "operator's file"
     if opts.etcd_url:
         return etcd_mod.from_url(opts.etcd_url, opts.etcd_sha256, opts.cache, log), "configured URL"
     log("no runbook.etcd_url / --etcd-tarball configured: building the etcd tarball from "
         "Debian trixie's etcd-server/etcd-client (inv bundle.etcd-from-debian)")
-    return etcd_mod.build_from_debian(opts.cache, log), "built from Debian trixie packages"
+    mirror = _mirrors(opts).main
+    return etcd_mod.build_from_debian(opts.cache, mirror, log), f"built from Debian trixie packages ({mirror})"
+
+
+def _require_sha256(opts: BuildOptions) -> None:
+    if opts.etcd_tarball and not opts.etcd_sha256:
+        raise BundleError(f"--etcd-tarball {opts.etcd_tarball}: no sha256 to check it against; pass "
+                          "--etcd-sha256 (from the release's SHA256SUMS) or set runbook.etcd_sha256 — a "
+                          "tarball of unknown origin is not put in the bundle")
+
+
+def _mirrors(opts: BuildOptions) -> sources.DebianMirrors:
+    return sources.resolve_mirrors(opts.debian_mirror, opts.debian_security_mirror)
 
 
 def _base_build_running(tmp: Path) -> bool:
@@ -165,6 +182,7 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
     phases: dict[str, float] = {}
     notes: list[str] = []
     dest = Path(opts.bundle_dir).resolve()
+    _require_sha256(opts)  # before anything is written
     opts.cache.mkdir(parents=True, exist_ok=True)
     stage = _prepare(dest)
     entries: list[Entry] = []
@@ -187,13 +205,15 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
         with rep.phase(f"OS packages ({opts.os_name}, PostgreSQL {opts.pg_major})"):
             if opts.os_name == "debian12":
                 base = base_tree(opts.cache, rep.log)
-                for d in debs_mod.closure(base, opts.pg_major, opts.cache, opts.os_name, opts.recommends,
-                                          rep.log):
+                mirrors = _mirrors(opts)
+                for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
+                                          opts.recommends, rep.log):
                     rel = f"debs/{opts.os_name}/{d.filename}"
                     _copy(d.path, stage / rel)
                     entries.append(make_entry(stage, rel, kind="deb", version=d.version, name=d.name,
-                                              source=f"deb.debian.org {d.origin}: {d.name}={d.version}",
+                                              source=f"{mirrors.main} {d.origin}: {d.name}={d.version}",
                                               roles=("postgres",)))
+                notes.append(f"Debian mirror {mirrors.main}, security {mirrors.security or '(none known)'}")
             else:
                 rel = f"rpms/{opts.os_name}/COMMANDS-UNTESTED.sh"
                 (stage / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -206,17 +226,23 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
 
         t = time.monotonic()
         with rep.phase("Python wheelhouse (Patroni + psycopg2-binary)"):
-            wl = wheels_mod.build(opts.cache, opts.requirements, opts.wheel_python, opts.index_url, rep.log)
+            index = sources.pip_index(opts.wheel_python, opts.index_url)
+            notes.append(f"Python index: {index or 'pip default (none configured)'}")
+            wl = wheels_mod.build(opts.cache, opts.requirements, opts.wheel_python, index, rep.log)
             for w in wl:
                 rel = f"wheels/{w.path.name}"
                 _copy(w.path, stage / rel)
                 how = "built from its sdist" if w.built_from_sdist else "wheel"
                 entries.append(make_entry(stage, rel, kind="wheel", version=w.version, name=w.name,
-                                          source=f"{opts.index_url}: {w.name}=={w.version} ({how})",
+                                          source=f"{index or 'pip default index'}: {w.name}=={w.version} ({how})",
                                           roles=("postgres",)))
             (stage / REQUIREMENTS).write_text(wheels_mod.requirements_txt(wl, opts.requirements))
             entries.append(make_entry(stage, REQUIREMENTS, kind="meta", version="", roles=("postgres",),
                                       source="generated: every wheel pinned with --hash"))
+            if wl:  # what pip resolved, with the hash of each downloaded file: the wheels were built from it
+                _copy(wl[0].path.parent / wheels_mod.RESOLVED, stage / RESOLVED)
+                entries.append(make_entry(stage, RESOLVED, kind="meta", version="", roles=(),
+                                          source="generated: every dependency pip resolved, with its sha256"))
             if opts.check_wheels:
                 stamp = wl[0].path.parent / "offline-check.ok" if wl else None
                 patroni = wheels_mod.check_offline(stage / "wheels", stage / REQUIREMENTS, opts.wheel_python,

@@ -19,12 +19,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from runbook.bundle.manifest import BundleError
+from runbook.bundle.sources import DebianMirrors
 
-SOURCES = """\
-deb http://deb.debian.org/debian bookworm main
-deb http://deb.debian.org/debian bookworm-updates main
-deb http://deb.debian.org/debian-security bookworm-security main
-"""
 INST_RE = re.compile(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) (.+?) \[(\S+)\]\)", re.MULTILINE)
 
 
@@ -39,6 +35,14 @@ class Deb:
     @property
     def filename(self) -> str:
         return self.path.name
+
+
+def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
+    """The base tree's sources.list: the release and its updates, and the security archive when known."""
+    lines = [f"deb {mirrors.main} {suite} main", f"deb {mirrors.main} {suite}-updates main"]
+    if mirrors.security:
+        lines.append(f"deb {mirrors.security} {suite}-security main")
+    return "\n".join(lines) + "\n"
 
 
 def packages(major: int) -> list[str]:
@@ -98,8 +102,8 @@ def deb_filename(name: str, version: str, arch: str) -> str:
     return f"{name}_{quote(version, safe='+~.-').replace('%3A', '%3a')}_{arch}.deb"
 
 
-def closure(base: Path, major: int, cache: Path, os_name: str = "debian12", recommends: bool = True,
-            log=print) -> list[Deb]:
+def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
+            recommends: bool = True, log=print) -> list[Deb]:
     """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host.
 
     ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
@@ -116,14 +120,15 @@ def closure(base: Path, major: int, cache: Path, os_name: str = "debian12", reco
     want = packages(major)
     rec = [] if recommends else ["--no-install-recommends"]
     with _root_view(base, work, log) as root:
-        (root / "etc/apt/sources.list").write_text(SOURCES)
+        (root / "etc/apt/sources.list").write_text(sources_list(mirrors))
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile(Path("/etc/resolv.conf").resolve(), resolv)
         _bind(archives, root / "var/cache/apt/archives")
         _bind(lists, root / "var/lib/apt/lists")
         try:
-            log("apt-get update (bookworm, bookworm-updates, bookworm-security) in the base tree")
+            log(f"apt-get update in the base tree ({mirrors.main}"
+                + (f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
             r = _chroot(root, "apt-get", "-q", "update")
             if r.returncode != 0:
                 raise BundleError(f"apt-get update in the base tree failed: {r.stderr.strip()[-600:]}")
@@ -134,7 +139,7 @@ def closure(base: Path, major: int, cache: Path, os_name: str = "debian12", reco
                         f"Package postgresql-{major} is not available" in err:
                     raise BundleError(
                         f"postgresql-{major} is not in Debian 12's own repository (it has 15); "
-                        f"{major} comes from PGDG (apt.postgresql.org), which this build machine cannot "
+                        f"{major} comes from PGDG, which this build machine cannot "
                         "reach. Use --pg-major 15 (or set cluster.postgres_major: 15 in hosts.yml).")
                 raise BundleError(f"apt-get install -s {' '.join(want)} failed: {err[-800:]}")
             plan = parse_simulation(r.stdout)
@@ -167,7 +172,8 @@ def rhel_commands(major: int, os_name: str) -> str:
     return f"""\
 # UNTESTED — rendered by pg-ha-runbook for {os_name}; never run by its CI. Review before use.
 # On a RHEL {rel} machine with the same minor release as the hosts and access to PGDG:
-dnf install -y https://download.postgresql.org/pub/repos/yum/reporpms/EL-{rel}-x86_64/pgdg-redhat-repo-latest.noarch.rpm
+# PGDG_REPO_RPM: the pgdg-redhat-repo-latest.noarch.rpm of EL-{rel}-x86_64, from your PGDG mirror
+dnf install -y "${{PGDG_REPO_RPM:?set PGDG_REPO_RPM to the PGDG repo rpm URL or file}}"
 dnf -qy module disable postgresql
 mkdir -p rpms/{os_name}
 dnf download --resolve --alldeps --destdir rpms/{os_name} postgresql{major}-server postgresql{major} python3

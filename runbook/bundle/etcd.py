@@ -17,12 +17,12 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from runbook.bundle.manifest import BundleError, sha256_file
 
 TARBALL_RE = re.compile(r"^etcd-v(\d+\.\d+\.\d+)-linux-amd64\.tar\.gz$")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-TRIXIE = f"deb [signed-by={KEYRING}] http://deb.debian.org/debian trixie main"
 PACKAGES = ("etcd-server", "etcd-client")
 BINARIES = ("etcd", "etcdctl", "etcdutl")
 
@@ -105,12 +105,12 @@ def from_url(url: str, sha256: str, cache: Path, log=print) -> EtcdTarball:
     return EtcdTarball(path=dest, version=version, sha256=sha256.lower(), source=url)
 
 
-def apt_options(work: Path) -> list[str]:
-    """apt options for a private trixie source list that never touches the system's apt state."""
+def apt_options(work: Path, mirror: str) -> list[str]:
+    """apt options for a private trixie source list (on ``mirror``) that never touches the system's apt state."""
     (work / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (work / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     src = work / "sources.list"
-    src.write_text(TRIXIE + "\n")
+    src.write_text(f"deb [signed-by={KEYRING}] {mirror} trixie main\n")
     return ["-o", f"Dir::Etc::SourceList={src}", "-o", "Dir::Etc::SourceParts=/dev/null",
             "-o", f"Dir::State::Lists={work / 'lists'}", "-o", f"Dir::Cache={work / 'cache'}",
             "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root"]
@@ -136,11 +136,11 @@ def upstream(debver: str) -> str:
     return m.group(1)
 
 
-def _readme(version: str, debs: dict[str, tuple[str, str]]) -> str:
+def _readme(version: str, debs: dict[str, tuple[str, str]], mirror: str) -> str:
     lines = [f"etcd v{version} linux/amd64, repacked in the upstream release layout by pg-ha-runbook.",
              "The binaries are Debian's builds (static Go; need only libc):", ""]
     for pkg, (ver, sha) in sorted(debs.items()):
-        lines.append(f"  {pkg} {ver} (debian trixie main, deb.debian.org) sha256 {sha}")
+        lines.append(f"  {pkg} {ver} (debian trixie main, {urlsplit(mirror).hostname or mirror}) sha256 {sha}")
     return "\n".join(lines) + "\n"
 
 
@@ -180,11 +180,11 @@ def _repack(out: Path, version: str, debs: dict[str, tuple[str, str]], dl: Path,
         pack(out, version, files, readme)
 
 
-def build_from_debian(cache: Path, log=print) -> EtcdTarball:
-    """Fetch trixie's etcd-server/etcd-client with `apt-get download` and repack them (cached)."""
+def build_from_debian(cache: Path, mirror: str, log=print) -> EtcdTarball:
+    """Fetch trixie's etcd-server/etcd-client from ``mirror`` with `apt-get download` and repack them (cached)."""
     work = cache / "etcd-debian"
     work.mkdir(parents=True, exist_ok=True)
-    opts = apt_options(work)
+    opts = apt_options(work, mirror)
     log("apt-get update (private trixie source list)")
     _run(["apt-get", *opts, "-q", "update"])
     debs: dict[str, tuple[str, str]] = {}
@@ -211,7 +211,7 @@ def build_from_debian(cache: Path, log=print) -> EtcdTarball:
             log(f"apt-get download {pkg}={ver}")
             _run(["apt-get", *opts, "-q", "download", f"{pkg}={ver}"], cwd=dl)  # apt checks the hash
         debs[pkg] = (ver, sha256_file(deb))
-    readme = _readme(version, debs)
+    readme = _readme(version, debs, mirror)
     stamp = out.with_name(out.name + ".from")
     if out.is_file() and stamp.is_file() and stamp.read_text() == readme:
         log(f"{out.name}: cached (same Debian packages)")

@@ -26,6 +26,7 @@ FORMAT = 1
 KINDS = ("etcd", "deb", "wheel", "meta")
 ROLES = ("etcd", "postgres")
 REQUIREMENTS = "wheels/requirements.txt"
+RESOLVED = "wheels/resolved.txt"  # the build's lock: what pip resolved, each with its sha256 (not pushed)
 REBUILD_HINT = "re-copy the bundle from the build machine, or rebuild it with `inv bundle.build`"
 
 
@@ -223,6 +224,22 @@ def problems(manifest: Manifest) -> list[str]:
         out.append(f"{root / rel}: extra file, not in the manifest; remove it, or rebuild with "
                    "`inv bundle.build` (a bundle is copied as a whole)")
     return out
+
+
+def manifest_sha256(bundle_dir: str | Path) -> str:
+    """sha256 of manifest.json as it lies on disk (what runbook.manifest_sha256 pins)."""
+    return sha256_file(Path(bundle_dir) / MANIFEST)
+
+
+def approved(manifest: Manifest, pinned: str) -> str:
+    """Refuse a manifest other than the pinned one (no pin: any verified bundle); return its sha256."""
+    digest = manifest_sha256(manifest.root)
+    if pinned and pinned.strip().lower() != digest:
+        raise BundleError(f"{manifest.root / MANIFEST}: sha256 {digest} is not the approved bundle "
+                          f"(runbook.manifest_sha256 pins {pinned.strip()}); this is a different or altered "
+                          "bundle: copy the approved one here, or, when this new bundle is approved, set "
+                          f"runbook.manifest_sha256: {digest} in invoke.yaml")
+    return digest
 
 
 def verify_bundle(bundle_dir: str | Path) -> Manifest:

@@ -3,8 +3,10 @@
 Config (all optional; the tasks work with no ``runbook`` key at all), validated by
 runbook.inventory.settings: ``runbook.bundle_dir`` (default "bundle", relative to the project),
 ``runbook.inventory`` ("hosts.yml"), ``runbook.etcd_url`` + ``runbook.etcd_sha256``,
-``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.pip_index``, ``runbook.debian_mirror``,
-``runbook.manifest_sha256``, ``runbook.cache`` ($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
+``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.pip_index`` (default: pip's own configuration),
+``runbook.debian_mirror`` / ``runbook.debian_security_mirror`` (default: this machine's apt
+sources), ``runbook.manifest_sha256`` (the approved manifest.json; checked by verify and
+bundle.push), ``runbook.cache`` ($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ from pathlib import Path
 
 from invoke import Collection, Context, Exit, task
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
 from runbook.bundle.etcd import build_from_debian
-from runbook.bundle.manifest import BundleError, Manifest, verify_bundle
+from runbook.bundle.manifest import BundleError, Manifest, approved, verify_bundle
 from runbook.inventory.settings import Settings, SettingsError, settings_of
 
 console = Console(highlight=False)
@@ -44,7 +47,7 @@ class RichReporter(Reporter):
     """Each phase is a spinner line with elapsed time; log lines print above it."""
 
     def log(self, msg: str) -> None:
-        console.print(f"   [dim]{msg}[/dim]")
+        console.print(f"   [dim]{escape(msg)}[/dim]")  # escaped: "patroni[etcd3]" is not markup
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -81,8 +84,8 @@ def summary(m: Manifest) -> Table:
 
 @task(help={
     "pg_major": "PostgreSQL major version (default: cluster.postgres_major of the inventory, else 15)",
-    "etcd_tarball": "an etcd-vX.Y.Z-linux-amd64.tar.gz you already have (checked against "
-                    "runbook.etcd_sha256 when set)",
+    "etcd_tarball": "an etcd-vX.Y.Z-linux-amd64.tar.gz you already have; needs its sha256 "
+                    "(--etcd-sha256 or runbook.etcd_sha256)",
     "etcd_url": "download the etcd tarball from this URL (default runbook.etcd_url; "
                 "needs runbook.etcd_sha256)",
     "etcd_sha256": "expected sha256 of the etcd tarball (default runbook.etcd_sha256)",
@@ -100,8 +103,10 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
           os: str | None = None, wheel_check: bool = True, recommends: bool = True) -> None:
     """Build the air-gapped bundle: etcd tarball, .deb closure, wheelhouse and manifest.json.
 
-    Run it on a machine with access to deb.debian.org and PyPI; copy the directory to the hosts'
-    side as a whole and check it there with `inv bundle.verify`.
+    Run it on a machine that reaches a Debian mirror and a Python index (its own apt sources and pip
+    configuration, or runbook.debian_mirror / runbook.pip_index); copy the directory to the hosts'
+    side as a whole and check it there with `inv bundle.verify`. The sha256 of manifest.json is
+    printed: pin it as runbook.manifest_sha256 to approve exactly this bundle.
     """
     import time
 
@@ -117,7 +122,9 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
         etcd_tarball=etcd_tarball or "",
         cache=_cache(s),
         wheel_python=s.wheel_python,
-        index_url=s.pip_index or "https://pypi.org/simple",
+        index_url=s.pip_index or "",
+        debian_mirror=s.debian_mirror or "",
+        debian_security_mirror=s.debian_security_mirror or "",
         check_wheels=wheel_check,
         recommends=recommends,
     )
@@ -133,6 +140,21 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
     console.print(summary(result.manifest))
     console.print(f"[green]built and verified[/green] {len(result.manifest.files)} files in "
                   f"{time.monotonic() - t:.1f} s")
+    _print_manifest_sha(c, result.manifest)
+
+
+def _print_manifest_sha(c: Context, m: Manifest) -> None:
+    from runbook.bundle.manifest import manifest_sha256
+
+    digest = manifest_sha256(m.root)
+    console.print(f"manifest.json sha256 [bold]{digest}[/bold]")
+    pinned = (_settings(c).manifest_sha256 or "")
+    if not pinned:
+        console.print(f"approve this bundle: set runbook.manifest_sha256: {digest} in invoke.yaml "
+                      "(bundle.push then refuses any other)", soft_wrap=True)
+    elif pinned.lower() != digest:
+        console.print(f"[yellow]runbook.manifest_sha256 pins {pinned}: this bundle is not the approved one; "
+                      "bundle.push refuses it until the pin is updated[/yellow]", soft_wrap=True)
 
 
 def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
@@ -157,23 +179,30 @@ def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
 @task(help={"bundle_dir": "bundle directory to check (default runbook.bundle_dir, else 'bundle')"})
 def verify(c: Context, bundle_dir: str | None = None) -> None:
     """Re-hash every file of the bundle against manifest.json; any missing, extra, truncated or
-    altered file is an error naming it (exit 1)."""
+    altered file is an error naming it (exit 1), and so is a manifest other than the one pinned
+    by runbook.manifest_sha256."""
     root = _path(bundle_dir, _settings(c).bundle_dir)
     with console.status(f"hashing {root} ..."):
         try:
             m = verify_bundle(root)
         except BundleError as exc:
             raise _fail(exc) from None
+    try:
+        approved(m, (_settings(c).manifest_sha256 or ""))
+    except BundleError as exc:
+        raise _fail(exc) from None
     console.print(summary(m))
     console.print(f"[green]OK[/green]: {len(m.files)} files match {root / 'manifest.json'} "
                   f"(etcd {m.etcd_version}, built {m.created})")
+    _print_manifest_sha(c, m)
 
 
 @task(name="etcd-from-debian", help={
     "out": "also copy the tarball to this directory (default: only the cache)",
 })
 def etcd_from_debian(c: Context, out: str | None = None) -> None:
-    """Build etcd-vX.Y.Z-linux-amd64.tar.gz (release layout) from Debian trixie's etcd 3.5 packages.
+    """Build etcd-vX.Y.Z-linux-amd64.tar.gz (release layout) from Debian trixie's etcd 3.5 packages
+    (from this machine's Debian mirror, or runbook.debian_mirror).
 
     The GitHub release site is unreachable here; the tarball name carries the version trixie
     packages, and its sha256 is printed so it can be recorded as runbook.etcd_sha256.
@@ -181,7 +210,11 @@ def etcd_from_debian(c: Context, out: str | None = None) -> None:
     rep = RichReporter()
     try:
         with rep.phase("etcd tarball from Debian trixie"):
-            tb = build_from_debian(_cache(_settings(c)), rep.log)
+            from runbook.bundle.sources import resolve_mirrors
+
+            s = _settings(c)
+            mirror = resolve_mirrors(s.debian_mirror or "", s.debian_security_mirror or "")
+            tb = build_from_debian(_cache(s), mirror.main, rep.log)
     except BundleError as exc:
         raise _fail(exc) from None
     path = tb.path
@@ -192,8 +225,8 @@ def etcd_from_debian(c: Context, out: str | None = None) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         path = Path(shutil.copyfile(tb.path, dest / tb.path.name))
     console.print(f"etcd {tb.version}: {path}\n  sha256 {tb.sha256}\n  source {tb.source}")
-    console.print(f"use it: inv bundle.build --etcd-tarball {path}  (or just inv bundle.build: it falls back "
-                  "to this)")
+    console.print(f"use it: inv bundle.build --etcd-tarball {path} --etcd-sha256 {tb.sha256}  (or just "
+                  "inv bundle.build: it falls back to this)")
 
 
 ns = Collection("bundle", build, verify, etcd_from_debian)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 from runbook.cluster.render import member_name
@@ -117,18 +116,36 @@ def etcd_status(ctx: Ctx) -> tuple[list[Endpoint], dict[str, str]]:
     return eps, errs
 
 
-def wait(predicate, seconds: float, interval: float = 1.0):
-    """Poll predicate() until it returns a truthy value or the budget runs out; bounded in time and count."""
-    deadline = time.monotonic() + seconds
-    last = None
-    for _ in range(int(seconds / interval) + 2):
-        try:
-            last = predicate()
-        except Exception:
-            last = None
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(interval)
-    return last
+def _expected() -> tuple[type[BaseException], ...]:
+    """What a probe of a cluster in motion may raise: a host that does not answer (TransportError, OSError),
+    no member answering (RuntimeError from members()), a half-written reply (ValueError: JSON), and a
+    database that refuses connections (psycopg.Error, when psycopg is installed). Anything else is a bug
+    and propagates at once instead of being polled away."""
+    from runbook.errors import RunbookError
+
+    kinds: list[type[BaseException]] = [RunbookError, RuntimeError, OSError, ValueError]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        kinds.append(psycopg.Error)
+    return tuple(kinds)
+
+
+def wait(predicate, seconds: float, interval: float = 1.0, *,
+         retry_on: tuple[type[BaseException], ...] | None = None):
+    """Poll predicate() until it returns a truthy value or the budget runs out; bounded in time and count.
+
+    Returns the truthy value, else the last falsy one (None when the last try raised an expected error).
+    Only ``retry_on`` (default: the errors of a cluster in motion, see _expected) is retried."""
+    import tenacity
+
+    retry_on = retry_on or _expected()
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_delay(seconds) | tenacity.stop_after_attempt(int(seconds / interval) + 2),
+        wait=tenacity.wait_fixed(interval),
+        retry=tenacity.retry_if_exception_type(retry_on) | tenacity.retry_if_result(lambda v: not v),
+        retry_error_callback=lambda state: None if state.outcome.failed else state.outcome.result(),
+    )
+    return retrying(predicate)

@@ -11,6 +11,7 @@ from runbook.core.ledger import Ledger
 from runbook.core.observer import Observer, SilentObserver
 from runbook.core.transport import LocalTransport, Transport
 from runbook.inventory import LOCAL, Host, Inventory
+from runbook.inventory.settings import Settings
 
 if TYPE_CHECKING:
     from runbook.credentials.pki import Pki
@@ -40,6 +41,7 @@ class Ctx:
     selected: list = field(default_factory=list)  # the hosts --hosts selected (all by default)
     observer: Observer = field(default_factory=SilentObserver)
     read_only: bool = False  # export, status views: like a dry run, create no secrets, CA or certificate
+    settings: Settings | None = None  # the validated `runbook` config section (None: library use)
     _secrets: dict | None = field(default=None, repr=False)
 
     def transport_for(self, host: Host) -> Transport:

@@ -196,32 +196,16 @@ class SshTransport(Transport):
         t0 = time.monotonic()
         conn = self._conn(host)
         chan = conn.client.get_transport().open_session(timeout=host.connect_timeout)
-        chan.settimeout(timeout)
         chan.exec_command(wrap(host, cmd, user, lock))
+        out, err, timed_out = _exchange(chan, stdin, timeout)
         if stdin is not None:
-            chan.sendall(stdin)
             self.bytes_sent += len(stdin)
-        chan.shutdown_write()
-        out, err = bytearray(), bytearray()
-        try:
-            while True:
-                if chan.recv_ready():
-                    out += chan.recv(65536)
-                elif chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                else:
-                    if time.monotonic() - t0 > timeout:
-                        raise TimeoutError
-                    time.sleep(0.005)
-            rc = chan.recv_exit_status()
-        except (socket.timeout, TimeoutError):
-            chan.close()
+        if timed_out:
             return Result(124, out.decode(errors="replace"), f"timed out after {timeout}s", time.monotonic() - t0)
+        rc = chan.recv_exit_status()
         chan.close()
         stderr = err.decode(errors="replace")
-        denied = [ln for ln in stderr.splitlines() if ln.startswith("sudo: ") and any(
+        denied = [ln for ln in stderr.splitlines() if ln.startswith(("sudo: ", "Sorry, user ")) and any(
             m in ln for m in ("a password is required", "not in the sudoers", "is not allowed to"))]
         if rc == 1 and denied and wrap(host, cmd, user).startswith("sudo "):
             raise TransportError(f"{host.name} ({host.address}): {host.user!r} cannot run commands as {user} with "
@@ -248,6 +232,54 @@ class SshTransport(Transport):
             for c in self._conns.values():
                 c.close()
             self._conns.clear()
+
+
+def _exchange(chan, stdin: bytes | None, timeout: float) -> tuple[bytes, bytes, bool]:
+    """Feed stdin, read stdout and stderr to their end, wait for the exit status: (out, err, timed out).
+
+    Blocking paramiko calls, no polling: stdin and stderr each have a thread (a command that fills one
+    stream while the other is not read would stall), stdout is read here. The budget is one timer that
+    closes the channel, which ends every read and write at once. Fabric's own runner is not used: it
+    reads a non-terminal in_stream one byte per 10 ms and decodes it as text (binary stdin is altered),
+    and it decodes output in 1000-byte chunks (a UTF-8 character across a chunk boundary is lost).
+    """
+    deadline = time.monotonic() + timeout
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        chan.close()
+
+    def feed() -> None:
+        try:
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+        except OSError:
+            pass  # the command exited (or the budget closed the channel) before reading all of it
+
+    errbuf: list[bytes] = []
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    threads = [threading.Thread(target=feed, daemon=True),
+               threading.Thread(target=lambda: errbuf.append(chan.makefile_stderr("rb").read()), daemon=True)]
+    timer.start()
+    try:
+        for t in threads:
+            t.start()
+        try:
+            out = chan.makefile("rb").read()
+        except OSError:  # socket.timeout is an OSError
+            out = b""
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        finished = chan.status_event.wait(max(0.0, deadline - time.monotonic()))
+    finally:
+        timer.cancel()
+    if expired.is_set() or not finished:
+        chan.close()
+        return out, b"".join(errbuf), True
+    return out, b"".join(errbuf), False
 
 
 class LocalTransport(Transport):

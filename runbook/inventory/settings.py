@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "wheel_python": "/usr/bin/python3",  # bundle.build: the python the wheelhouse is built for
     "pip_index": None,              # bundle.build: Python index (default: pip's own configuration)
     "debian_mirror": None,          # bundle.build: Debian mirror (default: this machine's apt sources)
+    "debian_security_mirror": None,  # bundle.build: Debian security mirror (default: this machine's apt sources)
+    "allow_downgrade": False,       # postgres.packages: install a bundled package older than the installed one
     "manifest_sha256": None,        # bundle.push: the approved sha256 of manifest.json
 }
 ALLOWED_KEYS = tuple(sorted(DEFAULTS))
@@ -81,14 +83,17 @@ class SettingsFile(BaseModel):
     wheel_python: str
     pip_index: str | None = None
     debian_mirror: str | None = None
+    debian_security_mirror: str | None = None
     manifest_sha256: str | None = None
+    allow_downgrade: bool = False
 
     @field_validator("inventory", "state_dir", "bundle_dir", "wheel_python", mode="before")
     @classmethod
     def _paths(cls, v: object) -> object:
         return _non_empty_path(v)
 
-    @field_validator("lab_dir", "cache", "etcd_url", "pip_index", "debian_mirror", mode="before")
+    @field_validator("lab_dir", "cache", "etcd_url", "pip_index", "debian_mirror", "debian_security_mirror",
+                     mode="before")
     @classmethod
     def _optional(cls, v: object) -> object:
         return _optional_text(v)
@@ -113,11 +118,22 @@ class SettingsFile(BaseModel):
             raise ValueError("must be a sha256: 64 hex digits (as `sha256sum FILE` prints it)")
         return None if v is None else str(v).lower()
 
-    @field_validator("pip_index", "debian_mirror", "etcd_url")
+    @field_validator("allow_downgrade", mode="before")
+    @classmethod
+    def _flag(cls, v: object) -> object:
+        if isinstance(v, str):  # INVOKE_RUNBOOK_ALLOW_DOWNGRADE=1
+            flag = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                    "off": False, "": False}.get(v.strip().lower())
+            if flag is None:
+                raise ValueError("must be true or false")
+            return flag
+        return v
+
+    @field_validator("pip_index", "debian_mirror", "debian_security_mirror", "etcd_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^(https?|file)://\S+$", v):
-            raise ValueError("must be a URL (http://, https:// or file://)")
+            raise ValueError("must be a URL whose scheme is http, https or file")
         return v
 
 
@@ -138,7 +154,9 @@ class Settings(BaseModel):
     wheel_python: str = "/usr/bin/python3"
     pip_index: str | None = None
     debian_mirror: str | None = None
+    debian_security_mirror: str | None = None
     manifest_sha256: str | None = None
+    allow_downgrade: bool = False
     origins: dict[str, str] = {}  # key -> where its value came from (file, INVOKE_RUNBOOK_*, "default")
 
     def origin(self, key: str) -> str:
@@ -287,7 +305,8 @@ def load_settings(section: object, *, root: Path | None = None, files: Sequence[
         lab_dir=resolve(spec.lab_dir) if spec.lab_dir else state / "lab", parallel=spec.parallel,
         cache=resolve(spec.cache) if spec.cache else None, etcd_url=spec.etcd_url, etcd_sha256=spec.etcd_sha256,
         wheel_python=spec.wheel_python, pip_index=spec.pip_index, debian_mirror=spec.debian_mirror,
-        manifest_sha256=spec.manifest_sha256, origins=origins)
+        debian_security_mirror=spec.debian_security_mirror, manifest_sha256=spec.manifest_sha256,
+        allow_downgrade=spec.allow_downgrade, origins=origins)
 
 
 def settings_of(c: object) -> Settings:

@@ -1,7 +1,10 @@
 """The lab's Debian 12 base tree: a bare server (debootstrap minbase + systemd, sshd, sudo, python3).
 
 Built once into a cache directory keyed by the recipe's hash and reused; a change of the recipe
-builds a new tree. python3-venv, postgresql and etcd are deliberately absent: the runbook brings them.
+builds a new tree. The mirror is not part of the key (the same packages from another mirror are the
+same tree): it is this machine's own Debian mirror (runbook.bundle.sources), recorded in the
+``.done`` file. A tree built when the key still included the mirror is found by that record.
+python3-venv, postgresql and etcd are deliberately absent: the runbook brings them.
 """
 from __future__ import annotations
 
@@ -13,10 +16,9 @@ from pathlib import Path
 
 CACHE = Path(os.environ.get("RUNBOOK_CACHE", "/var/cache/pg-ha-runbook"))
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
 INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "python3", "iproute2",
            "procps", "ca-certificates")
-RECIPE = f"debootstrap --variant=minbase --include={','.join(INCLUDE)} {SUITE} {MIRROR}"
+RECIPE = f"debootstrap --variant=minbase --include={','.join(INCLUDE)} {SUITE}"  # + the mirror
 
 
 def recipe_hash() -> str:
@@ -24,11 +26,23 @@ def recipe_hash() -> str:
 
 
 def base_tree_path(cache: Path = CACHE) -> Path:
+    """The tree for RECIPE: one whose .done record is RECIPE + a mirror, else the (new) hashed name."""
+    for done in sorted(cache.glob(f"base-{SUITE}-*.done")):
+        try:
+            recorded = done.read_text().split()
+        except OSError:
+            continue
+        if recorded[:-1] == RECIPE.split() and done.with_suffix("").is_dir():
+            return done.with_suffix("")
     return cache / f"base-{SUITE}-{recipe_hash()}"
 
 
-def ensure_base_tree(cache: Path = CACHE, log=print) -> Path:
-    """Return the cached base tree, building it (about 45 s) when missing or half-built."""
+def ensure_base_tree(cache: Path = CACHE, log=print, mirror: str = "") -> Path:
+    """Return the cached base tree, building it (about 45 s) when missing or half-built.
+
+    mirror: the Debian mirror to build from (default: this machine's apt sources)."""
+    from runbook.bundle.sources import resolve_mirrors
+
     root = base_tree_path(cache)
     done = root.with_name(root.name + ".done")
     if done.exists() and (root / "usr/lib/systemd/systemd").exists():
@@ -37,13 +51,14 @@ def ensure_base_tree(cache: Path = CACHE, log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
-    log(f"building the base tree {root} ({RECIPE})")
+    mirror = mirror or resolve_mirrors().main
+    log(f"building the base tree {root} ({RECIPE} {mirror})")
     subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", SUITE, str(tmp),
-                    MIRROR], check=True, stdout=subprocess.DEVNULL)
+                    mirror], check=True, stdout=subprocess.DEVNULL)
     # A bare server's resolver is unreachable from the lab; hosts get an empty resolv.conf.
     (tmp / "etc/resolv.conf").unlink(missing_ok=True)
     (tmp / "etc/resolv.conf").write_text("")
     subprocess.run(["chroot", str(tmp), "apt-get", "clean"], check=False)
     tmp.rename(root)
-    done.write_text(RECIPE + "\n")
+    done.write_text(f"{RECIPE} {mirror}\n")
     return root

@@ -133,28 +133,37 @@ def port_open(address: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def wait_ssh(inv: Inventory, h: Host, timeout: float = SSH_WAIT, root: Path | None = None) -> float:
-    """Bounded wait until sshd accepts TCP and then an ssh `true`; return the seconds waited."""
+    """Bounded wait until sshd accepts TCP and then an ssh `true`; return the seconds waited.
+
+    Retried: a closed port (False), a failing or hanging `ssh true` (its stderr / TimeoutExpired);
+    nothing else is swallowed. Bounded by the deadline and by the attempt count."""
+    import tenacity
+
     t0 = time.monotonic()
-    deadline = t0 + timeout
-    while not port_open(h.address, h.port):
-        if time.monotonic() > deadline:
-            raise LabError(f"{h.name}: sshd on {h.address}:{h.port} did not answer within {timeout:.0f} s; "
-                           f"see {machine(inv, h, root).console}")
-        time.sleep(0.2)
-    last = ""
-    for _ in range(200):
-        try:
-            p = subprocess.run(ssh_argv(inv, h, "true"), check=False, capture_output=True, text=True,
-                               stdin=subprocess.DEVNULL, timeout=15)
-        except subprocess.TimeoutExpired:
-            last = "ssh timed out after 15 s"
-        else:
-            if p.returncode == 0:
-                return time.monotonic() - t0
-            last = p.stderr.strip()
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
+
+    def retrying(interval: float, attempts: int) -> tenacity.Retrying:
+        left = max(0.0, timeout - (time.monotonic() - t0))
+        return tenacity.Retrying(stop=tenacity.stop_after_delay(left) | tenacity.stop_after_attempt(attempts),
+                                 wait=tenacity.wait_fixed(interval),
+                                 retry=tenacity.retry_if_exception_type(subprocess.TimeoutExpired)
+                                 | tenacity.retry_if_result(lambda ok: ok is not True),
+                                 retry_error_callback=lambda state: state.outcome.result())
+
+    if not retrying(0.2, int(timeout / 0.2) + 2)(port_open, h.address, h.port):
+        raise LabError(f"{h.name}: sshd on {h.address}:{h.port} did not answer within {timeout:.0f} s; "
+                       f"see {machine(inv, h, root).console}")
+
+    def ssh_true() -> bool | str:
+        p = subprocess.run(ssh_argv(inv, h, "true"), check=False, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=15)
+        return True if p.returncode == 0 else (p.stderr.strip() or f"exit {p.returncode}")
+
+    try:
+        last = retrying(0.3, 200)(ssh_true)
+    except subprocess.TimeoutExpired:
+        last = "ssh timed out after 15 s"
+    if last is True:
+        return time.monotonic() - t0
     raise LabError(f"{h.name}: `ssh {h.user}@{h.address} true` still failing after {timeout:.0f} s: {last}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from runbook.core.context import Ctx
 from runbook.core.step import Put, Run, Section
 from runbook.inventory import Host
-from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote, sums
+from runbook.sections.bundle_files import manifest, remote, sums
 from runbook.sections.tls_files import tls_check, tls_files
 
 section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
@@ -21,14 +21,34 @@ def packages(ctx: Ctx, host: Host) -> list:
     Every file is checked first (a missing one fails before anything is installed); no
     default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
     debs = manifest(ctx).debs()
+    files = " ".join(remote(e) for e in debs)  # exactly the manifest's list: never a glob of the directory
+    guard = [] if allow_downgrade(ctx) else [Run(
+        # name and bundled version on stdin; an installed package newer than the bundle's stops the step
+        "bad=''; while read -r name ver; do "
+        "st=$(dpkg-query -W -f='${db:Status-Abbrev}|${Version}' \"$name\" 2>/dev/null) || continue; "
+        "case \"$st\" in ii*) iv=${st#*|}; if dpkg --compare-versions \"$iv\" gt \"$ver\"; then "
+        "bad=\"$bad$name: installed $iv, bundled $ver\\n\"; fi;; esac; done; "
+        "[ -z \"$bad\" ] && exit 0; "
+        # the sentence comes last: a failed step shows the end of stderr
+        f"printf '%b{host.name}: refusing to downgrade the installed package(s) above to the bundle'\"'\"'s "
+        "older versions. Build the bundle again from an up-to-date mirror (inv bundle.build), or set "
+        "runbook.allow_downgrade: true (INVOKE_RUNBOOK_ALLOW_DOWNGRADE=1) to install the bundled ones\\n' "
+        "\"$bad\" >&2; "
+        "exit 1", stdin="".join(f"{e.name} {e.version}\n" for e in debs).encode())]
     return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
+            *guard,
             # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
             # stop remote commands): wait for its lock (up to 5 min) instead of failing on it.
             Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
-                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {REMOTE_BUNDLE}/debs/debian12/*.deb "
+                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
                 ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
                 "tail -20 $log >&2; exit 1", timeout=1800)]
+
+
+def allow_downgrade(ctx: Ctx) -> bool:
+    """runbook.allow_downgrade: install the bundle's versions even where the host has newer ones."""
+    return ctx.settings is not None and ctx.settings.allow_downgrade
 
 
 @packages.check

@@ -15,16 +15,19 @@ section = Section("bundle", 10, "Push the offline bundle to the hosts")
 def verify(ctx: Ctx, host: Host) -> list:
     """Verify the bundle against its manifest on the control machine
     Every file is re-hashed; a missing, extra or altered file stops the run before any host is touched."""
-    from runbook.bundle.manifest import verify_bundle
+    from runbook.bundle.manifest import approved, verify_bundle
 
     m = manifest(ctx)
+    pinned = (ctx.settings.manifest_sha256 if ctx.settings else None) or ""
 
     def run() -> str:
         verified = verify_bundle(ctx.bundle_dir)
         verified.etcd_tarball(), verified.requirements()  # complete: later steps need both
-        return f"{len(m.files)} files verified"
+        digest = approved(verified, pinned)  # runbook.manifest_sha256: only the approved bundle goes out
+        return f"{len(m.files)} files verified" + (f", manifest {digest[:16]}... approved" if pinned else "")
 
-    return [Local(f"verify {ctx.bundle_dir} against manifest.json", run, key=_key(m))]
+    what = f"verify {ctx.bundle_dir} against manifest.json" + (f" (pinned sha256 {pinned})" if pinned else "")
+    return [Local(what, run, key=_key(m) + f";pin={pinned}")]
 
 
 @verify.check
@@ -55,17 +58,26 @@ def push(ctx: Ctx, host: Host) -> list:
     verified on the host with sha256sum. Later runs check sizes (a half-copied file); --verify re-hashes."""
     entries = manifest(ctx).files_for(set(host.roles))
     sizes = "".join(f"{e.size} {remote(e)}\n" for e in entries).encode()
+    # Only what the manifest lists for this host stays: an older bundle's files (a stale .deb that a
+    # glob would install) are removed. SUMS lines are "<64 hex>  <path>": the path starts at column 67.
+    prune = (f"find {REMOTE_BUNDLE} -type f ! -path {SUMS} ! -path {SIZES} | "
+             f"awk 'NR==FNR {{keep[substr($0, 67)] = 1; next}} !($0 in keep)' {SUMS} - | "
+             "while IFS= read -r f; do rm -f -- \"$f\" && echo \"removed $f (not in the manifest)\"; done; "
+             f"find {REMOTE_BUNDLE} -mindepth 1 -type d -empty -delete")
     return ([Run(f"install -d -m 0755 {REMOTE_BUNDLE}")]
             + [Upload(manifest(ctx).path(e), remote(e), e.sha256, e.size) for e in entries]
-            + [Put(SUMS, sums(entries)), Put(SIZES, sizes), Run(f"sha256sum --quiet -c {SUMS}")])
+            + [Put(SUMS, sums(entries)), Put(SIZES, sizes), Run(prune), Run(f"sha256sum --quiet -c {SUMS}")])
 
 
 @push.check
 def _push_check(ctx: Ctx, host: Host) -> str:
     """Every run: sizes (a half-copied or truncated file); with --verify: every sha256."""
+    # no file besides the listed ones, SUMS and SIZES (a stale file left by an older bundle re-runs the push)
+    only = (f"[ \"$(find {REMOTE_BUNDLE} -type f | wc -l)\" = "
+            f"{len(manifest(ctx).files_for(set(host.roles))) + 2} ]")
     if ctx.options.verify:
-        return f"sha256sum --quiet -c {SUMS} >/dev/null 2>&1"
-    return (f"test -s {SIZES} && while read -r size path; do "
+        return f"sha256sum --quiet -c {SUMS} >/dev/null 2>&1 && {only}"
+    return (f"test -s {SIZES} && {only} && while read -r size path; do "
             f"[ \"$(stat -c %s \"$path\" 2>/dev/null)\" = \"$size\" ] || exit 1; done < {SIZES}")
 
 

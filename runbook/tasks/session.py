@@ -123,7 +123,7 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
         raise Exit(f"error: {exc}", code=2) from None
     ctx = Ctx(inventory=inv, transport=SshTransport(), state_dir=sd, bundle_dir=s.bundle_dir,
               options=options or Options(parallel=s.parallel), selected=selected,
-              observer=ui.RichObserver(), read_only=not lock)
+              observer=ui.RichObserver(), read_only=not lock, settings=s)
     db = sd / f"{inv.cluster.name}.db"
     ledger = Ledger(db if lock or db.exists() else ":memory:", redact=ctx.redact)
     ctx.ledger = ledger
