@@ -184,7 +184,8 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
         if e.path in seen:
             raise BundleError(f"{mpath}: {e.path} is listed twice; {REBUILD_HINT}")
         seen.add(e.path)
-    target = doc.get("target") if isinstance(doc.get("target"), dict) else {}
+    raw_target = doc.get("target")
+    target: dict = raw_target if isinstance(raw_target, dict) else {}
     return Manifest(root=root, files=tuple(entries), etcd_version=str(doc.get("etcd_version", "")),
                     target=target, created=str(doc.get("created", "")))
 

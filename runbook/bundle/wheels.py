@@ -86,7 +86,7 @@ def tag_ok(filename: str) -> bool:
         if p in ("manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"):
             return True
         mm = re.match(r"^manylinux_(\d+)_(\d+)_x86_64$", p)
-        return bool(mm) and (int(mm[1]), int(mm[2])) <= TARGET_GLIBC
+        return mm is not None and (int(mm[1]), int(mm[2])) <= TARGET_GLIBC
 
     return py_ok and abi_ok and any(plat_good(p) for p in plats)
 

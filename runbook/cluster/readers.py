@@ -1,6 +1,11 @@
 """Reading the cluster: patronictl and etcdctl JSON, parsed by pure functions (unit-tested on captures)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tenacity
+
 import json
 from dataclasses import dataclass
 
@@ -133,6 +138,12 @@ def _expected() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+def _last_result_or_none(state: "tenacity.RetryCallState") -> object:
+    """After the last try: what it returned, or None when it raised an expected error."""
+    out = state.outcome
+    return None if out is None or out.failed else out.result()
+
+
 def wait(predicate, seconds: float, interval: float = 1.0, *,
          retry_on: tuple[type[BaseException], ...] | None = None):
     """Poll predicate() until it returns a truthy value or the budget runs out; bounded in time and count.
@@ -146,6 +157,6 @@ def wait(predicate, seconds: float, interval: float = 1.0, *,
         stop=tenacity.stop_after_delay(seconds) | tenacity.stop_after_attempt(int(seconds / interval) + 2),
         wait=tenacity.wait_fixed(interval),
         retry=tenacity.retry_if_exception_type(retry_on) | tenacity.retry_if_result(lambda v: not v),
-        retry_error_callback=lambda state: None if state.outcome.failed else state.outcome.result(),
+        retry_error_callback=_last_result_or_none,
     )
     return retrying(predicate)

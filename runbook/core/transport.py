@@ -14,9 +14,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runbook.errors import RunbookError
 from runbook.inventory import Host
+
+if TYPE_CHECKING:
+    from fabric import Connection
 
 
 class TransportError(RunbookError):
@@ -114,7 +118,7 @@ class Transport:
 
 class SshTransport(Transport):
     def __init__(self) -> None:
-        self._conns: dict[str, object] = {}
+        self._conns: dict[str, Connection] = {}
         self._failed: dict[str, TransportError] = {}  # a host that failed once fails fast for this run
         self._mu = threading.Lock()
         self.bytes_sent = 0

@@ -8,7 +8,6 @@ import yaml
 
 from runbook.errors import InventoryError
 
-
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")  # not allowed by YAML 1.1
 
 

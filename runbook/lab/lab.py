@@ -5,6 +5,11 @@ Concurrent runs on one lab are serialised by a lock file (<runbook.lab_dir>/.loc
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tenacity
+
 import fcntl
 import json
 import socket
@@ -132,6 +137,11 @@ def port_open(address: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def _last_result(state: "tenacity.RetryCallState") -> object:
+    """After the last try: what it returned (a result retried for being falsy), never a RetryError."""
+    return state.outcome.result() if state.outcome is not None else None
+
+
 def wait_ssh(inv: Inventory, h: Host, timeout: float = SSH_WAIT, root: Path | None = None) -> float:
     """Bounded wait until sshd accepts TCP and then an ssh `true`; return the seconds waited.
 
@@ -147,7 +157,7 @@ def wait_ssh(inv: Inventory, h: Host, timeout: float = SSH_WAIT, root: Path | No
                                  wait=tenacity.wait_fixed(interval),
                                  retry=tenacity.retry_if_exception_type(subprocess.TimeoutExpired)
                                  | tenacity.retry_if_result(lambda ok: ok is not True),
-                                 retry_error_callback=lambda state: state.outcome.result())
+                                 retry_error_callback=_last_result)
 
     if not retrying(0.2, int(timeout / 0.2) + 2)(port_open, h.address, h.port):
         raise LabError(f"{h.name}: sshd on {h.address}:{h.port} did not answer within {timeout:.0f} s; "

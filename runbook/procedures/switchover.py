@@ -27,8 +27,8 @@ def _etcd_healthy(ctx: Ctx) -> list[str]:
     return ["no etcd host answered"]
 
 
-def prechecks(ctx: Ctx, ms: list[Member], candidate: str | None) -> tuple[Member, Member, list[str]]:
-    """The leader, the candidate and every reason to refuse (empty when it is safe)."""
+def prechecks(ctx: Ctx, ms: list[Member], candidate: str | None) -> tuple[Member | None, Member | None, list[str]]:
+    """The leader, the candidate and every reason to refuse (empty when it is safe; then both are set)."""
     problems = []
     leaders = [m for m in ms if m.is_leader]
     if len(leaders) != 1:
@@ -118,7 +118,7 @@ def do_switchover(ctx: Ctx, candidate: str | None, bounds: Bounds = Bounds()) ->
 
     ms = members(ctx)
     lead, cand, problems = prechecks(ctx, ms, candidate)
-    if problems:
+    if problems or lead is None or cand is None:
         raise ProcedureFailed("switchover refused by the pre-checks:\n  " + "\n  ".join(problems), 1)
     ui.console.print(f"pre-checks ok: leader {lead.name}, candidate {cand.name} (sync standby, lag 0), etcd healthy")
     lh = host_of(ctx, lead.name)

@@ -11,7 +11,6 @@ from runbook import console as ui
 from runbook.sections import all_steps, section_steps
 from runbook.tasks.session import section_install, session
 
-
 JSON_HELP = "print JSON (stable keys, for scripts and logs) instead of the table"
 
 
