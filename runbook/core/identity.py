@@ -53,7 +53,8 @@ def read_identities(ctx: Ctx, hosts: list[Host]) -> list[str]:
         ctx.ledger.identities[h.name] = mid
         stale = [r for r in records if r.host == h.name and r.machine and r.machine != mid and r.status in DONE]
         if stale:
-            notices.append(f"{h.name} is a new machine: its {len(stale)} recorded step(s) will run again")
+            n = len(stale)
+            notices.append(f"{h.name} is a new machine: its {n} recorded step{'s' if n > 1 else ''} will run again")
         elif not ctx.options.dry:
             ctx.ledger.adopt_identity(h.name, mid)
     return notices

@@ -223,9 +223,9 @@ def test_a_rebuilt_host_is_a_new_machine_and_its_records_are_void(ctx, inv):
                                   "step_progress": ctx.observer.step_progress})()
     ctx.options.dry = True
     plan = apply(ctx, sec.steps, inv.hosts)
-    assert {(d.host.name, d.label) for d in plan.plan if d.run} == {("etcd01", "new machine"),
-                                                                    ("etcd01", "new machine")}
-    assert "etcd01 is a new machine: its 2 recorded step(s) will run again" in notes
+    assert [(d.host.name, d.step.name, d.label) for d in plan.plan if d.run] == [
+        ("etcd01", "id.one", "new machine"), ("etcd01", "id.two", "new machine")]
+    assert "etcd01 is a new machine: its 2 recorded steps will run again" in notes
     ctx.options.dry = False
     ctx.ledger.identities.clear()
     report = apply(ctx, sec.steps, inv.hosts)
