@@ -282,3 +282,24 @@ def test_step_mode_summary_and_prompt_letters(ctx, inv, bundle, monkeypatch):
     with ui.console.capture() as cap:
         ui.console.print(ui.escape(f"run bundle.push? {ui.PROMPT}"))
     assert "[y]es / [s]kip / [c]ontinue all / [q]uit / [d]etails" in cap.get()
+
+
+def test_step_prompt_shows_the_summary_then_details_on_d(ctx, inv, bundle, monkeypatch):
+    from runbook import console as ui
+    from runbook.sections import push
+
+    decs = [decide(ctx, push.push, h) for h in push.push.hosts(ctx, inv.hosts)]
+    monkeypatch.setattr(ui.sys.stdin, "isatty", lambda: True)
+
+    def ask(keys: list[str]) -> tuple[str, str]:
+        it = iter(keys)
+        monkeypatch.setattr(ui.Prompt, "ask", lambda *a, **k: next(it))
+        with ui.console.capture() as cap:
+            answer = ui.RichObserver().ask_step(push.push, decs, ctx.redact)
+        return answer, cap.get()
+
+    answer, out = ask(["s"])
+    assert answer == "skip" and "file(s) uploaded" in out and "sha256sum --quiet -c" not in out
+    answer, out = ask(["d", "y"])
+    assert answer == "yes"
+    assert out.index("file(s) uploaded") < out.index("sha256sum --quiet -c")  # summary first, commands on d
