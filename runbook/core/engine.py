@@ -188,7 +188,8 @@ def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
         # e.g. a bad bundle, touches no host).
         for text in read_identities(ctx, hosts):
             report.notices.append(text)
-            notice(text) if notice else None
+            if notice:
+                notice(text)
         decs = _decide_all(ctx, step, hosts)
         report.plan.extend(decs)
         todo = [d for d in decs if d.run]
