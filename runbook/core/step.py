@@ -201,7 +201,7 @@ class Step:
         from runbook.core.files import files_check
 
         files = files_check(self.actions_fn(ctx, host) if actions is None else actions,
-                            full=bool(getattr(ctx.options, "verify", False)))
+                            full=ctx.options.verify)
         hand = self.check_fn(ctx, host) if self.check_fn else None
         if hand is False or files is None:
             return hand
