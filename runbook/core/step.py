@@ -1,5 +1,9 @@
 """Steps as data: typed actions, a check, an undo. One definition serves apply, plan, step mode,
 export, verify and rollback (see DESIGN.md, "The step model").
+
+The files a step puts (Put, Upload) bring their own check and undo (runbook.core.files); a step's
+hand-written check and undo only add what its files cannot say. Its hosts (Step.hosts) and its
+fingerprint (actions + depends_on) are defined here once, for every mode.
 """
 from __future__ import annotations
 
