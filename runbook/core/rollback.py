@@ -20,10 +20,10 @@ def find_step(steps: list[Step], name: str) -> Step:
 
 
 def later_done(ctx: Ctx, steps: list[Step], step: Step, host: Host) -> list[Step]:
-    """Steps after `step` that are recorded done on `host`, newest (highest index) first."""
+    """Steps after `step` that run on `host` and are recorded done there, newest (highest index) first."""
     out = []
     for s in steps:
-        if s.index > step.index:
+        if s.index > step.index and host.name in {h.name for h in s.hosts(ctx, [host])}:
             rec = ctx.ledger.get(host.name, s.name)
             if rec and rec.status in DONE:
                 out.append(s)

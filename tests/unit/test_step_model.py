@@ -303,3 +303,14 @@ def test_step_prompt_shows_the_summary_then_details_on_d(ctx, inv, bundle, monke
     answer, out = ask(["d", "y"])
     assert answer == "yes"
     assert out.index("file(s) uploaded") < out.index("sha256sum --quiet -c")  # summary first, commands on d
+
+
+def test_cascade_ignores_a_stray_record_of_a_step_that_never_runs_on_the_host(ctx, inv, bundle):
+    from runbook.core.rollback import later_done
+    from runbook.sections import patroni
+
+    node2 = inv.get("node02")
+    for name in ("patroni.unit", "patroni.bootstrap", "patroni.replicas"):
+        ctx.ledger.set("node02", name, "done", fingerprint="x")  # bootstrap: left by an old mark-done
+    later = [s.name for s in later_done(ctx, all_steps(), patroni.unit, node2)]
+    assert later == ["patroni.replicas"]
