@@ -6,6 +6,7 @@ import difflib
 
 from runbook.core.context import Ctx
 from runbook.core.engine import Decision
+from runbook.core.files import files_backup
 from runbook.core.step import Put, Step
 
 
@@ -55,6 +56,9 @@ def export_markdown(ctx: Ctx, steps: list[Step]) -> str:
         for h in hosts:
             lines += [f"#### {s.name} on {h.name}", "", "```sh"]
             actions = s.actions_fn(ctx, h)
+            keep = files_backup(actions) if s.role != "local" else None
+            if keep:  # what the runbook does before it writes files, so that a rollback can restore them
+                lines += ["# keep the originals of the files below (rollback restores them)", keep]
             lines += [a.shell(ctx.redact) for a in actions]
             lines += ["```", ""]
             probe = s.probe(ctx, h, actions)

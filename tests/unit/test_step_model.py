@@ -81,6 +81,8 @@ def motd_section() -> Section:
 
 
 def test_a_step_that_puts_one_file_works_in_all_six_modes(ctx, inv):
+    from runbook import console as ui
+
     ft = ctx.transport
     fake_sh(ft)
     steps = motd_section().steps
@@ -100,7 +102,9 @@ def test_a_step_that_puts_one_file_works_in_all_six_modes(ctx, inv):
 
     # --step: the operator's answer decides; a skip runs nothing
     ctx.options.step, ctx.options.answer = True, lambda name: "skip"
-    assert apply(ctx, steps, inv.hosts).executed == [] and ft.writes == []
+    report = apply(ctx, steps, inv.hosts)
+    assert report.executed == [] and ft.writes == []
+    assert "1 file(s) written on node01, node02" in "\n".join(ui.step_summary(step, report.plan))
     ctx.options.step, ctx.options.answer = False, None
 
     # apply: the file is written, its derived check passes, the record is done
@@ -116,6 +120,7 @@ def test_a_step_that_puts_one_file_works_in_all_six_modes(ctx, inv):
     text = export_markdown(ctx, steps)
     assert "Hosts: node01, node02 (parallel)." in text
     assert f"install -D -m 0640 -o root -g root /dev/stdin {path}" in text and "Welcome to node02" in text
+    assert text.index(f"mkdir -p {UNDO_DIR}") < text.index("/dev/stdin /etc/motd.d/cluster")
     assert hashlib.sha256(want).hexdigest() in text.split("#### demo.motd on node01")[1]
 
     # --verify: a file edited on the host is found and put back; the untouched host is left alone
