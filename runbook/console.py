@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.prompt import Prompt
 from rich.syntax import Syntax
 from rich.table import Table
@@ -35,7 +36,7 @@ console = make_console()
 
 STYLE = {"done": "green", "manual": "cyan", "will run": "yellow", "changed": "magenta",
          "interrupted": "red", "drifted": "red", "failed": "red", "running": "red",
-         "rolled_back": "blue", "skipped": "dim"}
+         "rolled_back": "blue", "skipped": "dim", "new machine": "red"}
 
 
 @contextmanager
@@ -107,25 +108,60 @@ class RichObserver:
     def step_progress(self, step: "Step", hosts: list[str]):
         return step_progress(step, hosts)
 
+    def notice(self, text: str) -> None:
+        console.print(f"[yellow]![/] {escape(text)}")
+
     def ask_step(self, step: "Step", decisions: list["Decision"], mask: Callable[[str], str]) -> str:
-        show_step_detail(step, decisions, mask)
-        return ask_step(step.name)
+        console.rule(f"{step.name}: {step.title}")
+        for line in step_summary(step, decisions):
+            console.print(escape(line))
+        while True:
+            answer = ask_step(step.name)
+            if answer != "details":
+                return answer
+            show_step_detail(step, decisions, mask)
+
+
+def step_summary(step: "Step", decs: list["Decision"]) -> list[str]:
+    """What --step shows before its question: what the step does, where, and how much (the full commands
+    are one key away)."""
+    from runbook.core.step import Local, Put, Run, Upload
+
+    n = len(decs)
+    out = [f"{step.kind} step on {n} host(s): "
+           + ", ".join(f"{d.host.name} ({d.label})" for d in decs)]
+    groups: dict[tuple[int, int, int, int], list[str]] = {}
+    for d in decs:
+        counts = (sum(isinstance(a, Put) for a in d.actions), sum(isinstance(a, Upload) for a in d.actions),
+                  sum(isinstance(a, Run) for a in d.actions), sum(isinstance(a, Local) for a in d.actions))
+        groups.setdefault(counts, []).append(d.host.name)
+    for (puts, ups, runs, local), hosts in groups.items():
+        what = [f"{puts} file(s) written" if puts else "", f"{ups} file(s) uploaded" if ups else "",
+                f"{runs} command(s)" if runs else "", f"{local} local action(s)" if local else ""]
+        out.append(f"  {', '.join(w for w in what if w) or 'nothing'} on {', '.join(hosts)}")
+    reasons = sorted({d.reason for d in decs})
+    out.append(f"  why: {'; '.join(reasons)}")
+    return out
 
 
 def show_step_detail(step: "Step", decs: list["Decision"], mask: Callable[[str], str]) -> None:
-    console.rule(f"{step.name}: {step.title}")
     for d in decs:
-        console.print(f"[bold]{d.host.name}[/] ({d.label}: {d.reason})")
+        console.print(f"[bold]{escape(d.host.name)}[/] ({escape(d.label)}: {escape(d.reason)})")
         script = "\n".join(a.shell(mask) for a in d.actions)
         console.print(Syntax(script, "bash", word_wrap=True))
+
+
+PROMPT = "[y]es / [s]kip / [c]ontinue all / [q]uit / [d]etails (the full commands)"
+ANSWERS = {"y": "yes", "s": "skip", "c": "continue", "q": "quit", "d": "details"}
 
 
 def ask_step(step_name: str) -> str:
     if not sys.stdin.isatty():
         raise SystemExit("--step needs an interactive terminal (stdin is not a TTY)")
-    choice = Prompt.ask(f"run {step_name}? [y]es / [s]kip / [c]ontinue all / [q]uit",
-                        choices=["y", "s", "c", "q"], default="y")
-    return {"y": "yes", "s": "skip", "c": "continue", "q": "quit"}[choice]
+    # escape(): Rich reads "[y]" as markup and would print "es / kip / ontinue all / uit"
+    choice = Prompt.ask(escape(f"run {step_name}? {PROMPT}"), choices=list(ANSWERS), default="y",
+                        show_choices=False)
+    return ANSWERS[choice]
 
 
 def summary_line(report: "Report", seconds: float) -> str:

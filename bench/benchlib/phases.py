@@ -35,7 +35,6 @@ def q(s: str) -> str:
 def generate_ansible(a, d: Path) -> tuple[Path, Path, int, list[str]]:
     """Inventory + playbook: for each runbook step with a string check, a shell task with that
     check (per host, as host vars tagged !unsafe so Jinja never touches them) on that step's hosts."""
-    from runbook.core.engine import targets
     from runbook.sections import all_steps
 
     ctx = make_ctx(a)
@@ -44,13 +43,13 @@ def generate_ansible(a, d: Path) -> tuple[Path, Path, int, list[str]]:
     hostvars: dict[str, list[str]] = {h.name: [] for h in i.hosts}
     tasks, skipped = [], []
     for n, step in enumerate(all_steps()):
-        hosts = targets(ctx, step, list(i.hosts))
-        if step.role == "local" or step.check_fn is None:
+        hosts = step.hosts(ctx, list(i.hosts))
+        if step.role == "local" or not any(isinstance(step.probe(ctx, h), str) for h in hosts):
             skipped.append(f"{step.name} ({'local' if step.role == 'local' else 'no check'})")
             continue
         var = f"rb_check_{n:02d}"
         for h in hosts:
-            hostvars[h.name].append(f"        {var}: !unsafe {q(step.check_fn(ctx, h))}")
+            hostvars[h.name].append(f"        {var}: !unsafe {q(step.probe(ctx, h))}")
         tasks.append(f"    - name: {q(step.name + ' (check)')}\n"
                      f"      ansible.builtin.shell: \"{{{{ {var} }}}}\"\n"
                      f"      when: {var} is defined\n      changed_when: false\n      ignore_errors: true\n")

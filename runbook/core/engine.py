@@ -6,10 +6,12 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from runbook.core.context import Ctx
-from runbook.core.step import Action, Local, Put, Run, Step, Upload, fingerprint
+from runbook.core.files import UNDO_DIR, files_backup
+from runbook.core.identity import read_identities, voided
+from runbook.core.step import Action, Local, Put, Run, Step, Upload
 from runbook.core.transport import TransportError
 from runbook.errors import RunbookError
-from runbook.inventory import Host
+from runbook.inventory import LOCAL, Host
 
 
 class RunFailed(RunbookError):
@@ -41,22 +43,13 @@ class Report:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, str]] = field(default_factory=list)
     plan: list[Decision] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # e.g. a host that is a new machine
 
 
-def targets(ctx: Ctx, step: Step, selected: list[Host]) -> list[Host]:
-    if step.role == "local":
-        return ctx.inventory.role("local")
-    names = {h.name for h in selected}
-    hosts = ctx.inventory.role(step.role)
-    hosts = step.only(ctx, hosts) if step.only else hosts
-    return [h for h in hosts if h.name in names]
-
-
-def evaluate_check(ctx: Ctx, step: Step, host: Host) -> bool | None:
-    """True/False from the step's probe of reality; None when the step has no check."""
-    if step.check_fn is None:
-        return None
-    probe = step.check_fn(ctx, host)
+def evaluate_check(ctx: Ctx, step: Step, host: Host, actions: list[Action] | None = None) -> bool | None:
+    """True/False from the step's probe of reality (its files' derived check and its hand-written one);
+    None when the step has neither."""
+    probe = step.probe(ctx, host, actions)
     if probe is None or isinstance(probe, bool):
         return probe
     r = ctx.transport_for(host).run(host, probe, timeout=300, lock=True)
@@ -65,18 +58,21 @@ def evaluate_check(ctx: Ctx, step: Step, host: Host) -> bool | None:
 
 def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
     actions = step.actions_fn(ctx, host)
-    fp = fingerprint(actions)
+    fp = step.fingerprint(ctx, host, actions)
     rec = ctx.ledger.get(host.name, step.name)
 
     def d(run: bool, label: str, reason: str) -> Decision:
         return Decision(host, step, run, label, reason, actions, fp)
 
+    if rec is not None and rec.status in ("done", "manual", "running") and voided(ctx, host, rec.machine):
+        return d(True, "new machine", f"{host.name} is a new machine (its /etc/machine-id changed): "
+                                      "the record is void")
     if rec is None or rec.status in ("pending", "rolled_back"):
         return d(True, "will run", "not done yet" if rec is None else rec.status.replace("_", " "))
     if rec.status == "failed":
         return d(True, "will run", "failed before: " + (rec.error or "")[-80:].strip())
     if rec.status == "running":
-        ok = evaluate_check(ctx, step, host)  # checks are read-only probes: dry runs may ask them too
+        ok = evaluate_check(ctx, step, host, actions)  # read-only probes: dry runs may ask them too
         if ok:
             if not ctx.options.dry:
                 ctx.ledger.set(host.name, step.name, "done", fingerprint=fp, mode="check",
@@ -89,7 +85,7 @@ def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
     if rec.fingerprint != fp:
         return d(True, "changed", "its rendered actions changed since it was done")
     if ctx.options.verify or (step.always_check and not ctx.options.dry):
-        ok = evaluate_check(ctx, step, host)
+        ok = evaluate_check(ctx, step, host, actions)
         if ok is False:
             return d(True, "drifted", "done, but the check says reality drifted")
         return d(False, "done", "done and verified" if ok else "done (no check)")
@@ -103,12 +99,21 @@ def execute(ctx: Ctx, dec: Decision, mode: str = "auto") -> str | None:
     t0 = time.time()
     led.set(host.name, step.name, "running", fingerprint=dec.fp, mode=mode)
     try:
+        keep = files_backup(dec.actions) if host.name != LOCAL.name else None
+        if keep:  # the originals of the files about to be replaced, for the derived undo
+            r = tr.run(host, keep, timeout=300, lock=True)
+            led.event(host.name, step.name, "backup", "keep the originals of the step's files", r.rc,
+                      r.stdout, r.stderr)
+            if not r.ok:
+                err = f"keeping the originals under {UNDO_DIR} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+                led.set(host.name, step.name, "failed", error=err, started=t0, mode=mode)
+                return err
         for a in dec.actions:
             err = _act(ctx, tr, host, step, a)
             if err:
                 led.set(host.name, step.name, "failed", error=err, started=t0, mode=mode)
                 return err
-        if evaluate_check(ctx, step, host) is False:
+        if evaluate_check(ctx, step, host, dec.actions) is False:
             err = "the actions ran but the step's check still fails"
             led.event(host.name, step.name, "check", "check", 1)
             led.set(host.name, step.name, "failed", error=err, started=t0, mode=mode)
@@ -174,10 +179,17 @@ def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
     """Run `steps` in order on the selected hosts; stop before the next step after a failure."""
     report = Report()
     asking = ctx.options.step
+    notice = getattr(ctx.observer, "notice", None)
     for step in steps:
-        hosts = targets(ctx, step, selected)
+        hosts = step.hosts(ctx, selected)
         if not hosts:
             continue
+        # Each host's identity is read once, when a step first reaches it (a local step that fails first,
+        # e.g. a bad bundle, touches no host).
+        for text in read_identities(ctx, hosts):
+            report.notices.append(text)
+            if notice:
+                notice(text)
         decs = _decide_all(ctx, step, hosts)
         report.plan.extend(decs)
         todo = [d for d in decs if d.run]
@@ -217,14 +229,12 @@ def _decide_all(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Decision]:
 def _run_step(ctx: Ctx, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
     errors: dict[str, str] = {}
     with ctx.observer.step_progress(step, [d.host.name for d in todo]) as progress:
-        if step.kind == "serial":
-            order = step.host_order(ctx, [d.host for d in todo]) if step.host_order else [d.host for d in todo]
-            by_name = {d.host.name: d for d in todo}
-            for h in order:
-                err = execute(ctx, by_name[h.name], mode)
-                progress(h.name, err)
+        if step.kind == "serial":  # todo is in Step.hosts() order
+            for d in todo:
+                err = execute(ctx, d, mode)
+                progress(d.host.name, err)
                 if err:
-                    errors[h.name] = err
+                    errors[d.host.name] = err
                     break
             return errors
         # parallel and barrier: every host at once (a barrier step needs them all started together)

@@ -6,6 +6,7 @@ import difflib
 
 from runbook.core.context import Ctx
 from runbook.core.engine import Decision
+from runbook.core.files import files_backup
 from runbook.core.step import Put, Step
 
 
@@ -50,13 +51,17 @@ def export_markdown(ctx: Ctx, steps: list[Step]) -> str:
         body = "\n".join(line.strip() for line in s.doc.strip().splitlines()[1:]).strip()
         if body:
             lines += [body, ""]
-        hosts = ctx.inventory.role(s.role)
+        hosts = s.hosts(ctx, ctx.inventory.hosts)
         lines.append(f"Hosts: {', '.join(h.name for h in hosts)} ({s.kind})." + "\n")
         for h in hosts:
             lines += [f"#### {s.name} on {h.name}", "", "```sh"]
-            lines += [a.shell(ctx.redact) for a in s.actions_fn(ctx, h)]
+            actions = s.actions_fn(ctx, h)
+            keep = files_backup(actions) if s.role != "local" else None
+            if keep:  # what the runbook does before it writes files, so that a rollback can restore them
+                lines += ["# keep the originals of the files below (rollback restores them)", keep]
+            lines += [a.shell(ctx.redact) for a in actions]
             lines += ["```", ""]
-            probe = s.check_fn(ctx, h) if s.check_fn else None
+            probe = s.probe(ctx, h, actions)
             if isinstance(probe, str):
                 lines += ["Check (exit 0 = done):", "", "```sh", ctx.redact(probe), "```", ""]
     return "\n".join(lines)

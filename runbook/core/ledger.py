@@ -46,6 +46,7 @@ class Checkpoint:
     duration: float | None
     note: str | None
     error: str | None
+    machine: str | None = None  # the host's identity (/etc/machine-id) when the record was written
 
 
 class Ledger:
@@ -65,6 +66,7 @@ class Ledger:
         self._schema()
         self._lock_fd: int | None = None
         self.run_id: int | None = None
+        self.identities: dict[str, str] = {}  # host -> machine-id read in this run; stamped on its records
 
     def _schema(self) -> None:
         with self._mu:
@@ -80,6 +82,10 @@ class Ledger:
                 "id": int, "run_id": int, "at": float, "host": str, "step": str, "kind": str,
                 "action": str, "rc": int, "duration": float, "stdout": str, "stderr": str,
             }, pk="id", if_not_exists=True)
+            # Added later, as its own table: an older ledger gains it (its records have no identity yet) and
+            # an older runbook reading a newer ledger never sees it.
+            self.db["identities"].create({"host": str, "step": str, "machine": str},
+                                         pk=("host", "step"), if_not_exists=True)
             if not self.db["events"].indexes:
                 self.db["events"].create_index(["run_id"], if_not_exists=True)
 
@@ -126,14 +132,20 @@ class Ledger:
             self._lock_fd = None
 
     # -- checkpoints -------------------------------------------------------------------------
-    def get(self, host: str, step: str) -> Checkpoint | None:
+    _SELECT = "SELECT c.*, i.machine FROM checkpoints c LEFT JOIN identities i USING (host, step)"
+
+    def _query(self, where: str = "", args: list | None = None) -> list[Checkpoint]:
         with self._mu:
-            rows = list(self.db["checkpoints"].rows_where("host = ? and step = ?", [host, step]))
-        return Checkpoint(**rows[0]) if rows else None
+            cur = self.db.execute(self._SELECT + where, args or [])
+            cols = [d[0] for d in cur.description]
+            return [Checkpoint(**dict(zip(cols, r, strict=True))) for r in cur.fetchall()]
+
+    def get(self, host: str, step: str) -> Checkpoint | None:
+        rows = self._query(" WHERE c.host = ? AND c.step = ?", [host, step])
+        return rows[0] if rows else None
 
     def all(self) -> list[Checkpoint]:
-        with self._mu:
-            return [Checkpoint(**r) for r in self.db["checkpoints"].rows]
+        return self._query()
 
     def set(self, host: str, step: str, status: str, *, fingerprint: str | None = None, mode: str = "auto",
             note: str | None = None, error: str | None = None, started: float | None = None) -> None:
@@ -151,9 +163,21 @@ class Ledger:
                 row.update(started=started, duration=round(t - started, 3))
         with self._mu:
             self.db["checkpoints"].upsert(row, pk=("host", "step"), alter=False)
+            if self.identities.get(host):
+                self.db["identities"].upsert({"host": host, "step": step, "machine": self.identities[host]},
+                                             pk=("host", "step"))
+
+    def adopt_identity(self, host: str, machine: str) -> int:
+        """Stamp `machine` on the host's records that have none (written before identities were kept)."""
+        with self._mu:
+            cur = self.db.execute("INSERT OR IGNORE INTO identities (host, step, machine) "
+                                  "SELECT host, step, ? FROM checkpoints WHERE host = ?", [machine, host])
+            self.db.conn.commit()
+            return cur.rowcount
 
     def forget(self, host: str, step: str) -> bool:
         with self._mu:
+            self.db.execute("DELETE FROM identities WHERE host = ? AND step = ?", [host, step])
             cur = self.db.execute("DELETE FROM checkpoints WHERE host = ? AND step = ?", [host, step])
             self.db.conn.commit()
             return cur.rowcount > 0
@@ -165,7 +189,8 @@ class Ledger:
             self.db["events"].insert({
                 "run_id": self.run_id, "at": now(), "host": host, "step": step, "kind": kind,
                 "action": self.redact(action), "rc": rc, "duration": duration,
-                "stdout": self.redact(stdout[-TAIL:]), "stderr": self.redact(stderr[-TAIL:]),
+                # redact first: a secret cut in half by the truncation would no longer match and leak its tail
+                "stdout": self.redact(stdout)[-TAIL:], "stderr": self.redact(stderr)[-TAIL:],
             })
 
     def runs(self, limit: int = 20) -> list[dict]:

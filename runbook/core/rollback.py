@@ -20,10 +20,10 @@ def find_step(steps: list[Step], name: str) -> Step:
 
 
 def later_done(ctx: Ctx, steps: list[Step], step: Step, host: Host) -> list[Step]:
-    """Steps after `step` that are recorded done on `host`, newest (highest index) first."""
+    """Steps after `step` that run on `host` and are recorded done there, newest (highest index) first."""
     out = []
     for s in steps:
-        if s.index > step.index:
+        if s.index > step.index and host.name in {h.name for h in s.hosts(ctx, [host])}:
             rec = ctx.ledger.get(host.name, s.name)
             if rec and rec.status in DONE:
                 out.append(s)
@@ -39,15 +39,23 @@ def data_guard(ctx: Ctx, step: Step, host: Host) -> list[Run]:
                 f"pass --destroy-data to delete it' >&2; exit 3; fi")]
 
 
+def step_hosts(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Host]:
+    """The step's own hosts among `hosts` (Step.hosts); a named host it never runs on is an error."""
+    mine = step.hosts(ctx, ctx.inventory.hosts)
+    if step.role != "local":
+        names = {h.name for h in mine}
+        for h in hosts:
+            if h.name not in names:
+                raise InventoryError(f"{step.name} does not run on {h.name} (role {step.role}; it runs on "
+                                     f"{', '.join(sorted(names)) or 'no host'})")
+    return step.hosts(ctx, hosts)
+
+
 def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade: bool) -> list[tuple[str, str]]:
     """Undo `name` on hosts (and, with cascade, every later done step first, newest first)."""
     step = find_step(steps, name)
-    if step.role == "local":
-        hosts = ctx.inventory.role("local")
     plan: list[tuple[Host, Step]] = []
-    for h in hosts:
-        if step.role not in ("all", "local") and not h.has(step.role):
-            raise InventoryError(f"{name} does not apply to {h.name} (role {step.role})")
+    for h in step_hosts(ctx, step, hosts):
         later = later_done(ctx, steps, step, h)
         if later and not cascade:
             raise RunFailed(f"refusing to roll back {name} on {h.name}: later steps are done there "
@@ -55,8 +63,9 @@ def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade:
         plan += [(h, s) for s in later] + [(h, step)]
     # Refuse before anything is undone: a step without an undo, or a data dir the undo would delete.
     for h, s in plan:
-        if s.undo_fn is None:
-            raise RunFailed(f"{s.name} on {h.name} cannot be rolled back: {s.undo_reason or 'no undo defined'}")
+        why = s.undo_missing(ctx, h)
+        if why:
+            raise RunFailed(f"{s.name} on {h.name} cannot be rolled back: {why}")
     for h, s in plan:
         for g in data_guard(ctx, s, h):
             r = ctx.transport_for(h).run(h, g.cmd, timeout=60)
@@ -67,7 +76,7 @@ def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade:
                                 f"data: {why}{hint}; nothing was rolled back")
     done: list[tuple[str, str]] = []
     for h, s in plan:
-        actions = data_guard(ctx, s, h) + s.undo_fn(ctx, h)
+        actions = data_guard(ctx, s, h) + s.undo_actions(ctx, h)
         # The step's check probes the step's effect, which the undo removes: it must not judge the undo.
         dec = Decision(h, replace(s, check_fn=None), True, "rollback", "rollback", actions, fingerprint(actions))
         err = execute(ctx, dec, mode="rollback")
@@ -83,9 +92,7 @@ def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade:
 def mark_done(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], note: str | None) -> None:
     """Record that a person did `name` by hand; the fingerprint is today's, so automation skips it."""
     step = find_step(steps, name)
-    if step.role == "local":
-        hosts = ctx.inventory.role("local")
-    for h in hosts:
-        fp = fingerprint(step.actions_fn(ctx, h))
+    for h in step_hosts(ctx, step, hosts):
+        fp = step.fingerprint(ctx, h, step.actions_fn(ctx, h))
         ctx.ledger.set(h.name, step.name, "manual", fingerprint=fp, mode="manual", note=note or "done by hand")
         ctx.ledger.event(h.name, step.name, "mark-done", f"marked done by hand: {note or ''}")

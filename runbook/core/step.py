@@ -1,5 +1,9 @@
 """Steps as data: typed actions, a check, an undo. One definition serves apply, plan, step mode,
 export, verify and rollback (see DESIGN.md, "The step model").
+
+The files a step puts (Put, Upload) bring their own check and undo (runbook.core.files); a step's
+hand-written check and undo only add what its files cannot say. Its hosts (Step.hosts) and its
+fingerprint (actions + depends_on) are defined here once, for every mode.
 """
 from __future__ import annotations
 
@@ -50,6 +54,10 @@ class Put:
     secret: bool = False  # masked in exports, diffs and the ledger
     source: str | None = None  # the template it was rendered from
     local_copy: str | None = None  # export shows "copy this local file" instead of the content
+    # Other sha256s that also count as this file being in place (a later step edits it on purpose, e.g.
+    # etcd's initial-cluster-state); not part of the digest.
+    accept: tuple[str, ...] = ()
+    on_restore: str | None = None  # a command to run after the undo restored or removed the file
 
     @property
     def sha256(self) -> str:
@@ -85,6 +93,10 @@ class Upload:
     mode: str = "0644"
     owner: str = "root"
 
+    @property
+    def group(self) -> str:
+        return self.owner  # the transport installs an upload as owner:owner
+
     def describe(self) -> str:
         return f"upload {self.src.name} -> {self.path} ({self.size} bytes, sha256 {self.sha256[:12]})"
 
@@ -119,10 +131,17 @@ Check = Union[str, bool, None]  # a shell command (rc 0 = effect present), a kno
 Kind = Literal["parallel", "barrier", "serial"]
 
 
-def fingerprint(actions: list[Action]) -> str:
+Dependency = Union[Run, Put, Upload, Local, str]
+
+
+def fingerprint(actions: list[Action], depends: list[Dependency] | None = None) -> str:
+    """sha256 of the rendered actions, then of what the step declares it depends on (depends_on=)."""
     h = hashlib.sha256()
     for a in actions:
         h.update(a.digest())
+        h.update(b"\x1e")
+    for d in depends or []:
+        h.update(b"dep\0" + (d.encode() if isinstance(d, str) else d.digest()))
         h.update(b"\x1e")
     return h.hexdigest()
 
@@ -136,6 +155,7 @@ def wait_for(cmd: str, seconds: int, interval: int = 1) -> str:
 
 ActionsFn = Callable[["Ctx", "Host"], list[Action]]
 CheckFn = Callable[["Ctx", "Host"], Check]
+DependsFn = Callable[["Ctx", "Host"], list[Dependency]]
 
 
 @dataclass
@@ -154,6 +174,7 @@ class Step:
     host_order: Callable[["Ctx", list["Host"]], list["Host"]] | None = None  # serial steps
     only: Callable[["Ctx", list["Host"]], list["Host"]] | None = None  # narrow the role's hosts
     always_check: bool = False  # a cheap check that runs even on done steps; a failure re-runs it
+    depends_on: DependsFn | None = None  # what else the step's effect depends on (feeds the fingerprint)
 
     def check(self, fn: CheckFn) -> CheckFn:
         self.check_fn = fn
@@ -162,6 +183,51 @@ class Step:
     def undo(self, fn: ActionsFn) -> ActionsFn:
         self.undo_fn = fn
         return fn
+
+    def hosts(self, ctx: "Ctx", selected: list["Host"]) -> list["Host"]:
+        """The hosts this step runs on among `selected`, in the order it runs them: its role, narrowed by
+        `only`, ordered by `host_order`. The engine, --dry, --step, export, rollback, mark-done and
+        forget all ask this one method."""
+        if self.role == "local":
+            return ctx.inventory.role("local")
+        names = {h.name for h in selected}
+        hosts = ctx.inventory.role(self.role)
+        hosts = self.only(ctx, hosts) if self.only else hosts
+        hosts = [h for h in hosts if h.name in names]
+        return self.host_order(ctx, hosts) if self.host_order else hosts
+
+    def fingerprint(self, ctx: "Ctx", host: "Host", actions: list[Action]) -> str:
+        return fingerprint(actions, self.depends_on(ctx, host) if self.depends_on else None)
+
+    def probe(self, ctx: "Ctx", host: "Host", actions: list[Action] | None = None) -> Check:
+        """The whole check: the files the actions put (sha256, mode, owner: derived, one command) and
+        the hand-written check, which only adds what the actions cannot say."""
+        from runbook.core.files import files_check
+
+        files = files_check(self.actions_fn(ctx, host) if actions is None else actions,
+                            full=ctx.options.verify)
+        hand = self.check_fn(ctx, host) if self.check_fn else None
+        if hand is False or files is None:
+            return hand
+        if hand is None or hand is True:
+            return files
+        return f"{files} && {{ {hand}\n}}"
+
+    def undo_actions(self, ctx: "Ctx", host: "Host") -> list[Action]:
+        """The hand-written undo (e.g. stop the service) then the derived one: every file the actions
+        put is restored from the copy kept before it was replaced, or removed when it was new."""
+        from runbook.core.files import files_undo
+
+        hand = self.undo_fn(ctx, host) if self.undo_fn else []
+        return hand + files_undo(self.actions_fn(ctx, host))
+
+    def undo_missing(self, ctx: "Ctx", host: "Host") -> str | None:
+        """Why the step cannot be rolled back on host (None when it can: a hand-written or a derived undo)."""
+        from runbook.core.files import file_actions
+
+        if self.undo_fn is not None or file_actions(self.actions_fn(ctx, host)):
+            return None
+        return self.undo_reason or "no undo defined"
 
     @property
     def title(self) -> str:

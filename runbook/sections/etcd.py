@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import replace
 
 from runbook.cluster.commands import etcdctl
 from runbook.cluster.render import etcd_context
@@ -175,7 +176,12 @@ def _tls_undo(ctx: Ctx, host: Host) -> list:
 
 # 5 -------------------------------------------------------------------------------------------
 def _config(ctx: Ctx, host: Host) -> Put:
-    return template("etcd/etcd.conf.yml.j2", ctx.paths.etcd_conf, _ctx(ctx, host), mode="0640", group="etcd")
+    """The config as rendered for a new cluster; once the member has bootstrapped, the file says
+    `initial-cluster-state: existing` (the config and existing steps edit it): both count as in place."""
+    path = ctx.paths.etcd_conf
+    joined = template("etcd/etcd.conf.yml.j2", path, _ctx(ctx, host, "existing"), mode="0640", group="etcd")
+    put = template("etcd/etcd.conf.yml.j2", path, _ctx(ctx, host), mode="0640", group="etcd")
+    return replace(put, accept=(joined.sha256,))
 
 
 @section.step("config", role="etcd")
@@ -186,18 +192,6 @@ def config(ctx: Ctx, host: Host) -> list:
     return [_config(ctx, host),
             Run(f"if [ -d {ctx.paths.etcd_data_dir}/member ]; then sed -i "
                 f"'s/^initial-cluster-state: new$/initial-cluster-state: existing/' {conf}; fi")]
-
-
-@config.check
-def _config_check(ctx: Ctx, host: Host) -> str:
-    want = _config(ctx, host).sha256
-    return (f"test \"$(sed 's/^initial-cluster-state: existing$/initial-cluster-state: new/' "
-            f"{ctx.paths.etcd_conf} | sha256sum | cut -d' ' -f1)\" = {want}")
-
-
-@config.undo
-def _config_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"rm -f {ctx.paths.etcd_conf}")]
 
 
 # 6 -------------------------------------------------------------------------------------------
@@ -215,7 +209,7 @@ def _unit_check(ctx: Ctx, host: Host) -> str:
 
 @unit.undo
 def _unit_undo(ctx: Ctx, host: Host) -> list:
-    return unit_undo("etcd", ctx.paths.etcd_unit)
+    return unit_undo("etcd")
 
 
 # 7 -------------------------------------------------------------------------------------------
@@ -251,12 +245,7 @@ def ectl(ctx: Ctx, host: Host) -> list:
 
 @ectl.check
 def _ectl_check(ctx: Ctx, host: Host) -> str:
-    return f"{ctx.paths.ectl} endpoint health >/dev/null"
-
-
-@ectl.undo
-def _ectl_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"rm -f {ctx.paths.ectl}")]
+    return f"{ctx.paths.ectl} endpoint health >/dev/null"  # the file is in place (derived) and it works
 
 
 # 9 -------------------------------------------------------------------------------------------
@@ -264,14 +253,15 @@ def _etcd_order(ctx: Ctx, hosts: list[Host]) -> list[Host]:
     return sorted(hosts, key=lambda h: h.name)
 
 
-@section.step("existing", role="etcd", kind="serial", host_order=_etcd_order)
+@section.step("existing", role="etcd", kind="serial", host_order=_etcd_order,
+              depends_on=lambda ctx, host: [_config(ctx, host)])  # a new config: restart again
 def existing(ctx: Ctx, host: Host) -> list:
     """Existing: initial-cluster-state: existing in the YAML file, members restarted one at a time
     The walk-through edits /etc/default/etcd, which etcd ignores with --config-file. Each member is
     restarted only after the previous one is healthy again, so the cluster keeps quorum."""
     conf = shlex.quote(ctx.paths.etcd_conf)
     return [Run(f"sed -i 's/^initial-cluster-state: new$/initial-cluster-state: existing/' {conf}"),
-            Run(f"# config sha256 {_config(ctx, host).sha256}\nsystemctl restart etcd", timeout=120),
+            Run("systemctl restart etcd", timeout=120),
             Run(wait_for(etcdctl(ctx, host, "endpoint health", _all_endpoints(ctx)), 90), timeout=120)]
 
 

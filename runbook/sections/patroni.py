@@ -7,7 +7,7 @@ from runbook.cluster.commands import member_ok, psql
 from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_undo
 from runbook.cluster.render import patroni_context
 from runbook.core.context import Ctx
-from runbook.core.step import Run, Section, wait_for
+from runbook.core.step import Put, Run, Section, wait_for
 from runbook.inventory import Host
 from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote
 from runbook.sections.units import template, unit_actions, unit_undo
@@ -77,14 +77,9 @@ def profile(ctx: Ctx, host: Host) -> list:
     return [template("patroni/profile.sh.j2", ctx.paths.patroni_profile, pctx(ctx, host))]
 
 
-@profile.check
-def _profile_check(ctx: Ctx, host: Host) -> str:
-    return f"grep -q PATRONI_CONFIG_FILE {ctx.paths.patroni_profile}"
-
-
-@profile.undo
-def _profile_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"rm -f {ctx.paths.patroni_profile}")]
+def _config(ctx: Ctx, host: Host, c: dict | None = None) -> Put:
+    return template("patroni/config.yml.j2", ctx.paths.patroni_conf, c or pctx(ctx, host), mode="0600",
+                    owner="postgres", secret=True)
 
 
 @section.step("config", role="postgres")
@@ -95,22 +90,11 @@ def config(ctx: Ctx, host: Host) -> list:
     c = pctx(ctx, host)
     conf_dir = ctx.paths.patroni_conf.rsplit("/", 1)[0]
     return [Run(f"install -d -m 0750 -o postgres -g postgres {conf_dir}"),
-            template("patroni/config.yml.j2", ctx.paths.patroni_conf, c, mode="0600", owner="postgres",
-                     secret=True),
+            _config(ctx, host, c),
             # the bootstrap step brings the post_bootstrap script for its one start; a copy an older
             # runbook left on every host (with the admin password in it) goes
             Run(f"rm -f {ctx.paths.post_bootstrap}"),
             Run("systemctl reload patroni 2>/dev/null || true")]
-
-
-@config.check
-def _config_check(ctx: Ctx, host: Host) -> str:
-    return f"test \"$(stat -c '%a %U' {ctx.paths.patroni_conf})\" = '600 postgres'"
-
-
-@config.undo
-def _config_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"rm -f {ctx.paths.patroni_conf} {ctx.paths.post_bootstrap}")]
 
 
 @section.step("logdir", role="postgres")
@@ -129,13 +113,11 @@ def _logdir_undo(ctx: Ctx, host: Host) -> list:
     return [Run(f"rmdir {ctx.paths.patroni_log_dir} 2>/dev/null || true")]
 
 
-@section.step("validate", role="postgres")
+@section.step("validate", role="postgres", depends_on=lambda ctx, host: [_config(ctx, host)])  # re-validate on change
 def validate(ctx: Ctx, host: Host) -> list:
     """Validate: patroni --validate-config --ignore-listen-port on the rendered config"""
     v = ctx.paths.patroni_venv
-    conf = template("patroni/config.yml.j2", ctx.paths.patroni_conf, pctx(ctx, host))  # re-validate on change
-    return [Run(f"# config sha256 {conf.sha256}\n"
-                f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}", user="postgres")]
+    return [Run(f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}", user="postgres")]
 
 
 @section.step("unit", role="postgres")
@@ -151,7 +133,7 @@ def _unit_check(ctx: Ctx, host: Host) -> str:
 
 @unit.undo
 def _unit_undo(ctx: Ctx, host: Host) -> list:
-    return unit_undo("patroni", ctx.paths.patroni_unit)
+    return unit_undo("patroni")
 
 
 @section.step("bootstrap", role="postgres", only=bootstrap_host)

@@ -44,7 +44,7 @@ def write_and_read(ctx: Ctx) -> str:
 @section.step("verify", role="local")
 def verify(ctx: Ctx, host: Host) -> list:
     """Verify: write a row on the leader and read it on every replica (bounded wait)"""
-    return [Local("write a row on the leader, read it on every replica", lambda: write_and_read(ctx), key="v1")]
+    return [Local("write a row on the leader, read it on every replica", lambda: write_and_read(ctx))]
 
 
 @verify.undo

@@ -14,6 +14,7 @@ from runbook.core.export import export_markdown
 from runbook.core.rollback import find_step
 from runbook.core.rollback import mark_done as _mark_done
 from runbook.core.rollback import rollback as _rollback
+from runbook.core.rollback import step_hosts
 from runbook.inventory import InventoryError
 from runbook.sections import all_steps
 from runbook.tasks.session import session
@@ -102,7 +103,7 @@ def mark_done(c, name, hosts=None, note=None):
     step = _step(name)
     _need_hosts(step, hosts)
     with session(c, "runbook.mark-done", hosts=hosts) as ctx:
-        selected = ctx.inventory.role("local") if step.role == "local" else ctx.selected
+        selected = step_hosts(ctx, step, ctx.selected)
         _mark_done(ctx, all_steps(), name, selected, note)
         ui.console.print(f"[cyan]{name}[/] recorded as done by hand on {', '.join(h.name for h in selected)}")
 
@@ -115,8 +116,7 @@ def rollback(c, name, hosts=None, cascade=False, destroy_data=False):
     step = _step(name)
     _need_hosts(step, hosts)
     with session(c, "runbook.rollback", options=Options(destroy_data=destroy_data), hosts=hosts) as ctx:
-        selected = ctx.inventory.role("local") if step.role == "local" else ctx.selected
-        undone = _rollback(ctx, all_steps(), name, selected, cascade)
+        undone = _rollback(ctx, all_steps(), name, ctx.selected, cascade)
         for h, s in undone:
             ui.console.print(f"[blue]rolled back[/] {s} on {h}")
 
@@ -127,8 +127,7 @@ def forget(c, name, hosts=None):
     step = _step(name)
     _need_hosts(step, hosts)
     with session(c, "runbook.forget", hosts=hosts) as ctx:
-        selected = ctx.inventory.role("local") if step.role == "local" else ctx.selected
-        for h in selected:
+        for h in step_hosts(ctx, step, ctx.selected):
             gone = ctx.ledger.forget(h.name, name)
             ui.console.print(f"{name} on {h.name}: {'forgotten' if gone else 'no record'}")
 

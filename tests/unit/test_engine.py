@@ -8,6 +8,7 @@ import pytest
 
 from runbook.core.engine import Quit, RunFailed, apply
 from runbook.core.export import export_markdown
+from runbook.core.identity import IDENTITY_CMD
 from runbook.core.ledger import Ledger, LedgerLocked
 from runbook.core.rollback import mark_done, rollback
 from runbook.core.step import Put, Run, Section
@@ -57,12 +58,14 @@ def statuses(ctx):
 def test_steps_run_in_order_on_their_role(ctx, inv):
     steps = make_section()
     report = apply(ctx, steps, inv.hosts)
+    order = [s for _, s in report.executed]
+    assert order == ["demo.first"] * 3 + ["demo.second"] * 3 + ["demo.third"] * 2  # step by step, in order
     cmds = ctx.transport.commands("etcd01")
-    assert cmds.index("echo first etcd01") < len(cmds)
+    backup = next(i for i, c in enumerate(cmds) if c.startswith("umask 077; mkdir -p /var/lib/pg-ha-runbook"))
+    assert cmds.index("echo first etcd01") < backup  # first's action before second's (the file's backup)
     assert ("etcd01", "/etc/demo.conf") in ctx.transport.writes
-    assert "echo third etcd01" not in cmds
+    assert "echo third etcd01" not in cmds and "echo first node01" not in ctx.transport.commands("node01")
     assert ctx.transport.commands("node01")[-1] == "echo third node01"
-    assert len(report.executed) == 3 + 3 + 2
     assert set(statuses(ctx).values()) == {"done"}
 
 
@@ -70,9 +73,11 @@ def test_second_run_executes_nothing(ctx, inv):
     steps = make_section()
     apply(ctx, steps, inv.hosts)
     n = len(ctx.transport.calls)
+    ctx.ledger.identities.clear()  # a new run
     report = apply(ctx, steps, inv.hosts)
     assert report.executed == []
-    assert len(ctx.transport.calls) == n  # not even a check: done + same fingerprint
+    # not even a check (done + same fingerprint): only each host's identity, once
+    assert sorted(ctx.transport.calls[n:]) == sorted((h.name, "root", IDENTITY_CMD) for h in inv.hosts)
 
 
 def test_parallel_fan_out(ctx, inv):
@@ -160,8 +165,10 @@ def test_dry_verify_asks_checks_but_writes_nothing(ctx, inv):
     labels = {(d.host.name, d.step.name): d.label for d in plan}
     assert labels[("etcd02", "demo.first")] == "drifted" and labels[("etcd01", "demo.first")] == "done"
     assert len(ctx.transport.writes) == n_writes and len(ctx.ledger.all()) == n_rows
-    new = ctx.transport.commands()[n_calls:]
-    assert new and all(c.startswith("check ") for c in new)  # only probes, no actions
+    new = [c for c in ctx.transport.commands()[n_calls:] if c != IDENTITY_CMD]
+    assert len([c for c in new if c.startswith("check ")]) == 3  # first's hand-written check
+    assert len([c for c in new if c.startswith("test \"$(stat")]) == 3  # second's derived file check
+    assert len(new) == 6  # only probes, no actions
 
 
 def test_dry_run_writes_nothing(ctx, inv):

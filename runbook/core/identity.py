@@ -1,0 +1,66 @@
+"""Ledger vs reality: which machine a host name stands for.
+
+A host re-imaged (or a lab host re-created) under the same name has a bare disk while the ledger
+says its steps are done. Every record carries the host's /etc/machine-id; a run reads it once per
+host (one short command, in parallel, before the first step) and a record written on another
+machine is void: its step runs again.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from runbook.core.context import Ctx
+from runbook.core.transport import TransportError
+from runbook.inventory import LOCAL, Host
+
+IDENTITY_CMD = "cat /etc/machine-id"
+DONE = ("done", "manual", "running")
+
+
+def read_identities(ctx: Ctx, hosts: list[Host]) -> list[str]:
+    """Read the identity of every (remote) host once; return one notice per host whose records are void.
+
+    Records written before identities were kept are adopted (stamped with today's identity, except in a
+    dry run). An unreachable host or one without a machine-id is left undecided: its steps fail or run
+    as before."""
+    asked = ctx.ledger.identities
+    todo = [h for h in {h.name: h for h in hosts}.values() if h.name != LOCAL.name and h.name not in asked]
+    if not todo:
+        return []
+    records = ctx.ledger.all()
+    recorded = {r.host for r in records}
+    for h in todo:
+        asked.setdefault(h.name, "")  # asked once per run, even when there is nothing to compare
+    # A dry run reads only where there is a record to judge: a plan on a fresh state contacts no host.
+    todo = [h for h in todo if h.name in recorded or not ctx.options.dry]
+    if not todo:
+        return []
+
+    def one(h: Host) -> tuple[Host, str | None]:
+        try:
+            r = ctx.transport_for(h).run(h, IDENTITY_CMD, timeout=30)
+        except TransportError:
+            return h, None
+        mid = r.stdout.strip()
+        return h, mid if r.ok and mid else None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(todo)))) as pool:
+        found = list(pool.map(one, todo))
+    notices = []
+    for h, mid in found:
+        if mid is None:
+            continue
+        ctx.ledger.identities[h.name] = mid
+        stale = [r for r in records if r.host == h.name and r.machine and r.machine != mid and r.status in DONE]
+        if stale:
+            n = len(stale)
+            notices.append(f"{h.name} is a new machine: its {n} recorded step{'s' if n > 1 else ''} will run again")
+        elif not ctx.options.dry:
+            ctx.ledger.adopt_identity(h.name, mid)
+    return notices
+
+
+def voided(ctx: Ctx, host: Host, machine: str | None) -> bool:
+    """True when the record was written on another machine than the one answering as `host` now."""
+    now = ctx.ledger.identities.get(host.name)
+    return bool(machine and now and machine != now)
