@@ -105,9 +105,9 @@ def execute(ctx: Ctx, dec: Decision, mode: str = "auto") -> str | None:
             led.event(host.name, step.name, "backup", "keep the originals of the step's files", r.rc,
                       r.stdout, r.stderr)
             if not r.ok:
-                err = f"keeping the originals under {UNDO_DIR} failed: {(r.stderr or r.stdout).strip()[-300:]}"
-                led.set(host.name, step.name, "failed", error=err, started=t0, mode=mode)
-                return err
+                why = f"keeping the originals under {UNDO_DIR} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+                led.set(host.name, step.name, "failed", error=why, started=t0, mode=mode)
+                return why
         for a in dec.actions:
             err = _act(ctx, tr, host, step, a)
             if err:

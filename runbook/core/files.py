@@ -6,6 +6,7 @@ what the files cannot say (a service answers, a unit is enabled).
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from typing import Union
 
 from runbook.core.step import Action, Put, Run, Upload
@@ -28,7 +29,7 @@ def _mode(mode: str) -> str:
     return format(int(mode, 8), "o")  # as `stat -c %a` prints it: 0640 -> 640
 
 
-def _stat_test(files: list[FileAction], fmt: str, want: list[str]) -> str:
+def _stat_test(files: Sequence[FileAction], fmt: str, want: list[str]) -> str:
     paths = " ".join(shlex.quote(f.path) for f in files)
     return f"test \"$(stat -c '{fmt}' {paths} 2>/dev/null)\" = {shlex.quote(chr(10).join(want))}"
 

@@ -70,24 +70,24 @@ class Ledger:
 
     def _schema(self) -> None:
         with self._mu:
-            self.db["runs"].create({
+            self.db.table("runs").create({
                 "id": int, "command": str, "argv": str, "operator": str, "machine": str, "pid": int,
                 "started": float, "finished": float, "outcome": str, "summary": str,
             }, pk="id", if_not_exists=True)
-            self.db["checkpoints"].create({
+            self.db.table("checkpoints").create({
                 "host": str, "step": str, "status": str, "fingerprint": str, "run_id": int, "mode": str,
                 "started": float, "finished": float, "duration": float, "note": str, "error": str,
             }, pk=("host", "step"), if_not_exists=True)
-            self.db["events"].create({
+            self.db.table("events").create({
                 "id": int, "run_id": int, "at": float, "host": str, "step": str, "kind": str,
                 "action": str, "rc": int, "duration": float, "stdout": str, "stderr": str,
             }, pk="id", if_not_exists=True)
             # Added later, as its own table: an older ledger gains it (its records have no identity yet) and
             # an older runbook reading a newer ledger never sees it.
-            self.db["identities"].create({"host": str, "step": str, "machine": str},
+            self.db.table("identities").create({"host": str, "step": str, "machine": str},
                                          pk=("host", "step"), if_not_exists=True)
-            if not self.db["events"].indexes:
-                self.db["events"].create_index(["run_id"], if_not_exists=True)
+            if not self.db.table("events").indexes:
+                self.db.table("events").create_index(["run_id"], if_not_exists=True)
 
     # -- run lock ---------------------------------------------------------------------------
     def acquire(self, command: str, argv: list[str]) -> int:
@@ -113,16 +113,17 @@ class Ledger:
                                 [now()])
                 self.db.conn.commit()
         with self._mu:
-            self.run_id = self.db["runs"].insert({
+            self.run_id = self.db.table("runs").insert({
                 "command": command, "argv": self.redact(json.dumps(argv)), "operator": getpass.getuser(),
                 "machine": socket.gethostname(), "pid": os.getpid(), "started": now(), "outcome": "running",
             }).last_pk
+        assert self.run_id is not None  # sqlite assigns the rowid
         return self.run_id
 
     def release(self, outcome: str, summary: str = "") -> None:
         if self.run_id is not None:
             with self._mu:
-                self.db["runs"].update(self.run_id, {"finished": now(), "outcome": outcome,
+                self.db.table("runs").update(self.run_id, {"finished": now(), "outcome": outcome,
                                                      "summary": self.redact(summary)})
             self.run_id = None
         if self._lock_fd is not None:
@@ -151,7 +152,7 @@ class Ledger:
             note: str | None = None, error: str | None = None, started: float | None = None) -> None:
         assert status in STATUSES, status
         t = now()
-        row = {"host": host, "step": step, "status": status, "run_id": self.run_id, "mode": mode,
+        row: dict[str, object] = {"host": host, "step": step, "status": status, "run_id": self.run_id, "mode": mode,
                "note": self.redact(note) if note else None, "error": self.redact(error)[-TAIL:] if error else None}
         if fingerprint is not None:
             row["fingerprint"] = fingerprint
@@ -162,9 +163,9 @@ class Ledger:
             if started is not None:
                 row.update(started=started, duration=round(t - started, 3))
         with self._mu:
-            self.db["checkpoints"].upsert(row, pk=("host", "step"), alter=False)
+            self.db.table("checkpoints").upsert(row, pk=("host", "step"), alter=False)
             if self.identities.get(host):
-                self.db["identities"].upsert({"host": host, "step": step, "machine": self.identities[host]},
+                self.db.table("identities").upsert({"host": host, "step": step, "machine": self.identities[host]},
                                              pk=("host", "step"))
 
     def adopt_identity(self, host: str, machine: str) -> int:
@@ -186,7 +187,7 @@ class Ledger:
     def event(self, host: str, step: str, kind: str, action: str = "", rc: int | None = None,
               stdout: str = "", stderr: str = "", duration: float | None = None) -> None:
         with self._mu:
-            self.db["events"].insert({
+            self.db.table("events").insert({
                 "run_id": self.run_id, "at": now(), "host": host, "step": step, "kind": kind,
                 "action": self.redact(action), "rc": rc, "duration": duration,
                 # redact first: a secret cut in half by the truncation would no longer match and leak its tail
@@ -195,12 +196,12 @@ class Ledger:
 
     def runs(self, limit: int = 20) -> list[dict]:
         with self._mu:
-            return list(self.db["runs"].rows_where(order_by="id desc", limit=limit))
+            return list(self.db.table("runs").rows_where(order_by="id desc", limit=limit))
 
     def events(self, run_id: int | None = None, limit: int = 200) -> Iterator[dict]:
         where, args = ("run_id = ?", [run_id]) if run_id else (None, None)
         with self._mu:
-            return iter(list(self.db["events"].rows_where(where, args, order_by="id desc", limit=limit)))
+            return iter(list(self.db.table("events").rows_where(where, args, order_by="id desc", limit=limit)))
 
     def integrity(self) -> str:
         with self._mu:

@@ -70,7 +70,8 @@ def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade:
         for g in data_guard(ctx, s, h):
             r = ctx.transport_for(h).run(h, g.cmd, timeout=60)
             if not r.ok:
-                why = (r.stderr.strip() or r.stdout.strip())[-300:] or f"{s.guards_data(ctx, h)} is not empty"
+                data = s.guards_data(ctx, h) if s.guards_data else "its data dir"
+                why = (r.stderr.strip() or r.stdout.strip())[-300:] or f"{data} is not empty"
                 hint = "" if "--destroy-data" in why else "; pass --destroy-data to delete it"
                 raise RunFailed(f"refusing to roll back {name} on {h.name}: the undo of {s.name} would delete "
                                 f"data: {why}{hint}; nothing was rolled back")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal, Union
@@ -184,7 +185,7 @@ class Step:
         self.undo_fn = fn
         return fn
 
-    def hosts(self, ctx: "Ctx", selected: list["Host"]) -> list["Host"]:
+    def hosts(self, ctx: "Ctx", selected: Sequence["Host"]) -> list["Host"]:
         """The hosts this step runs on among `selected`, in the order it runs them: its role, narrowed by
         `only`, ordered by `host_order`. The engine, --dry, --step, export, rollback, mark-done and
         forget all ask this one method."""

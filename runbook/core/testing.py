@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from runbook.core.transport import Result, Transport, TransportError
 from runbook.inventory import Host
@@ -16,7 +17,7 @@ from runbook.inventory import Host
 class FakeTransport(Transport):
     def __init__(self) -> None:
         self.files: dict[tuple[str, str], tuple[bytes, str, str]] = {}
-        self.rules: list[tuple[re.Pattern, object]] = []
+        self.rules: list[tuple[re.Pattern, Any]] = []  # result: rc, (rc, stdout) or callable(host, cmd)
         self.calls: list[tuple[str, str, str]] = []  # (host, user, cmd)
         self.writes: list[tuple[str, str]] = []  # (host, path) of every write and upload
         self.down: set[str] = set()
@@ -34,9 +35,8 @@ class FakeTransport(Transport):
             self.calls.append((host.name, user, cmd))
         for pat, res in self.rules:
             if pat.search(cmd):
-                if callable(res):
-                    res = res(host, cmd)
-                rc, out = (res, "") if isinstance(res, int) else res
+                answer = res(host, cmd) if callable(res) else res
+                rc, out = (answer, "") if isinstance(answer, int) else answer
                 return Result(rc, out, "" if rc == 0 else f"fake failure of {cmd[:40]}")
         return Result(0, "", "")
 

@@ -11,10 +11,9 @@ from rich.table import Table
 from runbook import console as ui
 from runbook.core.context import Options
 from runbook.core.export import export_markdown
-from runbook.core.rollback import find_step
+from runbook.core.rollback import find_step, step_hosts
 from runbook.core.rollback import mark_done as _mark_done
 from runbook.core.rollback import rollback as _rollback
-from runbook.core.rollback import step_hosts
 from runbook.inventory import InventoryError
 from runbook.sections import all_steps
 from runbook.tasks.session import session
