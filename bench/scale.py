@@ -38,7 +38,8 @@ HOSTS = [(f"c-h{i:02d}", f"192.168.65.{9 + i}", "etcd" if i <= 3 else "postgres"
 
 def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
     """runbook.engine.apply on etcd.names for `names`, in-process; (seconds, SSH execs)."""
-    from runbook.core.context import Ctx, Options
+    from runbook.cluster.context import Ctx
+    from runbook.core.context import Options
     from runbook.core.engine import apply
     from runbook.core.ledger import Ledger
     from runbook.core.transport import SshTransport

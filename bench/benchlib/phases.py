@@ -20,7 +20,8 @@ def load_noop(a) -> dict[str, list[float]] | None:
 
 # -- phase: ansible ----------------------------------------------------------------------------
 def make_ctx(a):
-    from runbook.core.context import Ctx, Options
+    from runbook.cluster.context import Ctx
+    from runbook.core.context import Options
     from runbook.core.transport import SshTransport
     from runbook.inventory import load_inventory
 

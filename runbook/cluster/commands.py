@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import shlex
 
+from runbook.cluster.context import Ctx
 from runbook.cluster.render import etcd_context, member_name
-from runbook.core.context import Ctx
 from runbook.inventory import Host
 
 

@@ -14,7 +14,7 @@ import shlex
 from typing import Any
 
 from runbook.cluster.commands import patronictl
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.inventory import Host, Inventory
 
 # Maps the inventory owns entirely: an entry it does not list is removed from the DCS.

@@ -9,8 +9,8 @@ if TYPE_CHECKING:
 import json
 from dataclasses import dataclass
 
+from runbook.cluster.context import Ctx
 from runbook.cluster.render import member_name
-from runbook.core.context import Ctx
 from runbook.inventory import Host
 
 

@@ -1,22 +1,19 @@
-"""What a step sees: the inventory, the transports, the ledger, paths, secrets and run options."""
+"""What the engine sees of a run: the inventory, the transports, the ledger, the observer and run options.
+
+Nothing here knows etcd or Patroni: the cluster's own material (paths on the hosts, passwords, the PKI)
+is added by runbook.cluster.context.Ctx, the context the sections, procedures and tasks use.
+"""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from runbook.core.ledger import Ledger
 from runbook.core.observer import Observer, SilentObserver
 from runbook.core.transport import LocalTransport, Transport
 from runbook.inventory import LOCAL, Host, Inventory
 from runbook.inventory.settings import Settings
-
-if TYPE_CHECKING:
-    from runbook.credentials.pki import Pki
-
-_SECRETS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -30,7 +27,7 @@ class Options:
 
 
 @dataclass
-class Ctx:
+class RunContext:
     inventory: Inventory
     transport: Transport
     state_dir: Path
@@ -42,48 +39,15 @@ class Ctx:
     observer: Observer = field(default_factory=SilentObserver)
     read_only: bool = False  # export, status views: like a dry run, create no secrets, CA or certificate
     settings: Settings | None = None  # the validated `runbook` config section (None: library use)
-    _secrets: dict | None = field(default=None, repr=False)
 
     def transport_for(self, host: Host) -> Transport:
         return self.local if host.name == LOCAL.name else self.transport
-
-    @cached_property
-    def paths(self):
-        from runbook.cluster.render import Paths
-
-        return Paths(pg_major=self.inventory.cluster.postgres_major)
 
     @property
     def writes_state(self) -> bool:
         """May this run create state (secrets.yml, the CA, certificates)? Not a dry run, export or a view."""
         return not (self.read_only or self.options.dry)
 
-    @property
-    def secrets(self) -> dict:
-        """state/secrets.yml, generated once; thread-safe (hosts are decided in parallel). A dry run or an
-        export never writes it: what is missing is generated in memory for this run only."""
-        from runbook.credentials.secrets import ensure_secrets
-
-        with _SECRETS_LOCK:
-            if self._secrets is None:
-                self._secrets = ensure_secrets(self.state_dir, write=self.writes_state)
-            return self._secrets
-
-    @property
-    def pki_dir(self) -> Path:
-        return self.state_dir / "pki"
-
-    @cached_property
-    def pki(self) -> Pki:
-        """The CA and host certificates of state/pki; in memory only for what a dry run or export lacks."""
-        from runbook.credentials.pki import Pki
-
-        return Pki(self.pki_dir, write=self.writes_state)
-
     def redact(self, text: str) -> str:
-        """Mask every known secret; before the secrets exist there is nothing to mask."""
-        if not text or (self._secrets is None and not (self.state_dir / "secrets.yml").exists()):
-            return text
-        from runbook.credentials.secrets import redact
-
-        return redact(text, self.secrets)
+        """Mask every secret the run knows before text is shown or stored (here: none)."""
+        return text

@@ -5,7 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from runbook.core.context import Ctx
+from runbook.core.context import RunContext
 from runbook.core.files import UNDO_DIR, files_backup
 from runbook.core.identity import read_identities, voided
 from runbook.core.step import Action, Local, Put, Run, Step, Upload
@@ -46,7 +46,7 @@ class Report:
     notices: list[str] = field(default_factory=list)  # e.g. a host that is a new machine
 
 
-def evaluate_check(ctx: Ctx, step: Step, host: Host, actions: list[Action] | None = None) -> bool | None:
+def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action] | None = None) -> bool | None:
     """True/False from the step's probe of reality (its files' derived check and its hand-written one);
     None when the step has neither."""
     probe = step.probe(ctx, host, actions)
@@ -56,7 +56,7 @@ def evaluate_check(ctx: Ctx, step: Step, host: Host, actions: list[Action] | Non
     return r.ok
 
 
-def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
+def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
     actions = step.actions_fn(ctx, host)
     fp = step.fingerprint(ctx, host, actions)
     rec = ctx.ledger.get(host.name, step.name)
@@ -92,7 +92,7 @@ def decide(ctx: Ctx, step: Step, host: Host) -> Decision:
     return d(False, "done", "done with the same fingerprint")
 
 
-def execute(ctx: Ctx, dec: Decision, mode: str = "auto") -> str | None:
+def execute(ctx: RunContext, dec: Decision, mode: str = "auto") -> str | None:
     """Run one (host, step); return None on success or the error text. Records everything."""
     host, step, led = dec.host, dec.step, ctx.ledger
     tr = ctx.transport_for(host)
@@ -125,7 +125,7 @@ def execute(ctx: Ctx, dec: Decision, mode: str = "auto") -> str | None:
     return None
 
 
-def _act(ctx: Ctx, tr, host: Host, step: Step, a: Action) -> str | None:
+def _act(ctx: RunContext, tr, host: Host, step: Step, a: Action) -> str | None:
     t = time.time()
     led = ctx.ledger
     if isinstance(a, Run):
@@ -158,7 +158,7 @@ def _act(ctx: Ctx, tr, host: Host, step: Step, a: Action) -> str | None:
     return None
 
 
-def _ask(ctx: Ctx, step: Step, decs: list[Decision]) -> str:
+def _ask(ctx: RunContext, step: Step, decs: list[Decision]) -> str:
     answer = ctx.options.answer(step.name) if ctx.options.answer else ctx.observer.ask_step(step, decs, ctx.redact)
     for d in decs:
         ctx.ledger.event(d.host.name, step.name, "answer", f"--step answer: {answer}")
@@ -175,7 +175,7 @@ def failure_summary(step: Step, errors: dict[str, str], report: Report) -> str:
     return "\n".join(lines)
 
 
-def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
+def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
     """Run `steps` in order on the selected hosts; stop before the next step after a failure."""
     report = Report()
     asking = ctx.options.step
@@ -218,7 +218,7 @@ def apply(ctx: Ctx, steps: list[Step], selected: list[Host]) -> Report:
     return report
 
 
-def _decide_all(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Decision]:
+def _decide_all(ctx: RunContext, step: Step, hosts: list[Host]) -> list[Decision]:
     """Decide for every host; checks are remote probes, so they run in parallel like the actions."""
     if len(hosts) == 1:
         return [decide(ctx, step, hosts[0])]
@@ -226,7 +226,7 @@ def _decide_all(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Decision]:
         return list(pool.map(lambda h: decide(ctx, step, h), hosts))
 
 
-def _run_step(ctx: Ctx, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
+def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
     errors: dict[str, str] = {}
     with ctx.observer.step_progress(step, [d.host.name for d in todo]) as progress:
         if step.kind == "serial":  # todo is in Step.hosts() order

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import difflib
 
-from runbook.core.context import Ctx
+from runbook.core.context import RunContext
 from runbook.core.engine import Decision
 from runbook.core.files import files_backup
 from runbook.core.step import Put, Step
 
 
-def file_diffs(ctx: Ctx, dec: Decision) -> list[str]:
+def file_diffs(ctx: RunContext, dec: Decision) -> list[str]:
     """Unified diffs of the step's rendered files against the host (secrets masked)."""
     out = []
     for a in dec.actions:
@@ -35,7 +35,7 @@ def file_diffs(ctx: Ctx, dec: Decision) -> list[str]:
     return out
 
 
-def export_markdown(ctx: Ctx, steps: list[Step]) -> str:
+def export_markdown(ctx: RunContext, steps: list[Step]) -> str:
     """The whole runbook for a person: per section, step and host, exact commands and files."""
     inv = ctx.inventory
     lines = [f"# Runbook for cluster `{inv.cluster.name}`", "",

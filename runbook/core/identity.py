@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from runbook.core.context import Ctx
+from runbook.core.context import RunContext
 from runbook.core.transport import TransportError
 from runbook.inventory import LOCAL, Host
 
@@ -17,7 +17,7 @@ IDENTITY_CMD = "cat /etc/machine-id"
 DONE = ("done", "manual", "running")
 
 
-def read_identities(ctx: Ctx, hosts: list[Host]) -> list[str]:
+def read_identities(ctx: RunContext, hosts: list[Host]) -> list[str]:
     """Read the identity of every (remote) host once; return one notice per host whose records are void.
 
     Records written before identities were kept are adopted (stamped with today's identity, except in a
@@ -60,7 +60,7 @@ def read_identities(ctx: Ctx, hosts: list[Host]) -> list[str]:
     return notices
 
 
-def voided(ctx: Ctx, host: Host, machine: str | None) -> bool:
+def voided(ctx: RunContext, host: Host, machine: str | None) -> bool:
     """True when the record was written on another machine than the one answering as `host` now."""
     now = ctx.ledger.identities.get(host.name)
     return bool(machine and now and machine != now)

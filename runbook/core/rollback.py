@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import replace
 
-from runbook.core.context import Ctx
+from runbook.core.context import RunContext
 from runbook.core.engine import Decision, RunFailed, evaluate_check, execute  # noqa: F401  (re-exported)
 from runbook.core.step import Run, Step, fingerprint
 from runbook.inventory import Host, InventoryError
@@ -19,7 +19,7 @@ def find_step(steps: list[Step], name: str) -> Step:
     raise InventoryError(f"no step named {name!r}; `inv runbook.status` lists them (e.g. etcd.config)")
 
 
-def later_done(ctx: Ctx, steps: list[Step], step: Step, host: Host) -> list[Step]:
+def later_done(ctx: RunContext, steps: list[Step], step: Step, host: Host) -> list[Step]:
     """Steps after `step` that run on `host` and are recorded done there, newest (highest index) first."""
     out = []
     for s in steps:
@@ -30,7 +30,7 @@ def later_done(ctx: Ctx, steps: list[Step], step: Step, host: Host) -> list[Step
     return sorted(out, key=lambda s: -s.index)
 
 
-def data_guard(ctx: Ctx, step: Step, host: Host) -> list[Run]:
+def data_guard(ctx: RunContext, step: Step, host: Host) -> list[Run]:
     """Before an undo that would delete a data dir: refuse when it is non-empty, unless --destroy-data."""
     if step.guards_data is None or ctx.options.destroy_data:
         return []
@@ -39,7 +39,7 @@ def data_guard(ctx: Ctx, step: Step, host: Host) -> list[Run]:
                 f"pass --destroy-data to delete it' >&2; exit 3; fi")]
 
 
-def step_hosts(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Host]:
+def step_hosts(ctx: RunContext, step: Step, hosts: list[Host]) -> list[Host]:
     """The step's own hosts among `hosts` (Step.hosts); a named host it never runs on is an error."""
     mine = step.hosts(ctx, ctx.inventory.hosts)
     if step.role != "local":
@@ -51,7 +51,7 @@ def step_hosts(ctx: Ctx, step: Step, hosts: list[Host]) -> list[Host]:
     return step.hosts(ctx, hosts)
 
 
-def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade: bool) -> list[tuple[str, str]]:
+def rollback(ctx: RunContext, steps: list[Step], name: str, hosts: list[Host], cascade: bool) -> list[tuple[str, str]]:
     """Undo `name` on hosts (and, with cascade, every later done step first, newest first)."""
     step = find_step(steps, name)
     plan: list[tuple[Host, Step]] = []
@@ -90,7 +90,7 @@ def rollback(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], cascade:
     return done
 
 
-def mark_done(ctx: Ctx, steps: list[Step], name: str, hosts: list[Host], note: str | None) -> None:
+def mark_done(ctx: RunContext, steps: list[Step], name: str, hosts: list[Host], note: str | None) -> None:
     """Record that a person did `name` by hand; the fingerprint is today's, so automation skips it."""
     step = find_step(steps, name)
     for h in step_hosts(ctx, step, hosts):

@@ -12,10 +12,10 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union
 
 if TYPE_CHECKING:
-    from runbook.core.context import Ctx
+    from runbook.core.context import RunContext as Ctx
     from runbook.inventory import Host
 
 
@@ -154,9 +154,11 @@ def wait_for(cmd: str, seconds: int, interval: int = 1) -> str:
             f"( {cmd} )")
 
 
-ActionsFn = Callable[["Ctx", "Host"], list[Action]]
-CheckFn = Callable[["Ctx", "Host"], Check]
-DependsFn = Callable[["Ctx", "Host"], list[Dependency]]
+# A section's functions take its own context (runbook.cluster.context.Ctx, a RunContext): typed Any here,
+# since a function of the subclass is not a function of the base class for a type checker.
+ActionsFn = Callable[[Any, "Host"], list[Action]]
+CheckFn = Callable[[Any, "Host"], Check]
+DependsFn = Callable[[Any, "Host"], list[Dependency]]
 
 
 @dataclass
@@ -171,9 +173,9 @@ class Step:
     check_fn: CheckFn | None = None
     undo_fn: ActionsFn | None = None
     undo_reason: str = ""  # why there is no undo
-    guards_data: Callable[["Ctx", "Host"], str] | None = None  # undo would delete this data dir
-    host_order: Callable[["Ctx", list["Host"]], list["Host"]] | None = None  # serial steps
-    only: Callable[["Ctx", list["Host"]], list["Host"]] | None = None  # narrow the role's hosts
+    guards_data: Callable[[Any, "Host"], str] | None = None  # undo would delete this data dir
+    host_order: Callable[[Any, list["Host"]], list["Host"]] | None = None  # serial steps
+    only: Callable[[Any, list["Host"]], list["Host"]] | None = None  # narrow the role's hosts
     always_check: bool = False  # a cheap check that runs even on done steps; a failure re-runs it
     depends_on: DependsFn | None = None  # what else the step's effect depends on (feeds the fingerprint)
 

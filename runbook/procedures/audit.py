@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 

@@ -13,7 +13,7 @@ import json
 import re
 import shlex
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.inventory import Host
 
 RETAINED_WAL_LIMIT = 16 * 1024**2  # one WAL segment: an idle replica's slot copy stays well below it

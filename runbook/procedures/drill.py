@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runbook import console as ui
+from runbook.cluster.context import Ctx
 from runbook.cluster.readers import Member, host_of, members, wait
-from runbook.core.context import Ctx
 from runbook.core.transport import SshTransport
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host

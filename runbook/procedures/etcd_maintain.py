@@ -22,8 +22,8 @@ from pathlib import Path
 
 from runbook import console as ui
 from runbook.cluster.commands import etcdctl
+from runbook.cluster.context import Ctx
 from runbook.cluster.readers import parse_endpoint_health
-from runbook.core.context import Ctx
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.procedures.audit_health import QUOTA_SHARE_LIMIT, parse_alarms

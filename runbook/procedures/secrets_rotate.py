@@ -23,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from runbook import console as ui
+from runbook.cluster.context import Ctx
 from runbook.cluster.readers import host_of, members
-from runbook.core.context import Ctx
 from runbook.core.fsutil import write_atomic
 from runbook.credentials.secrets import USERS, ensure_secrets, new_password, redact, secrets_path
 from runbook.errors import ProcedureFailed

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass
 
 from runbook import console as ui
+from runbook.cluster.context import Ctx
 from runbook.cluster.readers import Member, host_of, members, wait
 from runbook.cluster.render import member_name
-from runbook.core.context import Ctx
 from runbook.errors import ProcedureFailed
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 
 REMOTE_BUNDLE = "/opt/runbook-bundle"  # where the push step puts the bundle on every host
 

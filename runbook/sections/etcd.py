@@ -5,8 +5,8 @@ import shlex
 from dataclasses import replace
 
 from runbook.cluster.commands import etcdctl
+from runbook.cluster.context import Ctx
 from runbook.cluster.render import etcd_context
-from runbook.core.context import Ctx
 from runbook.core.step import Local, Put, Run, Section, wait_for
 from runbook.inventory import Host
 from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote

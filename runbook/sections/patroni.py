@@ -4,9 +4,9 @@ from __future__ import annotations
 import shlex
 
 from runbook.cluster.commands import member_ok, psql
+from runbook.cluster.context import Ctx
 from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_undo
 from runbook.cluster.render import patroni_context
-from runbook.core.context import Ctx
 from runbook.core.step import Put, Run, Section, wait_for
 from runbook.inventory import Host
 from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote

@@ -1,7 +1,7 @@
 """PostgreSQL section: packages from the bundle, no distribution cluster, PGDATA and TLS files."""
 from __future__ import annotations
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run, Section
 from runbook.inventory import Host
 from runbook.sections.bundle_files import manifest, remote, sums

@@ -1,7 +1,7 @@
 """Bundle section: check the offline bundle on the control machine, then push what each host needs."""
 from __future__ import annotations
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.core.step import Local, Put, Run, Section, Upload
 from runbook.inventory import Host
 from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote, sums

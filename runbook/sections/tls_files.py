@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run
 from runbook.inventory import Host
 

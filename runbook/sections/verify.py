@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from runbook.core.context import Ctx
+from runbook.cluster.context import Ctx
 from runbook.core.step import Local, Section
 from runbook.inventory import Host
 

@@ -13,7 +13,8 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from runbook import console as ui
-from runbook.core.context import Ctx, Options
+from runbook.cluster.context import Ctx
+from runbook.core.context import Options
 from runbook.core.engine import Quit, RunFailed, apply
 from runbook.core.ledger import Ledger, LedgerLocked
 from runbook.core.transport import SshTransport

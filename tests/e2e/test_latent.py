@@ -38,7 +38,7 @@ def tr(converged):
 
 
 def _ctx(inventory, tr):
-    from runbook.core.context import Ctx
+    from runbook.cluster.context import Ctx
 
     return Ctx(inventory=inventory, transport=tr, state_dir=Path("/nonexistent"), bundle_dir=Path("/nonexistent"))
 

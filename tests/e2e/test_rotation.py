@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from helpers import inv, kill_when
 
+from runbook.cluster.context import Ctx
 from runbook.cluster.readers import members, wait
-from runbook.core.context import Ctx
 from runbook.core.transport import SshTransport
 from runbook.procedures.drill import Writer, prepare_table, prove, writer_dsn
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, inv, ledger, wait_for
 
-from runbook.core.context import Ctx, Options
+from runbook.cluster.context import Ctx
+from runbook.core.context import Options
 from runbook.core.step import Put
 
 

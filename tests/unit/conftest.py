@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from runbook.bundle.manifest import make_entry, write_manifest
-from runbook.core.context import Ctx, Options
+from runbook.cluster.context import Ctx
+from runbook.core.context import Options
 from runbook.core.ledger import Ledger
 from runbook.core.testing import FakeTransport
 from runbook.inventory import load_inventory

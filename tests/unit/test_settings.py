@@ -14,7 +14,8 @@ import pytest
 from test_bad_inputs import VALID, inv_run, make_bundle, refused
 from test_cli_errors import GUARD, INV, ROOT, TIMEOUT, _env
 
-from runbook.core.context import Ctx, Options
+from runbook.cluster.context import Ctx
+from runbook.core.context import Options
 from runbook.core.engine import apply
 from runbook.core.export import export_markdown
 from runbook.core.ledger import Ledger
