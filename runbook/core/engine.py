@@ -196,7 +196,10 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
         for d in decs:
             if not d.run:
                 report.skipped.append((d.host.name, step.name, d.reason))
-        if ctx.options.dry or not todo:
+        if ctx.options.dry:
+            continue
+        if not todo:
+            _drop_superseded(ctx, step, hosts, selected)
             continue
         if asking:
             answer = _ask(ctx, step, todo)
@@ -215,7 +218,27 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
                 report.executed.append((d.host.name, step.name))
         if errors:
             raise RunFailed(failure_summary(step, errors, report))
+        _drop_superseded(ctx, step, hosts, selected)
     return report
+
+
+def _drop_superseded(ctx: RunContext, step: Step, targets: list[Host], selected: list[Host]) -> None:
+    """A step that narrows its role's hosts (`only=`, e.g. patroni.roles on the current leader) may move: once
+    it is done on its targets, a record it left unfinished on another host of the role (rolled back, failed,
+    interrupted) no longer stands for anything to do there, and is dropped, with an event saying why."""
+    if step.only is None:
+        return
+    names = {h.name for h in targets}
+    chosen = {h.name for h in selected}
+    for h in ctx.inventory.role(step.role):
+        if h.name in names or h.name not in chosen:
+            continue
+        rec = ctx.ledger.get(h.name, step.name)
+        if rec is not None and rec.status not in ("done", "manual"):
+            ctx.ledger.forget(h.name, step.name)
+            ctx.ledger.event(h.name, step.name, "superseded",
+                             f"{step.name} now runs on {', '.join(sorted(names))}: the {rec.status} record of "
+                             f"{h.name} is dropped")
 
 
 def _decide_all(ctx: RunContext, step: Step, hosts: list[Host]) -> list[Decision]:

@@ -304,3 +304,27 @@ def test_ledger_settings_are_durable(tmp_path):
     assert led.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert {"runs", "checkpoints", "events"} <= set(led.db.table_names())
     assert oct((tmp_path / "c.db").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_step_that_moves_drops_the_unfinished_record_it_left_behind(ctx, inv):
+    """A step narrowed to one host that can change (patroni.roles follows the leader): once it is done on its new
+    host, the rolled-back record on the old one is dropped (with an event), not left as work forever."""
+    sec = Section("moving", 1, "moving")
+    leader = {"name": "node01"}
+
+    @sec.step("on-leader", role="postgres", only=lambda ctx, hosts: [h for h in hosts if h.name == leader["name"]])
+    def on_leader(ctx, h):
+        """On the leader"""
+        return [Run("echo on the leader")]
+
+    apply(ctx, sec.steps, inv.hosts)
+    assert statuses(ctx) == {("node01", "moving.on-leader"): "done"}
+    ctx.ledger.set("node01", "moving.on-leader", "rolled_back", mode="rollback")
+    leader["name"] = "node02"  # a switchover
+    apply(ctx, sec.steps, inv.hosts)
+    assert statuses(ctx) == {("node02", "moving.on-leader"): "done"}
+    assert any(e["kind"] == "superseded" and e["host"] == "node01" for e in ctx.ledger.events())
+    ctx.options.dry = True  # a dry run drops nothing
+    ctx.ledger.set("node01", "moving.on-leader", "failed")
+    apply(ctx, sec.steps, inv.hosts)
+    assert statuses(ctx)[("node01", "moving.on-leader")] == "failed"
