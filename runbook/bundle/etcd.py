@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -147,8 +148,10 @@ def _readme(version: str, debs: dict[str, tuple[str, str]], mirror: str) -> str:
 def pack(out: Path, version: str, files: dict[str, Path], readme: str) -> None:
     """Write a deterministic release-layout tar.gz: top/<name> for each file, plus README."""
     top = f"etcd-v{version}-linux-amd64"
-    tmp = out.with_name(out.name + ".part")
-    with open(tmp, "wb") as raw, \
+    # a temp file of its own (not a fixed .part name): two builds sharing the cache never write one file
+    fd, name = tempfile.mkstemp(prefix=out.name + ".", suffix=".part", dir=out.parent)
+    tmp = Path(name)
+    with os.fdopen(fd, "wb") as raw, \
             gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
         newest = max(int(p.stat().st_mtime) for p in files.values())
