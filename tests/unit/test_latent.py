@@ -127,8 +127,8 @@ def test_profile_keeps_the_system_python_and_pip_first(tmp_path) -> None:
 
 # -- patroni.dynamic: desired vs show-config -----------------------------------------------------
 def test_desired_dynamic_default_and_opt_in(tmp_path) -> None:
-    assert desired_dynamic(_inv_with(tmp_path)) == {
-        "slots": {}, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}}
+    d = desired_dynamic(_inv_with(tmp_path))
+    assert d["slots"] == {} and d["postgresql"]["parameters"]["max_slot_wal_keep_size"] == "8GB"
     inv = _inv_with(tmp_path, "  permanent_slots: {backup_rx: {reason: pg_receivewal}}\n")
     assert desired_dynamic(inv)["slots"] == {"backup_rx": {"type": "physical"}}
 
