@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 from runbook import console as ui
 from runbook.cluster.context import Ctx
-from runbook.cluster.readers import host_of, wait
+from runbook.cluster.readers import host_of, patronictl_any, wait
 from runbook.errors import ProcedureFailed
 
 # A standby needs at least the primary's value of these (PostgreSQL docs, "Hot Standby", Administrator's
@@ -102,19 +102,10 @@ def parse_extended(text: str) -> list[PMember]:
 
 
 def members_ext(ctx: Ctx) -> list[PMember]:
-    from runbook.cluster.commands import patronictl
-
-    errors = []
-    for h in ctx.inventory.postgres:
-        try:
-            r = ctx.transport.run(h, patronictl(ctx, "list -e -f json"), user="postgres", timeout=30)
-        except Exception as exc:  # an unreachable host: ask the next one
-            errors.append(f"{h.name}: {exc}")
-            continue
-        if r.ok:
-            return parse_extended(r.stdout)
-        errors.append(f"{h.name}: {r.stderr.strip()[-200:]}")
-    raise ProcedureFailed("no postgres host answered patronictl list: " + "; ".join(errors), 1)
+    try:
+        return parse_extended(patronictl_any(ctx, "list -e -f json"))
+    except RuntimeError as exc:
+        raise ProcedureFailed(str(exc), 1) from None
 
 
 @dataclass(frozen=True)
