@@ -17,8 +17,9 @@ from runbook.cluster.commands import patronictl
 from runbook.cluster.context import Ctx
 from runbook.inventory import Host, Inventory
 
-# Maps the inventory owns entirely: an entry it does not list is removed from the DCS.
-EXACT = ("slots",)
+# Maps the inventory owns entirely: an entry it does not list is removed from the DCS (a permanent slot it
+# no longer names; a PostgreSQL parameter taken out of cluster.patroni.parameters goes back to its default).
+EXACT = ("slots", "postgresql.parameters")
 
 # The walk-through's PostgreSQL parameters (fixed for safety); cluster.patroni.parameters goes over them.
 # Per-host ones (socket directory, certificate paths) are in each host's config file, never here.

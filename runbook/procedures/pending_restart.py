@@ -55,7 +55,8 @@ def restart_order(changes: Iterable[tuple[str, Any, Any]]) -> str:
     """(setting, old, new) of every change that waits for a restart -> REPLICAS_FIRST or PRIMARY_FIRST.
 
     Raises ValueError when one standby-bound setting is raised and another lowered (no order fits both)."""
-    raised, lowered = [], []
+    raised: list[str] = []
+    lowered: list[str] = []
     for name, old, new in changes:
         if name not in STANDBY_AT_LEAST:
             continue

@@ -264,7 +264,8 @@ def dynamic(ctx: Ctx, host: Host) -> list:
     bootstrap.dcs is read only when the cluster is created: on a running cluster the difference between
     `patronictl show-config` and the inventory (cluster.patroni over the walk-through's values, permanent
     slots, max_slot_wal_keep_size) is applied with `patronictl edit-config`; `--dry` shows it as a diff.
-    A slot the inventory does not list is removed. Patroni reloads every member; a parameter that needs a
-    restart leaves the members "pending restart": `inv patroni.restart --pending` restarts them in order.
+    A slot or a PostgreSQL parameter the inventory does not name is removed. Patroni reloads every member;
+    a parameter that needs a restart leaves the members "pending restart": `inv patroni.restart --pending`
+    restarts them in order.
     A change made by hand in the DCS since is found by --verify."""
     return [Run(dynamic_command(ctx, "apply"), user="postgres", timeout=180)]
