@@ -17,15 +17,54 @@ from runbook.cluster.commands import patronictl
 from runbook.cluster.context import Ctx
 from runbook.inventory import Host, Inventory
 
-# Maps the inventory owns entirely: an entry it does not list is removed from the DCS.
-EXACT = ("slots",)
+# Maps the inventory owns entirely: an entry it does not list is removed from the DCS (a permanent slot it
+# no longer names; a PostgreSQL parameter taken out of cluster.patroni.parameters goes back to its default).
+EXACT = ("slots", "postgresql.parameters")
+
+# The walk-through's PostgreSQL parameters (fixed for safety); cluster.patroni.parameters goes over them.
+# Per-host ones (socket directory, certificate paths) are in each host's config file, never here.
+WALKTHROUGH_PARAMETERS: dict[str, Any] = {
+    "shared_buffers": "512MB", "wal_level": "replica", "wal_keep_size": "512MB", "max_connections": 100,
+    "effective_cache_size": "1GB", "maintenance_work_mem": "256MB", "max_wal_senders": 5,
+    "max_replication_slots": 5, "checkpoint_completion_target": 0.7, "log_connections": "on",
+    "log_disconnections": "on", "log_statement": "ddl", "log_line_prefix": "%m [%p] %q%u@%d ",
+    "logging_collector": "on", "log_destination": "stderr", "log_filename": "postgresql-%Y-%m-%d.log",
+    "log_rotation_size": "100MB", "log_rotation_age": "1d", "log_min_duration_statement": -1,
+    "log_min_error_statement": "error", "log_min_messages": "warning", "log_error_verbosity": "verbose",
+    "log_hostname": "off", "log_duration": "off", "log_timezone": "Europe/Moscow", "timezone": "Europe/Moscow",
+    "lc_messages": "C.UTF-8", "password_encryption": "scram-sha-256", "debug_print_parse": "off",
+    "debug_print_rewritten": "off", "debug_print_plan": "off", "superuser_reserved_connections": 3,
+    "synchronous_commit": "on", "synchronous_standby_names": "*", "hot_standby": "on", "compute_query_id": "on",
+    # fix: TLS for PostgreSQL too (pg_hba accepts hostssl only)
+    "ssl": "on",
+}
 
 
-def desired_dynamic(inv: Inventory) -> dict[str, Any]:
-    """The dynamic settings the runbook manages after bootstrap: permanent slots (opt-in, empty by default)
-    and max_slot_wal_keep_size (a bound on the WAL any slot may retain)."""
-    return {"slots": {name: {"type": "physical"} for name in inv.cluster.permanent_slots},
-            "postgresql": {"parameters": {"max_slot_wal_keep_size": inv.cluster.max_slot_wal_keep_size}}}
+def desired_dynamic(inv: Inventory, log_dir: str = "/data/log") -> dict[str, Any]:
+    """The whole dynamic configuration the inventory wants (cluster.patroni over the walk-through's values):
+    bootstrap.dcs of a new cluster and, for patroni.dynamic, the DCS of a running one. Permanent slots are
+    opt-in (empty by default: an exact map); max_slot_wal_keep_size bounds the WAL any slot may retain.
+    A parameter set to null in the inventory is absent (removed from the DCS)."""
+    p = inv.cluster.patroni
+    params: dict[str, Any] = {**WALKTHROUGH_PARAMETERS, "log_directory": log_dir,
+                              "max_slot_wal_keep_size": inv.cluster.max_slot_wal_keep_size}
+    params.update(p.parameters)
+    return {"failsafe_mode": True, "ttl": p.ttl, "loop_wait": p.loop_wait, "retry_timeout": p.retry_timeout,
+            "maximum_lag_on_failover": p.maximum_lag_on_failover, "synchronous_mode": p.synchronous_mode,
+            "synchronous_mode_strict": p.synchronous_mode_strict,
+            "synchronous_node_count": p.synchronous_node_count, "primary_start_timeout": 30,
+            "slots": {name: {"type": "physical"} for name in inv.cluster.permanent_slots},
+            "postgresql": {"use_pg_rewind": True, "use_slots": True, "parameters": params}}
+
+
+def bootstrap_dcs(inv: Inventory, log_dir: str) -> dict[str, Any]:
+    """bootstrap.dcs for the template: the desired dynamic configuration, without null parameters or an
+    empty slots map."""
+    d = desired_dynamic(inv, log_dir)
+    d["postgresql"]["parameters"] = {k: v for k, v in d["postgresql"]["parameters"].items() if v is not None}
+    if not d["slots"]:
+        del d["slots"]
+    return d
 
 
 def config_patch(current: Any, desired: dict, exact: tuple = (), _path: str = "",
@@ -84,7 +123,7 @@ if r.returncode:
 left = config_patch(current(), desired, exact)
 if left:
     sys.exit("the DCS still differs after edit-config: " + json.dumps(left, sort_keys=True))
-print("applied with patronictl edit-config")
+print("applied with patronictl edit-config (a parameter that needs a restart: inv patroni.restart --pending)")
 '''
 
 
@@ -97,7 +136,7 @@ def dynamic_command(ctx: Ctx, mode: str, desired: dict | None = None, exact: tup
     """The command (run as postgres) that checks (rc 1 when the DCS differs) or applies the desired config."""
     if mode not in ("check", "apply"):
         raise ValueError(f"mode must be check or apply, not {mode!r}")
-    want = desired_dynamic(ctx.inventory) if desired is None else desired
+    want = desired_dynamic(ctx.inventory, ctx.paths.log_dir) if desired is None else desired
     args = [mode, patronictl(ctx, ""), json.dumps(want, sort_keys=True), json.dumps(list(exact))]
     return f"{ctx.paths.patroni_venv}/bin/python -c {shlex.quote(remote_script())} " + \
         " ".join(shlex.quote(a) for a in args)
@@ -106,6 +145,53 @@ def dynamic_command(ctx: Ctx, mode: str, desired: dict | None = None, exact: tup
 def dynamic_check(ctx: Ctx, host: Host) -> str:
     """patroni.dynamic's probe: rc 0 when `patronictl show-config` holds the desired settings."""
     return f"sudo -u postgres sh -c {shlex.quote(dynamic_command(ctx, 'check'))}"
+
+
+def apply_patch(current: Any, patch: dict) -> dict:
+    """What `edit-config --apply` makes of *current* with *patch* (null removes a key), as Patroni does."""
+    out = dict(current) if isinstance(current, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = apply_patch(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def dcs_diff(current: Any, desired: dict, exact: tuple = EXACT, where: str = "DCS") -> str:
+    """A unified diff of the DCS (as `patronictl show-config` prints it) against what it becomes once the
+    desired settings are applied; "" when there is nothing to do."""
+    import difflib
+
+    import yaml
+
+    patch = config_patch(current, desired, exact)
+    if not patch:
+        return ""
+    dump = lambda d: yaml.safe_dump(d, sort_keys=True, default_flow_style=False).splitlines(True)  # noqa: E731
+    return "".join(difflib.unified_diff(dump(current or {}), dump(apply_patch(current, patch)),
+                                        f"{where} (patronictl show-config)", "inventory (cluster.patroni)"))
+
+
+def dynamic_explain(ctx: Ctx, host: Host) -> list[str]:
+    """--dry for patroni.dynamic: the DCS against the inventory as a diff (read-only: show-config)."""
+    import yaml
+
+    try:
+        r = ctx.transport.run(host, patronictl(ctx, "show-config"), user="postgres", timeout=60)
+    except Exception as exc:  # an unreachable host: the plan still shows, the diff says why
+        return [f"--- {host.name}: DCS: cannot read ({exc})"]
+    if not r.ok:
+        return [f"--- {host.name}: patronictl show-config failed (a cluster not created yet takes "
+                f"bootstrap.dcs): {(r.stderr or r.stdout).strip()[-200:]}"]
+    try:
+        current = yaml.safe_load(r.stdout) or {}
+    except yaml.YAMLError as exc:
+        return [f"--- {host.name}: patronictl show-config printed no YAML: {exc}"]
+    diff = dcs_diff(current, desired_dynamic(ctx.inventory, ctx.paths.log_dir), EXACT, f"{host.name}: DCS")
+    return [diff] if diff else []
 
 
 def dynamic_undo(ctx: Ctx, host: Host) -> list:

@@ -74,19 +74,24 @@ def parse_endpoint_health(text: str) -> dict[str, tuple[bool, str]]:
 
 def members(ctx: Ctx, via: list[Host] | None = None) -> list[Member]:
     """Ask the first postgres host that answers for `patronictl list -f json`."""
+    return parse_members(patronictl_any(ctx, "list -f json", via))
+
+
+def patronictl_any(ctx: Ctx, args: str, via: list[Host] | None = None) -> str:
+    """The output of `patronictl ARGS` from the first postgres host that answers (RuntimeError when none)."""
     from runbook.cluster.commands import patronictl
 
     errors = []
     for h in via or ctx.inventory.postgres:
         try:
-            r = ctx.transport.run(h, patronictl(ctx, "list -f json"), user="postgres", timeout=30)
+            r = ctx.transport.run(h, patronictl(ctx, args), user="postgres", timeout=30)
         except Exception as exc:  # an unreachable host: ask the next one
             errors.append(f"{h.name}: {exc}")
             continue
         if r.ok:
-            return parse_members(r.stdout)
+            return r.stdout
         errors.append(f"{h.name}: {r.stderr.strip()[-200:]}")
-    raise RuntimeError("no postgres host answered patronictl list: " + "; ".join(errors))
+    raise RuntimeError(f"no postgres host answered patronictl {args.split()[0]}: " + "; ".join(errors))
 
 
 def host_of(ctx: Ctx, member: str) -> Host:

@@ -193,15 +193,16 @@ def _check_secrets(secrets: dict[str, dict[str, str]]) -> None:
 
 
 def patroni_context(inv: Inventory, host: Host, secrets: dict[str, dict[str, str]],
-                    paths: Paths = Paths(), *, synchronous_mode: bool = True,
-                    synchronous_mode_strict: bool = True, networks: list[str] | None = None,
+                    paths: Paths = Paths(), *, networks: list[str] | None = None,
                     post_bootstrap: bool = True) -> dict[str, Any]:
     """Context for the Patroni config, unit, profile and post_bootstrap script of *host*.
 
     *secrets* is the dict from runbook.secrets.ensure_secrets(). The rendered config holds
-    passwords: write it 0600 owned by postgres. Permanent slots and max_slot_wal_keep_size come from
-    the inventory (bootstrap.dcs only seeds a new cluster; patroni.dynamic keeps the DCS in line).
+    passwords: write it 0600 owned by postgres. bootstrap.dcs is the inventory's dynamic configuration
+    (runbook.cluster.dynamic.desired_dynamic): it only seeds a new cluster; patroni.dynamic keeps the DCS in line.
     """
+    from runbook.cluster.dynamic import bootstrap_dcs  # dynamic builds commands from the Ctx (paths): import late
+
     _require(host, "postgres")
     _check_secrets(secrets)
     major = inv.cluster.postgres_major
@@ -225,8 +226,7 @@ def patroni_context(inv: Inventory, host: Host, secrets: dict[str, dict[str, str
         "cert_file": f"{tls}/{host.name}.crt",
         "key_file": f"{tls}/{host.name}.key",
         "etcd_hosts": [f"{m.name}:2379" for m in inv.etcd],
-        "synchronous_mode": synchronous_mode,
-        "synchronous_mode_strict": synchronous_mode_strict,
+        "dcs": bootstrap_dcs(inv, paths.log_dir),
         "permanent_slots": {n: slot.reason for n, slot in inv.cluster.permanent_slots.items()},
         "max_slot_wal_keep_size": inv.cluster.max_slot_wal_keep_size,
         "pg_hba": pg_hba(inv, secrets["replication"]["username"], networks, secrets["superuser"]["username"]),

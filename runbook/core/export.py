@@ -11,8 +11,9 @@ from runbook.core.step import Put, Step
 
 
 def file_diffs(ctx: RunContext, dec: Decision) -> list[str]:
-    """Unified diffs of the step's rendered files against the host (secrets masked)."""
-    out = []
+    """Unified diffs of the step's rendered files against the host (secrets masked), then what the step's
+    own `explain` adds (e.g. patroni.dynamic: the DCS against the inventory)."""
+    out = [ctx.redact(text) for text in dec.step.explain(ctx, dec.host)] if dec.step.explain else []
     for a in dec.actions:
         if not isinstance(a, Put):
             continue

@@ -178,6 +178,7 @@ class Step:
     only: Callable[[Any, list["Host"]], list["Host"]] | None = None  # narrow the role's hosts
     always_check: bool = False  # a cheap check that runs even on done steps; a failure re-runs it
     depends_on: DependsFn | None = None  # what else the step's effect depends on (feeds the fingerprint)
+    explain: Callable[[Any, "Host"], list[str]] | None = None  # --dry: diffs its files cannot show (read-only)
 
     def check(self, fn: CheckFn) -> CheckFn:
         self.check_fn = fn

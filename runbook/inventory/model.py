@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from runbook.errors import InventoryError
 
@@ -52,6 +52,53 @@ class SlotSpec(_Strict):
         return v.strip()
 
 
+# Settings that live in each host's config file (per-host paths, the listener): never in the DCS.
+LOCAL_PARAMETERS = ("unix_socket_directories", "ssl_cert_file", "ssl_key_file", "ssl_ca_file", "listen_addresses",
+                    "port", "data_directory", "config_file", "hba_file", "ident_file", "cluster_name")
+GUC_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)?$")
+
+
+class PatroniSpec(_Strict):
+    """Patroni's dynamic (cluster-wide) configuration: seeds bootstrap.dcs of a new cluster and is kept in
+    the DCS of a running one by patroni.dynamic (`patronictl edit-config`). Defaults: the walk-through's."""
+
+    ttl: int = Field(default=30, ge=10, le=3600)
+    loop_wait: int = Field(default=10, ge=1, le=600)
+    retry_timeout: int = Field(default=10, ge=1, le=600)
+    maximum_lag_on_failover: int = Field(default=1048576, ge=0)
+    synchronous_mode: bool = True
+    synchronous_mode_strict: bool = True
+    synchronous_node_count: int = Field(default=1, ge=1, le=16)
+    # PostgreSQL parameters over the walk-through's (a null removes one from the DCS)
+    parameters: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v: dict) -> dict:
+        bad = [k for k in v if not GUC_NAME.match(k)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a PostgreSQL parameter name; use lowercase "
+                             "letters, digits and '_', e.g. work_mem")
+        local = [k for k in v if k in LOCAL_PARAMETERS]
+        if local:
+            raise ValueError(f"{', '.join(local)}: a per-host setting, not a cluster-wide one; the runbook "
+                             "sets it in each host's config file (templates/patroni/config.yml.j2)")
+        if "max_slot_wal_keep_size" in v:
+            raise ValueError("max_slot_wal_keep_size: set it as cluster.max_slot_wal_keep_size, not here")
+        return v
+
+    @model_validator(mode="after")
+    def _timing(self) -> "PatroniSpec":
+        if self.loop_wait + 2 * self.retry_timeout > self.ttl:
+            raise ValueError(f"loop_wait + 2 x retry_timeout ({self.loop_wait} + 2 x {self.retry_timeout}) "
+                             f"exceeds ttl ({self.ttl}): Patroni would lose the leader key while retrying; "
+                             "raise ttl or lower the others (defaults 30/10/10)")
+        if self.synchronous_mode_strict and not self.synchronous_mode:
+            raise ValueError("synchronous_mode_strict: true needs synchronous_mode: true; turn both off, or "
+                             "synchronous_mode on")
+        return self
+
+
 class ClusterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")
     namespace: str = Field(default="/patroni", pattern=r"^/[A-Za-z0-9_/-]*$")
@@ -66,6 +113,9 @@ class ClusterSpec(_Strict):
     # etcd: keep 1 h of revisions (compaction off is etcd's default) and an explicit backend quota.
     etcd_auto_compaction_retention: str = "1h"
     etcd_quota_backend_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024**2, le=8 * 1024**3)
+    # Patroni's dynamic configuration (ttl, synchronous mode, PostgreSQL parameters): one place for
+    # bootstrap.dcs and the running cluster's DCS
+    patroni: PatroniSpec = Field(default_factory=PatroniSpec)
 
     @field_validator("permanent_slots")
     @classmethod

@@ -5,7 +5,7 @@ import shlex
 
 from runbook.cluster.commands import member_ok, psql
 from runbook.cluster.context import Ctx
-from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_undo
+from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_explain, dynamic_undo
 from runbook.cluster.render import patroni_context
 from runbook.core.step import Put, Run, Section, wait_for
 from runbook.inventory import Host
@@ -257,11 +257,15 @@ def _roles_undo(ctx: Ctx, host: Host) -> list:
     return []  # the roles stay: dropping them would break replication and rewind
 
 
-@section.step("dynamic", role="postgres", only=bootstrap_host, check_fn=dynamic_check, undo_fn=dynamic_undo)
+@section.step("dynamic", role="postgres", only=bootstrap_host, check_fn=dynamic_check, undo_fn=dynamic_undo,
+              explain=dynamic_explain)
 def dynamic(ctx: Ctx, host: Host) -> list:
-    """Dynamic config: the DCS holds the inventory's permanent slots (none by default) and max_slot_wal_keep_size
+    """Dynamic config: the DCS holds the inventory's cluster.patroni settings (ttl, synchronous mode, parameters)
     bootstrap.dcs is read only when the cluster is created: on a running cluster the difference between
-    `patronictl show-config` and the inventory is applied with `patronictl edit-config` (a slot the
-    inventory does not list is removed; Patroni then drops it on every member). A cluster installed before
-    this step existed gets it on its next cluster.up; a change made by hand since is found by --verify."""
+    `patronictl show-config` and the inventory (cluster.patroni over the walk-through's values, permanent
+    slots, max_slot_wal_keep_size) is applied with `patronictl edit-config`; `--dry` shows it as a diff.
+    A slot or a PostgreSQL parameter the inventory does not name is removed. Patroni reloads every member;
+    a parameter that needs a restart leaves the members "pending restart": `inv patroni.restart --pending`
+    restarts them in order.
+    A change made by hand in the DCS since is found by --verify."""
     return [Run(dynamic_command(ctx, "apply"), user="postgres", timeout=180)]

@@ -85,9 +85,25 @@ def switchover(c, candidate=None, force=False):
 
 
 
-@task
-def restart(c):
-    """Restart PostgreSQL on every member through Patroni, replicas first, each waited for."""
+@task(help={"pending": "only the members Patroni marks pending restart, in the order the changed settings "
+                       "require (a standby-bound setting lowered: the primary first; else the replicas first, "
+                       "then a switchover instead of restarting the primary)",
+            "dry": "with --pending: show the changes and the order; restart nothing"})
+def restart(c, pending=False, dry=False):
+    """Restart PostgreSQL through Patroni, one member at a time, each waited for until it streams (and a sync
+    standby is named again). Without --pending: every member, replicas first."""
+    if dry and not pending:
+        raise Exit("error: --dry goes with --pending (a plain restart restarts every member, replicas first)",
+                   code=2)
+    if pending:
+        from runbook.procedures.pending_restart import restart_pending
+
+        with session(c, "patroni.restart", lock=not dry) as ctx:
+            res = restart_pending(ctx, dry=dry)
+            if res["done"]:
+                ui.console.print(f"[bold green]✓[/] patroni.restart --pending ({res['order']}): " + ", ".join(
+                    f"{a} {m} {s}s" for a, m, s in res["done"]))
+        return
     with session(c, "patroni.restart") as ctx:
         rolling(ctx, "restart")
 

@@ -127,19 +127,24 @@ def test_profile_keeps_the_system_python_and_pip_first(tmp_path) -> None:
 
 # -- patroni.dynamic: desired vs show-config -----------------------------------------------------
 def test_desired_dynamic_default_and_opt_in(tmp_path) -> None:
-    assert desired_dynamic(_inv_with(tmp_path)) == {
-        "slots": {}, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}}
+    d = desired_dynamic(_inv_with(tmp_path))
+    assert d["slots"] == {} and d["postgresql"]["parameters"]["max_slot_wal_keep_size"] == "8GB"
     inv = _inv_with(tmp_path, "  permanent_slots: {backup_rx: {reason: pg_receivewal}}\n")
     assert desired_dynamic(inv)["slots"] == {"backup_rx": {"type": "physical"}}
 
 
 @pytest.mark.parametrize("current, desired, patch", [
     # an old deployment: the walk-through's slot goes, the WAL bound comes
-    (yaml.safe_load(OLD_DCS), {"slots": {}, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}},
+    (yaml.safe_load(OLD_DCS), {"slots": {}, "postgresql": {"parameters": {
+        "max_connections": 100, "wal_keep_size": "512MB", "max_slot_wal_keep_size": "8GB"}}},
      {"slots": None, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}}),
-    # nothing to do: other keys of the DCS are left alone
-    ({"ttl": 30, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB", "x": 1}}},
+    # nothing to do: keys of the DCS outside the exact maps are left alone
+    ({"ttl": 30, "postgresql": {"use_slots": True, "parameters": {"max_slot_wal_keep_size": "8GB"}}},
      {"slots": {}, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}}, {}),
+    # parameters are an exact map: one the inventory no longer names goes (back to PostgreSQL's default)
+    ({"ttl": 30, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB", "work_mem": "8MB"}}},
+     {"slots": {}, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}},
+     {"postgresql": {"parameters": {"work_mem": None}}}),
     # exact map: an unlisted slot is removed, a listed one added, a changed attribute replaced
     ({"slots": {"old": {"type": "physical"}, "keep": {"type": "logical", "database": "app"}}},
      {"slots": {"keep": {"type": "physical"}, "new": {"type": "physical"}}},
@@ -184,7 +189,7 @@ else:
 def test_remote_script_checks_then_applies_the_difference(tmp_path) -> None:
     ctl = _patronictl_fake(tmp_path, OLD_DCS)
     desired = {"slots": {}, "postgresql": {"parameters": {"max_slot_wal_keep_size": "8GB"}}}
-    args = [json.dumps(desired), json.dumps(list(EXACT))]
+    args = [json.dumps(desired), json.dumps(["slots"])]  # parameters not exact here: the others stay
 
     def run(mode: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", remote_script(), mode, ctl, *args], capture_output=True,
