@@ -33,9 +33,14 @@ def operation_id(ctx: Ctx, op: str, target: str) -> tuple[str, bool]:
 
 
 def with_operation(steps: list[Step], op_id: str) -> list[Step]:
-    """The steps with the operation id in their fingerprint (a new operation runs them again)."""
+    """The procedure's own steps (section `etcd.add`, `patroni.remove`, ...: a dotted name) with the operation
+    id in their fingerprint: a new operation runs them again. The install sections' steps a procedure reuses
+    (etcd.config, patroni.config, ...) keep theirs, so that `cluster.up` afterwards finds them done."""
     out = []
     for s in steps:
+        if "." not in s.section:
+            out.append(s)
+            continue
         own = s.depends_on
 
         def deps(ctx, host, own=own):
@@ -54,7 +59,7 @@ def run_operation(ctx: Ctx, op: str, target: str, steps: list[Step]) -> tuple[Re
         ctx.ledger.set(OP_HOST, key, "running", note=op_id, mode="procedure")
         ctx.ledger.event(OP_HOST, key, "operation", f"{'resume' if resumed else 'start'} {op_id}")
     try:
-        report = apply(ctx, steps, ctx.inventory.hosts)
+        report = apply(ctx, steps, list(ctx.inventory.hosts))
     except Exception as exc:
         if not ctx.options.dry:
             ctx.ledger.set(OP_HOST, key, "failed", note=op_id, error=str(exc), mode="procedure")

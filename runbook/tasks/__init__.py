@@ -21,6 +21,8 @@ ns.collections["cluster"].add_task(audit)
 ns.collections["etcd"].add_task(maintain)
 for t in (membership.remove, membership.reinit):
     ns.collections["patroni"].add_task(t)
+for t, name in ((membership.etcd_add, "add"), (membership.etcd_remove, "remove"), (membership.etcd_replace, "replace")):
+    ns.collections["etcd"].add_task(t, name=name)
 ns.add_collection(lab_tasks.ns)
 bundle = Collection("bundle")  # a copy: adding `push` must not change runbook.bundle.tasks.ns itself
 for name, t in bundle_tasks.ns.tasks.items():

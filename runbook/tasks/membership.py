@@ -117,3 +117,52 @@ def reinit(c, name, yes=False, dry=False, step=False, export=False):
 
     run_membership(c, "patroni.reinit", "patroni-reinit", name, build, checks, dry=dry, step=step, export=export,
                    yes=yes)
+
+
+ETCD_HELP = {"force": "allow an even count of voting members, or fewer than three", **COMMON_HELP}
+
+
+def _etcd_checks(add: str | None, remove: str | None, force: bool):
+    def checks(ctx):
+        from runbook.procedures.membership_etcd import precheck, survey
+
+        ms, health = survey(ctx, exclude=add)
+        return precheck(ms, health, add=add, remove=remove, force=force)
+
+    return checks
+
+
+@task(help={"new": "the new etcd host (listed in the inventory with roles: [etcd])", **ETCD_HELP})
+def etcd_add(c, new, force=False, yes=False, dry=False, step=False, export=False):
+    """Add an etcd member: NEW prepared by the etcd section's steps, `member add --learner`, first start with
+    initial-cluster-state existing and the current members, promoted once caught up (bounded retries); then
+    every host's endpoint lists (/etc/hosts, etcd config, ectl, Patroni's etcd3 hosts, reloaded). Refuses an
+    unhealthy cluster, a second learner, and an even count of voting members unless --force."""
+    from runbook.procedures.membership_etcd import add_steps
+
+    run_membership(c, "etcd.add", "etcd-add", new, lambda ctx: (new, add_steps(ctx, new)),
+                   _etcd_checks(new, None, force), dry=dry, step=step, export=export, yes=yes)
+
+
+@task(help={"old": "the etcd member to remove (already taken out of the inventory)", **ETCD_HELP})
+def etcd_remove(c, old, force=False, yes=False, dry=False, step=False, export=False):
+    """Remove an etcd member (take it out of the inventory first): `member remove` through a remaining member
+    (irreversible; its ID goes to the ledger, a resumed run never removes twice), its certificate dropped from
+    state/pki, every host's endpoint lists updated. Refuses fewer than three or an even count unless --force."""
+    from runbook.procedures.membership_etcd import remove_steps
+
+    run_membership(c, "etcd.remove", "etcd-remove", old, lambda ctx: (old, remove_steps(ctx, old)),
+                   _etcd_checks(None, old, force), dry=dry, step=step, export=export, yes=yes)
+
+
+@task(help={"old": "the etcd member to replace (taken out of the inventory; may be dead)",
+            "with_": "the new etcd host (in the inventory with roles: [etcd], a bare host)", **ETCD_HELP})
+def etcd_replace(c, old, with_, force=False, yes=False, dry=False, step=False, export=False):
+    """Replace an etcd member, e.g. a dead host, by a new one: etcd.remove OLD then etcd.add NEW in one
+    resumable operation (quorum checked first; the old member removed exactly once), then every host's
+    endpoint lists. Edit the inventory first: OLD out, NEW in with roles: [etcd]."""
+    from runbook.procedures.membership_etcd import replace_steps
+
+    run_membership(c, "etcd.replace", "etcd-replace", f"{old}-{with_}",
+                   lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)),
+                   _etcd_checks(with_, old, force), dry=dry, step=step, export=export, yes=yes)
