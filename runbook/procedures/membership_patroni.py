@@ -42,9 +42,10 @@ def _first_etcd(ctx: Ctx, hosts: list[Host]) -> list[Host]:
     return hosts[:1]
 
 
-def member_key(ctx: Ctx, host: Host) -> str:
+def member_key(ctx: Ctx, name: str) -> str:
+    """The member's key in the DCS: /<namespace>/<scope>/members/patroni_<host name>."""
     ns = ctx.inventory.cluster.namespace.rstrip("/")
-    return f"{ns}/{ctx.inventory.cluster.name}/members/{member_name(host)}"
+    return f"{ns}/{ctx.inventory.cluster.name}/members/patroni_{name.removeprefix('patroni_')}"
 
 
 def _as_postgres(cmd: str) -> str:
@@ -77,6 +78,25 @@ def precheck(ms: list[Member], host: Host, what: str, *, strict: bool, force: bo
 
 
 # -- patroni.remove ----------------------------------------------------------------------------------
+def dcs_step(sec: Section, ctx: Ctx, name: str) -> Step:
+    """`<section>.dcs`: the member key of `name` deleted from etcd through one etcd member (irreversible)."""
+    key = member_key(ctx, name)
+
+    @sec.step("dcs", role="etcd", only=_first_etcd,
+              irreversible=f"deletes {key} from etcd; {name} comes back only by starting Patroni on it again")
+    def dcs(ctx: Ctx, h: Host) -> list:
+        """Delete the member's key from the DCS (etcd), asked through one etcd member
+        A cleanly stopped Patroni deletes it itself, a dead one's expires with its TTL; this makes sure, and
+        the leader then drops its slot."""
+        return [Run(etcdctl(ctx, h, f"del {shlex.quote(key)}") + " >/dev/null")]
+
+    @dcs.check
+    def _dcs_check(ctx: Ctx, h: Host) -> str:
+        return f"test -z \"$({etcdctl(ctx, h, f'get --keys-only {shlex.quote(key)}')})\""
+
+    return dcs
+
+
 def remove_steps(ctx: Ctx, host: Host, destroy_data: bool = False) -> list[Step]:
     sec = Section("patroni.remove", ORDER, f"remove {host.name} from the Patroni cluster")
     on_target = _on(host.name)
@@ -95,19 +115,7 @@ def remove_steps(ctx: Ctx, host: Host, destroy_data: bool = False) -> list[Step]
     def _stop_undo(ctx: Ctx, h: Host) -> list:
         return [Run("systemctl enable --now patroni")]
 
-    key = member_key(ctx, host)
-
-    @sec.step("dcs", role="etcd", only=_first_etcd,
-              irreversible=f"deletes {key} from etcd; {host.name} comes back only by starting Patroni on it again")
-    def dcs(ctx: Ctx, h: Host) -> list:
-        """Delete the member's key from the DCS (etcd), asked through one etcd member
-        A cleanly stopped Patroni deletes it itself; this makes sure, and the leader then drops its slot."""
-        return [Run(etcdctl(ctx, h, f"del {shlex.quote(key)}") + " >/dev/null")]
-
-    @dcs.check
-    def _dcs_check(ctx: Ctx, h: Host) -> str:
-        return f"test -z \"$({etcdctl(ctx, h, f'get --keys-only {shlex.quote(key)}')})\""
-
+    dcs = dcs_step(sec, ctx, host.name)
     steps = [stop, dcs]
     if destroy_data:
         pgdata = ctx.paths.pgdata()
@@ -169,3 +177,66 @@ def cluster_members(ctx: Ctx, host: Host) -> list[Member]:
         return members(ctx, via)
     except RuntimeError as exc:
         raise ProcedureFailed(str(exc), 1) from None
+
+
+# -- patroni.replace ---------------------------------------------------------------------------------
+SYNC_WAIT = 300
+
+# the patroni section's steps that make a cluster (bootstrap, roles, dynamic config): not for a new replica
+_NOT_FOR_A_REPLICA = ("patroni.bootstrap", "patroni.roles", "patroni.dynamic")
+# re-rendered on every postgres host: pg_hba names the replication hosts (NEW in, OLD out); reloaded
+_EVERY_HOST = ("patroni.config", "patroni.validate")
+
+
+def replace_steps(ctx: Ctx, old: str, new: str) -> list[Step]:
+    """OLD (gone, taken out of the inventory) replaced by NEW (a bare inventory host with role postgres):
+    NEW installed by the install sections' own steps and started as a replica (after every host's pg_hba
+    names it), OLD's key deleted from the DCS, then a bounded wait until NEW is the sync standby."""
+    from dataclasses import replace
+
+    from runbook.sections import section_steps
+
+    old = old.removeprefix("patroni_")
+    if old in ctx.inventory.names():
+        raise ProcedureFailed(f"{old} is still in {ctx.inventory.path}: take it out first (pg_hba and /etc/hosts "
+                              "are rendered from the inventory), then run this again", 2)
+    host = target_host(ctx, new)
+    only_new = _on(host.name)
+    steps = []
+    for s in section_steps("bundle") + section_steps("etcd") + section_steps("postgres") + section_steps("patroni"):
+        if s.name in _NOT_FOR_A_REPLICA or (s.section == "etcd" and s.name not in ("etcd.names", "etcd.pki")):
+            continue
+        keep = s.role in ("local", "all") or s.name in _EVERY_HOST
+        steps.append(s if keep else replace(s, only=only_new))
+    sec = Section("patroni.replace", ORDER + 2, f"replace {old} by {new}")
+    dcs = dcs_step(sec, ctx, old)
+
+    @sec.step("sync", role="postgres", only=only_new)
+    def sync(ctx: Ctx, h: Host) -> list:
+        """Bounded wait until the new member is the sync standby (writes no longer wait for the old one)"""
+        return [Run(wait_for(_as_postgres(_role_is(ctx, h, "Sync Standby")), SYNC_WAIT, 2), timeout=SYNC_WAIT + 60)]
+
+    @sync.check
+    def _sync_check(ctx: Ctx, h: Host) -> str:
+        return _as_postgres(_role_is(ctx, h, "Sync Standby"))
+
+    return steps + [dcs, sync]
+
+
+def _role_is(ctx: Ctx, host: Host, role: str) -> str:
+    """Shell: rc 0 when the member has this Patroni role and streams."""
+    py = ("import json,sys; m={x['Member']: x for x in json.load(sys.stdin)}.get(sys.argv[1]) or {}; "
+          "sys.exit(0 if m.get('Role') == sys.argv[2] and m.get('State') == 'streaming' else 1)")
+    return (f"{patronictl(ctx, 'list -f json')} | {ctx.paths.patroni_venv}/bin/python -c {shlex.quote(py)} "
+            f"{member_name(host)} {shlex.quote(role)}")
+
+
+def replace_precheck(ms: list[Member], old: str) -> list[str]:
+    """Why patroni.replace must not run now (pure)."""
+    problems = []
+    gone = f"patroni_{old.removeprefix('patroni_')}"
+    if not any(m.is_leader for m in ms):
+        problems.append("the cluster has no running leader: fix that first (inv cluster.status)")
+    if any(m.name == gone and m.is_leader for m in ms):
+        problems.append(f"{old} is still the leader: switch over (or let Patroni fail over) first")
+    return problems

@@ -19,7 +19,7 @@ ns.add_collection(drill)
 ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)
 ns.collections["etcd"].add_task(maintain)
-for t in (membership.remove, membership.reinit):
+for t in (membership.remove, membership.reinit, membership.replace):
     ns.collections["patroni"].add_task(t)
 for t, name in ((membership.etcd_add, "add"), (membership.etcd_remove, "remove"), (membership.etcd_replace, "replace")):
     ns.collections["etcd"].add_task(t, name=name)

@@ -166,3 +166,21 @@ def etcd_replace(c, old, with_, force=False, yes=False, dry=False, step=False, e
     run_membership(c, "etcd.replace", "etcd-replace", f"{old}-{with_}",
                    lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)),
                    _etcd_checks(with_, old, force), dry=dry, step=step, export=export, yes=yes)
+
+
+@task(help={"old": "the PostgreSQL host that is gone (already taken out of the inventory)",
+            "with_": "the new host (in the inventory with roles: [postgres], a bare host)", **COMMON_HELP})
+def replace(c, old, with_, yes=False, dry=False, step=False, export=False):
+    """Replace a PostgreSQL host that is gone for good: the new host installed by the install sections' steps
+    and started as a replica once every host's pg_hba names it (OLD's address dropped), OLD's member key
+    deleted from the DCS (irreversible), then a bounded wait until the new host is the sync standby.
+    Edit the inventory first: OLD out, NEW in with roles: [postgres]."""
+    from runbook.cluster.readers import members
+    from runbook.procedures.membership_patroni import replace_precheck, replace_steps
+
+    def checks(ctx):
+        return replace_precheck(members(ctx), old)
+
+    run_membership(c, "patroni.replace", "patroni-replace", f"{old}-{with_}",
+                   lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)), checks, dry=dry, step=step,
+                   export=export, yes=yes)

@@ -228,3 +228,58 @@ def test_etcd_replace_dead_member_under_writer(converged, tmp_path_factory):
     print(f"  replaced back ({new} -> {old} on a bare disk): {back:.1f}s")
     assert etcd_members(drill_ctx(base, state)) == sorted((h.name, False, True) for h in base.etcd)
     labmod.down(Inventory.model_construct(path=path, cluster=base.cluster, hosts=(inv.get(new),)))
+
+
+# -- PostgreSQL: the sync standby powered off for good, replaced by a new host, under the writer ---------
+def test_patroni_replace_dead_replica_under_writer(converged, tmp_path_factory):
+    import time
+
+    from runbook.cluster.readers import host_of, members
+    from runbook.lab import lab as labmod
+    from runbook.procedures.drill import one_leader, prepare_table, prove, start_writer
+
+    base, state = converged
+    ctx0 = drill_ctx(base, state)
+    lead = one_leader(members(ctx0))
+    old = next(h.name for h in base.postgres if f"patroni_{h.name}" != lead.name)
+    new, addr = new_host(base, "postgres", set(base.names()), {h.address for h in base.hosts})
+    path = extended(base, tmp_path_factory.mktemp("pg-replace") / "hosts-pg.yml", {new: (addr, "postgres")},
+                    drop=(old,))
+    inv = load_inventory(path)
+    ctx = drill_ctx(inv, state)
+    prepare_table(ctx, host_of(ctx, lead.name))
+    w = start_writer(ctx, "patroni-replace")
+    figures: dict = {}
+    try:
+        t0 = time.monotonic()
+        labmod.kill(base, old)
+        labmod.machine(base, base.get(old)).remove_disk()
+        labmod.up(inv, [new])
+        run(state, path, "patroni.replace", old, "--with", new, "--yes", timeout=1500)
+        t_sync = time.monotonic()
+        figures["patroni.replace, from the power-off (s)"] = round(t_sync - t0, 1)
+        # writes resume as soon as the new host is the sync standby
+        resumed = wait_for(lambda: w.first_ack_after(t_sync), 30)
+        figures["first write acknowledged after the replace (s)"] = round(resumed - t_sync, 2)
+        gap, _ = w.gap(t0, resumed + 0.001)
+        figures["time without a sync standby: longest write gap (s)"] = round(gap, 1)
+        ms = {m.name: m for m in members(ctx)}
+        assert ms[f"patroni_{new}"].role == "Sync Standby" and ms[lead.name].is_leader, ms
+        assert f"patroni_{old}" not in ms
+    finally:
+        w.stop()
+    res = prove(ctx, w)
+    figures.update({"rows acknowledged": res["acknowledged"], "lost": res["lost"]})
+    print("\ndrill patroni.replace (sync standby powered off for good, new host):")
+    for k, v in figures.items():
+        print(f"  {k}: {v}")
+    assert res["lost"] == 0 and res["acknowledged"] > 0, res
+
+    # back to the session's topology: the new host powered off for good, the old name on a bare disk
+    labmod.down(Inventory.model_construct(path=path, cluster=base.cluster, hosts=(inv.get(new),)))
+    labmod.up(base, [old])
+    t = time.monotonic()
+    run(state, base.path, "patroni.replace", new, "--with", old, "--yes", timeout=1500)
+    print(f"  replaced back ({new} -> {old} on a bare disk): {time.monotonic() - t:.1f}s")
+    ms = {m.name: m for m in members(ctx0)}
+    assert ms[f"patroni_{old}"].role == "Sync Standby", ms

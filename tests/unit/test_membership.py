@@ -150,3 +150,31 @@ def test_dry_run_writes_nothing(ctx):
     assert [(d.host.name, d.step.name, d.run) for d in report.plan] == [("node02", "patroni.reinit.reinit", True)]
     assert ctx.ledger.get("local", op_key("patroni-reinit", "node02")) is None
     assert not [c for c in ctx.transport.commands() if "reinit --force" in c]
+
+
+def test_replace_plan(ctx, tmp_path):
+    """node02 gone for good, node03 in: node03 installed, every host's pg_hba re-rendered before node03
+    starts, node02's key deleted (irreversible), then the wait for a sync standby on node03."""
+    from runbook.inventory import load_inventory
+    from runbook.procedures.membership_patroni import replace_precheck, replace_steps
+
+    text = ctx.inventory.path.read_text().replace("node02: {address: 192.168.60.132",
+                                                  "node03: {address: 192.168.60.133")
+    (tmp_path / "hosts.yml").write_text(text)
+    ctx.inventory = load_inventory(tmp_path / "hosts.yml")
+    got = plan(ctx, replace_steps(ctx, "node02", "node03"))
+    names = [n for n, _, _ in got]
+    assert names.index("patroni.config") < names.index("patroni.replicas") < names.index("patroni.replace.dcs")
+    assert not {"patroni.bootstrap", "patroni.roles", "patroni.dynamic", "etcd.config"} & set(names)
+    by = {n: (hosts, irr) for n, hosts, irr in got}
+    assert by["patroni.config"] == (["node01", "node03"], False)
+    assert by["postgres.packages"] == (["node03"], False) and by["patroni.replicas"] == (["node03"], False)
+    assert by["patroni.replace.dcs"] == (["etcd01"], True)
+    assert by["patroni.replace.sync"] == (["node03"], False)
+    assert [n for n, _, irr in got if irr] == ["patroni.replace.dcs"]
+    assert "192.168.60.132" not in replace_steps(ctx, "node02", "node03")[
+        names.index("patroni.config")].actions_fn(ctx, ctx.inventory.get("node01"))[1].content.decode()
+    with pytest.raises(ProcedureFailed, match="node01 is still in"):
+        replace_steps(ctx, "node01", "node03")
+    assert replace_precheck(LEADER1, "node02") == []
+    assert "still the leader" in replace_precheck(LEADER1, "node01")[0]
