@@ -212,16 +212,29 @@ def endpoint_steps(ctx: Ctx) -> list[Step]:
     return [own[n] for n in ("etcd.names", "etcd.config", "etcd.ectl", "patroni.config", "patroni.validate")]
 
 
+def _unique(steps: list[Step]) -> list[Step]:
+    """Without a step already planned earlier on all its hosts (etcd.names comes with the join)."""
+    whole = set()
+    out = []
+    for s in steps:
+        if s.name in whole:
+            continue
+        if s.only is None:
+            whole.add(s.name)
+        out.append(s)
+    return out
+
+
 def add_steps(ctx: Ctx, new: str) -> list[Step]:
-    return join_steps(ctx, new) + endpoint_steps(ctx)
+    return _unique(join_steps(ctx, new) + endpoint_steps(ctx))
 
 
 def remove_steps(ctx: Ctx, old: str) -> list[Step]:
-    return remove_member_steps(ctx, old) + endpoint_steps(ctx)
+    return _unique(remove_member_steps(ctx, old) + endpoint_steps(ctx))
 
 
 def replace_steps(ctx: Ctx, old: str, new: str) -> list[Step]:
-    return remove_member_steps(ctx, old, new) + join_steps(ctx, new) + endpoint_steps(ctx)
+    return _unique(remove_member_steps(ctx, old, new) + join_steps(ctx, new) + endpoint_steps(ctx))
 
 
 def survey(ctx: Ctx, exclude: str | None = None) -> tuple[list[EtcdMember], dict[str, bool]]:

@@ -94,7 +94,6 @@ def test_replace_plan(swapped):
         ("etcd.start", ["etcd04"], False),
         ("etcd.ectl", ["etcd04"], False),
         ("etcd.existing", ["etcd04"], False),
-        ("etcd.names", ["etcd02", "etcd03", "etcd04", "node01", "node02"], False),
         ("etcd.config", ["etcd02", "etcd03", "etcd04"], False),
         ("etcd.ectl", ["etcd02", "etcd03", "etcd04"], False),
         ("patroni.config", ["node01", "node02"], False),
