@@ -213,8 +213,11 @@ def replace_steps(ctx: Ctx, old: str, new: str) -> list[Step]:
 
     @sec.step("sync", role="postgres", only=only_new)
     def sync(ctx: Ctx, h: Host) -> list:
-        """Bounded wait until the new member is the sync standby (writes no longer wait for the old one)"""
-        return [Run(wait_for(_as_postgres(_role_is(ctx, h, "Sync Standby")), SYNC_WAIT, 2), timeout=SYNC_WAIT + 60)]
+        """Patroni enabled and running on the new member, then a bounded wait until it is the sync standby
+        (writes no longer wait for the old one). A host that was a member before (its steps recorded done,
+        Patroni stopped by patroni.remove) is started again here."""
+        return [Run("systemctl enable -q --now patroni", timeout=120),
+                Run(wait_for(_as_postgres(_role_is(ctx, h, "Sync Standby")), SYNC_WAIT, 2), timeout=SYNC_WAIT + 60)]
 
     @sync.check
     def _sync_check(ctx: Ctx, h: Host) -> str:

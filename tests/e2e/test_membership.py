@@ -29,13 +29,18 @@ def run(state: Path, inventory: Path, *args: str, check: bool = True, timeout: f
     return p
 
 
+_HANDED_OUT: set[str] = set()  # names and addresses given to extra hosts in this session: never twice
+
+
 def new_host(base: Inventory, role: str, taken: set[str], used: set[str]) -> tuple[str, str]:
     """A name like the role's hosts (w2-node01 -> w2-node03) and the next free address after theirs."""
+    taken, used = taken | _HANDED_OUT, used | _HANDED_OUT
     stem = re.sub(r"\d+$", "", base.role(role)[0].name)
     name = next(f"{stem}{i:02d}" for i in range(1, 100) if f"{stem}{i:02d}" not in taken)
     top = max(ipaddress.ip_address(h.address) for h in base.role(role))
     net = ipaddress.ip_network(f"{top}/24", strict=False)
-    addr = next(str(a) for a in net.hosts() if a > top and str(a) not in used and a != net.broadcast_address - 0)
+    addr = next(str(a) for a in net.hosts() if a > top and str(a) not in used)
+    _HANDED_OUT.update((name, addr))
     return name, addr
 
 
