@@ -22,6 +22,7 @@ from runbook.inventory import Host
 
 ORDER = 62
 PROMOTE_TRIES, PROMOTE_INTERVAL = 60, 2  # member promote fails until the learner caught up: bounded retries
+REMOVE_TRIES = 15  # x 2 s: a live member is removable once every member was connected for 5 s
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,13 @@ def remove_member_steps(ctx: Ctx, old: str, new: str | None = None) -> list[Step
     def member(ctx: Ctx, h: Host) -> list:
         """Remove the old member: look up its ID, `member remove` it, the ID goes to the ledger
         Nothing to do when it is not a member any more (a resumed run never removes twice)."""
-        return [Run(f"id=$({_lookup(ctx, h, old)}); if [ -z \"$id\" ]; then echo '{old} is not a member'; else "
-                    f"{etcdctl(ctx, h, 'member remove $id', _endpoints(ctx, new))} && echo \"removed member {old} "
-                    "id $id\"; fi")]
+        # etcd refuses to remove a live member unless every member was connected in the last 5 s ("unhealthy
+        # cluster", e.g. right after a restart): retried, bounded; any other error stops at once.
+        rm = etcdctl(ctx, h, "member remove $id", _endpoints(ctx, new))
+        return [Run(f"id=$({_lookup(ctx, h, old)}); if [ -z \"$id\" ]; then echo '{old} is not a member'; exit 0; fi; "
+                    f"for i in $(seq {REMOVE_TRIES}); do out=$({rm} 2>&1) && {{ echo \"removed member {old} id $id\"; "
+                    "exit 0; }; echo \"$out\" | grep -q 'unhealthy cluster' || break; sleep 2; done; "
+                    "echo \"$out\" >&2; exit 1", timeout=REMOVE_TRIES * 10)]
 
     @member.check
     def _member_check(ctx: Ctx, h: Host) -> str:
