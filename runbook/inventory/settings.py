@@ -171,16 +171,23 @@ def project_root(collection: str = "tasks", cwd: Path | None = None) -> Path:
 
     Invoke's loader registers the collection module in sys.modules under its name before running it;
     outside `inv` (tests, scripts), search upwards from the current directory for tasks.py or a tasks
-    package, as invoke's FilesystemLoader does. Falls back to the current directory."""
+    package, as invoke's FilesystemLoader does. Run from inside the runbook package itself, invoke finds
+    runbook/tasks/ first: the project is then the directory that holds the package. Falls back to the
+    current directory."""
+    package = Path(__file__).resolve().parents[1]  # runbook/
+
+    def outside_package(d: Path) -> Path:
+        return package.parent if d == package or package in d.parents else d
+
     module = sys.modules.get(collection)
     origin = getattr(getattr(module, "__spec__", None), "origin", None)
     if origin:
         p = Path(origin).resolve().parent
-        return p.parent if Path(origin).name == "__init__.py" else p
+        return outside_package(p.parent if Path(origin).name == "__init__.py" else p)
     start = (cwd or Path.cwd()).resolve()
     for d in (start, *start.parents):
         if (d / f"{collection}.py").is_file() or (d / collection / "__init__.py").is_file():
-            return d
+            return outside_package(d)
     return start
 
 

@@ -80,17 +80,19 @@ def test_duplicate_keys_in_a_config_file(tmp_path):
 
 # -- the CLI: any directory, same ledger; the lab follows state_dir -----------------------------------------
 
-def test_a_task_run_from_a_subdirectory_uses_the_project_ledger(guard_dir, tmp_path):
-    """Relative settings are the project's: run from tests/, the ledger is still <root>/<state_dir>."""
+@pytest.mark.parametrize("subdir", ["tests", "runbook/sections"])
+def test_a_task_run_from_a_subdirectory_uses_the_project_ledger(guard_dir, tmp_path, subdir):
+    """Relative settings are the project's: run from tests/, the ledger is still <root>/<state_dir>; from inside
+    the package, where invoke finds runbook/tasks/ first, too."""
     state = tmp_path / "state"
     env = _env(guard_dir, tmp_path, None)
     env.update(INVOKE_RUNBOOK_STATE_DIR=os.path.relpath(state, ROOT),
                INVOKE_RUNBOOK_INVENTORY=os.path.relpath(VALID, ROOT))
-    r = subprocess.run([str(INV), "runbook.mark-done", "etcd.pki", "--note", "by hand"], cwd=ROOT / "tests",
+    r = subprocess.run([str(INV), "runbook.mark-done", "etcd.pki", "--note", "by hand"], cwd=ROOT / subdir,
                        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (state / "corpus.db").exists(), sorted(tmp_path.rglob("*"))
-    assert not (ROOT / "tests" / os.path.relpath(state, ROOT)).resolve().exists()
+    assert not (ROOT / subdir / os.path.relpath(state, ROOT)).resolve().exists()
 
 
 def test_lab_follows_state_dir(guard_dir, tmp_path):
