@@ -68,10 +68,8 @@ def plan_table(report: "Report", title: str = "Plan") -> Table:
     t.add_column("step")
     for h in hosts:
         t.add_column(h)
-    irreversible = {d.step.name for d in report.plan if d.step.irreversible}
     for step, cells in rows.items():
-        mark = " [bold red](irreversible)[/]" if step in irreversible else ""
-        t.add_row(step + mark, *[_cell(cells.get(h)) for h in hosts])
+        t.add_row(step, *[_cell(cells.get(h)) for h in hosts])
     return t
 
 
@@ -86,9 +84,7 @@ def plan_reasons(report: "Report") -> Table:
     for c in ("host", "step", "decision", "reason"):
         t.add_column(c)
     for d in report.plan:
-        why = d.reason + (f"; [bold red]irreversible[/]: {escape(d.step.irreversible)}" if d.step.irreversible
-                          and d.run else "")
-        t.add_row(d.host.name, d.step.name, _cell(d), why)
+        t.add_row(d.host.name, d.step.name, _cell(d), d.reason)
     return t
 
 
@@ -145,8 +141,6 @@ def step_summary(step: "Step", decs: list["Decision"]) -> list[str]:
         out.append(f"  {', '.join(w for w in what if w) or 'nothing'} on {', '.join(hosts)}")
     reasons = sorted({d.reason for d in decs})
     out.append(f"  why: {'; '.join(reasons)}")
-    if step.irreversible:
-        out.append(f"  IRREVERSIBLE: {step.irreversible}")
     return out
 
 
