@@ -68,8 +68,10 @@ def plan_table(report: "Report", title: str = "Plan") -> Table:
     t.add_column("step")
     for h in hosts:
         t.add_column(h)
+    irreversible = {d.step.name for d in report.plan if d.step.irreversible}
     for step, cells in rows.items():
-        t.add_row(step, *[_cell(cells.get(h)) for h in hosts])
+        mark = " [bold red](irreversible)[/]" if step in irreversible else ""
+        t.add_row(step + mark, *[_cell(cells.get(h)) for h in hosts])
     return t
 
 
@@ -84,7 +86,9 @@ def plan_reasons(report: "Report") -> Table:
     for c in ("host", "step", "decision", "reason"):
         t.add_column(c)
     for d in report.plan:
-        t.add_row(d.host.name, d.step.name, _cell(d), d.reason)
+        why = d.reason + (f"; [bold red]irreversible[/]: {escape(d.step.irreversible)}" if d.step.irreversible
+                          and d.run else "")
+        t.add_row(d.host.name, d.step.name, _cell(d), why)
     return t
 
 
@@ -141,6 +145,8 @@ def step_summary(step: "Step", decs: list["Decision"]) -> list[str]:
         out.append(f"  {', '.join(w for w in what if w) or 'nothing'} on {', '.join(hosts)}")
     reasons = sorted({d.reason for d in decs})
     out.append(f"  why: {'; '.join(reasons)}")
+    if step.irreversible:
+        out.append(f"  IRREVERSIBLE: {step.irreversible}")
     return out
 
 

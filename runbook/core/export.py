@@ -52,6 +52,9 @@ def export_markdown(ctx: RunContext, steps: list[Step]) -> str:
         body = "\n".join(line.strip() for line in s.doc.strip().splitlines()[1:]).strip()
         if body:
             lines += [body, ""]
+        if s.irreversible:
+            lines += [f"**Irreversible**: {s.irreversible}. It cannot be rolled back; a resumed run does not "
+                      "repeat it once done.", ""]
         hosts = s.hosts(ctx, ctx.inventory.hosts)
         lines.append(f"Hosts: {', '.join(h.name for h in hosts)} ({s.kind})." + "\n")
         for h in hosts:

@@ -179,6 +179,9 @@ class Step:
     always_check: bool = False  # a cheap check that runs even on done steps; a failure re-runs it
     depends_on: DependsFn | None = None  # what else the step's effect depends on (feeds the fingerprint)
     explain: Callable[[Any, "Host"], list[str]] | None = None  # --dry: diffs its files cannot show (read-only)
+    # Why the step cannot be undone (a member removed, a data dir wiped): shown in the plan and the export;
+    # rollback refuses it, whatever undo the step has.
+    irreversible: str = ""
 
     def check(self, fn: CheckFn) -> CheckFn:
         self.check_fn = fn
@@ -229,6 +232,8 @@ class Step:
         """Why the step cannot be rolled back on host (None when it can: a hand-written or a derived undo)."""
         from runbook.core.files import file_actions
 
+        if self.irreversible:
+            return f"irreversible: {self.irreversible}"
         if self.undo_fn is not None or file_actions(self.actions_fn(ctx, host)):
             return None
         return self.undo_reason or "no undo defined"

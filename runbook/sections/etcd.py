@@ -175,13 +175,19 @@ def _tls_undo(ctx: Ctx, host: Host) -> list:
 
 
 # 5 -------------------------------------------------------------------------------------------
+def config_put(ctx: Ctx, host: Host, state: str = "new", members: bool = True) -> Put:
+    """The rendered config with this initial-cluster-state; members=False leaves initial-cluster out."""
+    c = _ctx(ctx, host, state)
+    if not members:
+        c["initial_cluster"] = ""
+    return template("etcd/etcd.conf.yml.j2", ctx.paths.etcd_conf, c, mode="0640", group="etcd")
+
+
 def _config(ctx: Ctx, host: Host) -> Put:
     """The config as rendered for a new cluster; once the member has bootstrapped, the file says
-    `initial-cluster-state: existing` (the config and existing steps edit it): both count as in place."""
-    path = ctx.paths.etcd_conf
-    joined = template("etcd/etcd.conf.yml.j2", path, _ctx(ctx, host, "existing"), mode="0640", group="etcd")
-    put = template("etcd/etcd.conf.yml.j2", path, _ctx(ctx, host), mode="0640", group="etcd")
-    return replace(put, accept=(joined.sha256,))
+    `initial-cluster-state: existing` (the config and existing steps edit it, a member that joined a running
+    cluster was written so, by etcd.add): both count as in place."""
+    return replace(config_put(ctx, host), accept=(config_put(ctx, host, "existing").sha256,))
 
 
 @section.step("config", role="etcd")
@@ -253,16 +259,19 @@ def _etcd_order(ctx: Ctx, hosts: list[Host]) -> list[Host]:
     return sorted(hosts, key=lambda h: h.name)
 
 
+# A new config: restart again. Not for a change of initial-cluster alone (a member added or removed): a
+# bootstrapped member ignores it, and a membership change must not restart every member.
 @section.step("existing", role="etcd", kind="serial", host_order=_etcd_order,
-              depends_on=lambda ctx, host: [_config(ctx, host)])  # a new config: restart again
+              depends_on=lambda ctx, host: [config_put(ctx, host, members=False)])
 def existing(ctx: Ctx, host: Host) -> list:
     """Existing: initial-cluster-state: existing in the YAML file, members restarted one at a time
     The walk-through edits /etc/default/etcd, which etcd ignores with --config-file. Each member is
     restarted only after the previous one is healthy again, so the cluster keeps quorum."""
     conf = shlex.quote(ctx.paths.etcd_conf)
+    # --cluster: every current member (from the member list), whatever the inventory lists today
     return [Run(f"sed -i 's/^initial-cluster-state: new$/initial-cluster-state: existing/' {conf}"),
             Run("systemctl restart etcd", timeout=120),
-            Run(wait_for(etcdctl(ctx, host, "endpoint health", _all_endpoints(ctx)), 90), timeout=120)]
+            Run(wait_for(etcdctl(ctx, host, "endpoint health --cluster"), 90), timeout=120)]
 
 
 @existing.check

@@ -5,7 +5,7 @@ from runbook.bundle import tasks as bundle_tasks
 from runbook.inventory.settings import DEFAULTS
 from runbook.lab import tasks as lab_tasks
 from runbook.sections import section_steps
-from runbook.tasks import records
+from runbook.tasks import membership, records
 from runbook.tasks.procedures import audit, drill, maintain, secrets
 from runbook.tasks.sections import collections
 from runbook.tasks.session import check_env, section_install
@@ -19,6 +19,10 @@ ns.add_collection(drill)
 ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)
 ns.collections["etcd"].add_task(maintain)
+for t in (membership.remove, membership.reinit, membership.replace):
+    ns.collections["patroni"].add_task(t)
+for t, name in ((membership.etcd_add, "add"), (membership.etcd_remove, "remove"), (membership.etcd_replace, "replace")):
+    ns.collections["etcd"].add_task(t, name=name)
 ns.add_collection(lab_tasks.ns)
 bundle = Collection("bundle")  # a copy: adding `push` must not change runbook.bundle.tasks.ns itself
 for name, t in bundle_tasks.ns.tasks.items():
