@@ -47,7 +47,8 @@ def load_inventory(path: str | Path) -> Inventory:
         Host(name=n, address=h.address, roles=tuple(h.roles), fqdn=h.fqdn, user=h.user or spec.ssh.user,
              port=h.port or spec.ssh.port, key=_path(spec.ssh.key), known_hosts=_path(spec.ssh.known_hosts),
              sudo=spec.ssh.sudo, connect_timeout=spec.ssh.connect_timeout)
-        for n, h in spec.hosts.items()
+        for n, h in spec.hosts.items() if not h.retired
     )
-    return Inventory(path=path, cluster=spec.cluster, hosts=hosts)
+    retired = tuple(n for n, h in spec.hosts.items() if h.retired)
+    return Inventory(path=path, cluster=spec.cluster, hosts=hosts, retired=retired)
 

@@ -193,9 +193,10 @@ def _semantic_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
         dup = sorted({r for r in h.roles if h.roles.count(r) > 1})
         if dup:
             errs.append((("hosts", name, "roles"), f"{', '.join(dup)} listed twice; list each role once"))
+    live = {n: h for n, h in spec.hosts.items() if not h.retired}  # a retired host's address may be reused
     for field in ("address", "fqdn"):
         seen: dict[str, str] = {}
-        for name, h in spec.hosts.items():
+        for name, h in live.items():
             value = getattr(h, field)
             if value is None:
                 continue
@@ -205,8 +206,8 @@ def _semantic_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
                              f"{value} is also the {field} of {other}; give every host its own {field}"))
             else:
                 seen[value.lower()] = name
-    etcd = [n for n, h in spec.hosts.items() if "etcd" in h.roles]
-    pg = [n for n, h in spec.hosts.items() if "postgres" in h.roles]
+    etcd = [n for n, h in live.items() if "etcd" in h.roles]
+    pg = [n for n, h in live.items() if "postgres" in h.roles]
     if len(etcd) < 3 or len(etcd) % 2 == 0:
         fix = (f"use {len(etcd) - 1} or {len(etcd) + 1} (an even count tolerates no more failures than "
                "one less)" if len(etcd) >= 4 else "give 3 (or 5) hosts roles: [etcd]")

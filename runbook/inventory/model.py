@@ -178,6 +178,9 @@ class HostSpec(_Strict):
     fqdn: str | None = Field(default=None, pattern=FQDN_PATTERN)
     user: str | None = Field(default=None, pattern=USER_PATTERN)
     port: int | None = Field(default=None, ge=1, le=65535)
+    # a host that is gone for good (etcd.replace / patroni.replace OLD): kept in the file for the record, left
+    # out of every role, step and template (its address may be given to the new host)
+    retired: bool = False
 
     @field_validator("address")
     @classmethod
@@ -249,6 +252,7 @@ class Inventory(BaseModel):
     path: Path
     cluster: ClusterSpec
     hosts: tuple[Host, ...]
+    retired: tuple[str, ...] = ()  # names marked `retired: true`: in the file, nowhere else
 
     def role(self, role: str) -> list[Host]:
         if role == "local":
@@ -261,6 +265,9 @@ class Inventory(BaseModel):
         for h in self.hosts:
             if h.name == name:
                 return h
+        if name in self.retired:
+            raise InventoryError(f"{self.path}: {name} is marked retired: true (gone for good); remove that line "
+                                 "to use it again")
         raise InventoryError(f"{self.path}: no host named {name!r}; {_did_you_mean(name, self.names())}"
                              f"known: {', '.join(self.names())}")
 
@@ -285,6 +292,8 @@ class Inventory(BaseModel):
                     members = ", ".join(h.name for h in self.role(n)) if n in ROLES else ""
                     hints.append(f"{n!r} is a role, not a host name"
                                  + (f" (its hosts: {members})" if members else ""))
+                elif n in self.retired:
+                    hints.append(f"{n!r} is marked retired: true")
                 elif len(n.split()) > 1:
                     hints.append(f"{n!r}: separate host names with commas, not spaces")
                 elif dym := _did_you_mean(n, known):

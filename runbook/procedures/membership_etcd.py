@@ -98,7 +98,8 @@ def _endpoints(ctx: Ctx, exclude: str | None = None) -> str:
 def remove_member_steps(ctx: Ctx, old: str, new: str | None = None) -> list[Step]:
     """Remove OLD (not an inventory host any more) through a remaining member; drop its certificate."""
     if old in ctx.inventory.names():
-        raise ProcedureFailed(f"{old} is still in {ctx.inventory.path}: take it out first (every endpoint list is "
+        raise ProcedureFailed(f"{old} is still in {ctx.inventory.path}: take it out or mark it "
+                              f"`retired: true` first (every endpoint list is "
                               "rendered from the inventory), then run this again", 2)
     sec = Section("etcd.remove", ORDER, f"remove etcd member {old}")
 

@@ -5,7 +5,9 @@ replica on the next `inv cluster.up` (every host's pg_hba and /etc/hosts are re-
 installed and started by patroni.replicas).
 
 Both procedures refuse the leader (switch over first). remove: Patroni stopped and disabled on the member,
-its key deleted from the DCS (irreversible), PGDATA kept unless --destroy-data (irreversible). reinit: the
+its key deleted from the DCS (irreversible), its replication slot dropped on the members that stay
+(irreversible; Patroni 4 would keep it for member_slots_ttl: see membership_slots), PGDATA kept unless
+--destroy-data (irreversible). reinit: the
 replica's PGDATA wiped and copied again from the leader by Patroni (irreversible); a resumed run that finds
 the copy under way waits for it instead of starting another.
 """
@@ -20,6 +22,7 @@ from runbook.cluster.render import member_name
 from runbook.core.step import Run, Section, Step, wait_for
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
+from runbook.procedures.membership_slots import slot_step
 
 ORDER = 60  # after the install sections (rollback cascades by index)
 
@@ -116,7 +119,8 @@ def remove_steps(ctx: Ctx, host: Host, destroy_data: bool = False) -> list[Step]
         return [Run("systemctl enable --now patroni")]
 
     dcs = dcs_step(sec, ctx, host.name)
-    steps = [stop, dcs]
+    staying = lambda c, hs: [x for x in hs if x.name != host.name]  # noqa: E731
+    steps = [stop, dcs, slot_step(sec, ctx, member_name(host), staying)]
     if destroy_data:
         pgdata = ctx.paths.pgdata()
 
@@ -198,7 +202,8 @@ def replace_steps(ctx: Ctx, old: str, new: str) -> list[Step]:
 
     old = old.removeprefix("patroni_")
     if old in ctx.inventory.names():
-        raise ProcedureFailed(f"{old} is still in {ctx.inventory.path}: take it out first (pg_hba and /etc/hosts "
+        raise ProcedureFailed(f"{old} is still in {ctx.inventory.path}: take it out or mark it "
+                              f"`retired: true` first (pg_hba and /etc/hosts "
                               "are rendered from the inventory), then run this again", 2)
     host = target_host(ctx, new)
     only_new = _on(host.name)
@@ -223,7 +228,7 @@ def replace_steps(ctx: Ctx, old: str, new: str) -> list[Step]:
     def _sync_check(ctx: Ctx, h: Host) -> str:
         return _as_postgres(_role_is(ctx, h, "Sync Standby"))
 
-    return steps + [dcs, sync]
+    return steps + [dcs, sync, slot_step(sec, ctx, f"patroni_{old}", lambda c, hs: hs)]
 
 
 def _role_is(ctx: Ctx, host: Host, role: str) -> str:

@@ -53,6 +53,36 @@ def status(c, json=False):
             return
         recs = {(r["host"], r["step"]): r["status"] for r in doc["checkpoints"]}
         ui.console.print(ui.status_table(all_steps(), doc["hosts"], recs))
+        ops, day2 = _procedure_tables(doc)
+        for t in (ops, day2):
+            if t.row_count:
+                ui.console.print(t)
+
+
+def _procedure_tables(doc: dict) -> tuple[Table, Table]:
+    """The day-2 procedures' records, which the install table has no row for: one row per operation
+    (`membership:<op>:<target>` on the control machine: its id and outcome), and the procedures' own steps
+    (patroni.remove.dcs, etcd.add.promote, ...) per host."""
+    from runbook.procedures.membership_ops import OP_HOST
+
+    known = set(doc["steps"])
+    ops = Table(title="Operations (day-2 procedures)")
+    for col in ("operation", "target", "status", "id", "finished"):
+        ops.add_column(col)
+    steps = Table(title="Day-2 steps")
+    for col in ("step", "host", "status", "finished"):
+        steps.add_column(col)
+    for r in doc["checkpoints"]:
+        if r["step"] in known:
+            continue
+        style = ui.STYLE.get(r["status"], "white")
+        status = f"[{style}]{r['status']}[/]"
+        if r["host"] == OP_HOST and r["step"].startswith("membership:"):
+            _, op, target = r["step"].split(":", 2)
+            ops.add_row(op, target, status, r["note"] or "", _t(r["finished"]) if r["finished"] else "")
+        else:
+            steps.add_row(r["step"], r["host"], status, _t(r["finished"]) if r["finished"] else "")
+    return ops, steps
 
 
 @task(help={"limit": "how many runs to show (default 10)", "run": "show the events of this run id"})

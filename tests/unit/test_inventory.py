@@ -285,3 +285,25 @@ def test_get_unknown_name(inv):
     with pytest.raises(InventoryError,
                        match=r"no host named 'node3'; did you mean 'node0[12]'\?.*known: etcd01"):
         inv.get("node3")
+
+
+def test_a_retired_host_stays_in_the_file_and_nowhere_else(tmp_path):
+    """etcd.replace / patroni.replace OLD: OLD may stay in hosts.yml marked retired; its address may be the new
+    host's; it counts for no role, and naming it says why it is not there."""
+    text = VALID.read_text().replace(
+        "node02: {address: 192.0.2.22, roles: [postgres]}",
+        "node02: {address: 192.0.2.22, roles: [postgres], retired: true}\n"
+        "  node03: {address: 192.0.2.22, roles: [postgres]}")
+    p = tmp_path / "hosts.yml"
+    p.write_text(text)
+    inv = load_inventory(p)
+    assert inv.retired == ("node02",) and "node02" not in inv.names()
+    assert [h.name for h in inv.postgres] == ["node01", "node03"]
+    with pytest.raises(InventoryError, match="node02 is marked retired"):
+        inv.get("node02")
+    with pytest.raises(InventoryError, match="'node02' is marked retired"):
+        inv.select("node02")
+    # retiring one of two postgres hosts without a replacement leaves too few
+    p.write_text(text.replace("  node03: {address: 192.0.2.22, roles: [postgres]}\n", ""))
+    with pytest.raises(InventoryError, match=r"1 postgres host\(s\) \(node01\)"):
+        load_inventory(p)

@@ -69,7 +69,8 @@ def test_remove_plan(ctx):
     node02 = target_host(ctx, "node02")
     assert plan(ctx, remove_steps(ctx, node02)) == [
         ("patroni.remove.stop", ["node02"], False),
-        ("patroni.remove.dcs", ["etcd01"], True)]
+        ("patroni.remove.dcs", ["etcd01"], True),
+        ("patroni.remove.slot", ["node01"], True)]  # the members that stay drop its slot
     assert plan(ctx, remove_steps(ctx, node02, destroy_data=True))[-1] == ("patroni.remove.data", ["node02"], True)
     stop = remove_steps(ctx, node02)[0]
     cmds = [a.cmd for a in stop.actions_fn(ctx, node02)]
@@ -171,10 +172,33 @@ def test_replace_plan(ctx, tmp_path):
     assert by["postgres.packages"] == (["node03"], False) and by["patroni.replicas"] == (["node03"], False)
     assert by["patroni.replace.dcs"] == (["etcd01"], True)
     assert by["patroni.replace.sync"] == (["node03"], False)
-    assert [n for n, _, irr in got if irr] == ["patroni.replace.dcs"]
+    assert by["patroni.replace.slot"] == (["node01", "node03"], True)  # node03 may hold a copy of it too
+    assert [n for n, _, irr in got if irr] == ["patroni.replace.dcs", "patroni.replace.slot"]
+    assert names[-1] == "patroni.replace.slot"
     assert "192.168.60.132" not in replace_steps(ctx, "node02", "node03")[
         names.index("patroni.config")].actions_fn(ctx, ctx.inventory.get("node01"))[1].content.decode()
     with pytest.raises(ProcedureFailed, match="node01 is still in"):
         replace_steps(ctx, "node01", "node03")
     assert replace_precheck(LEADER1, "node02") == []
     assert "still the leader" in replace_precheck(LEADER1, "node01")[0]
+
+
+def test_runbook_status_lists_operations_and_day2_steps():
+    """The install table has no row for a procedure's steps: runbook.status shows them in two more tables."""
+    from rich.console import Console
+
+    from runbook.tasks.records import _procedure_tables
+
+    doc = {"steps": ["etcd.packages"], "checkpoints": [
+        {"host": "etcd01", "step": "etcd.packages", "status": "done", "note": None, "finished": 1},
+        {"host": "local", "step": "membership:patroni-remove:node02", "status": "running",
+         "note": "patroni-remove-node02-20261129T000000-abcdef", "finished": None},
+        {"host": "etcd01", "step": "patroni.remove.dcs", "status": "done", "note": None, "finished": 2}]}
+    ops, steps = _procedure_tables(doc)
+    assert (ops.row_count, steps.row_count) == (1, 1)
+    con = Console(width=200, record=True)
+    con.print(ops)
+    con.print(steps)
+    text = con.export_text()
+    assert "patroni-remove" in text and "node02" in text and "running" in text and "abcdef" in text
+    assert "patroni.remove.dcs" in text and "etcd.packages" not in text

@@ -113,7 +113,7 @@ def test_joining_config_names_the_current_members(swapped):
 
 
 def test_remove_refuses_a_host_still_in_the_inventory(ctx):
-    with pytest.raises(ProcedureFailed, match="etcd01 is still in .*take it out first"):
+    with pytest.raises(ProcedureFailed, match="etcd01 is still in .*take it out or mark it .retired: true. first"):
         remove_steps(ctx, "etcd01")
 
 
