@@ -250,7 +250,9 @@ def _state_hosts(inv: Inventory, root: Path) -> list[Machine]:
                 meta = json.loads((sub / "host.json").read_text())
             except (OSError, ValueError):
                 meta = {}
-            if meta.get("inventory") in (None, str(inv.path)):  # the lab dir may hold other inventories' hosts
+            owner = meta.get("inventory")
+            # the lab dir may hold other inventories' hosts; one whose inventory file is gone has no other owner
+            if owner in (None, str(inv.path)) or not Path(owner).exists():
                 out.append(Machine(sub.name, meta.get("address", ""), sub))
     return out
 
