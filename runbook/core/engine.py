@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from runbook.core.context import RunContext
 from runbook.core.files import UNDO_DIR, files_backup
 from runbook.core.identity import read_identities, voided
+from runbook.core.offline import NOT_CONTACTED, ledger_noop
 from runbook.core.step import Action, Local, Put, Run, Step, Upload
 from runbook.core.transport import TransportError
 from runbook.errors import RunbookError
@@ -180,6 +181,15 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
     report = Report()
     asking = ctx.options.step
     notice = getattr(ctx.observer, "notice", None)
+    noop = ledger_noop(ctx, steps, selected)
+    if noop is not None:  # nothing to do by the ledger: no host is contacted (see runbook.core.offline)
+        report.plan = noop
+        report.skipped = [(d.host.name, d.step.name, d.reason) for d in noop]
+        if any(d.host.name != LOCAL.name for d in noop):
+            report.notices.append(NOT_CONTACTED)
+            if notice:
+                notice(NOT_CONTACTED)
+        return report
     for step in steps:
         hosts = step.hosts(ctx, selected)
         if not hosts:
