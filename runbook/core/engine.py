@@ -5,6 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+from runbook.core.batch import CheckBatch
 from runbook.core.context import RunContext
 from runbook.core.files import UNDO_DIR, files_backup
 from runbook.core.identity import read_identities, voided
@@ -47,9 +48,14 @@ class Report:
     notices: list[str] = field(default_factory=list)  # e.g. a host that is a new machine
 
 
-def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action] | None = None) -> bool | None:
+def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action] | None = None,
+                   checks: CheckBatch | None = None) -> bool | None:
     """True/False from the step's probe of reality (its files' derived check and its hand-written one);
-    None when the step has neither."""
+    None when the step has neither. `checks`: the answers --verify took in one batch per host."""
+    if checks is not None:
+        taken = checks.take(host, step)
+        if taken is not None:
+            return taken
     probe = step.probe(ctx, host, actions)
     if probe is None or isinstance(probe, bool):
         return probe
@@ -57,7 +63,7 @@ def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action
     return r.ok
 
 
-def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
+def decide(ctx: RunContext, step: Step, host: Host, checks: CheckBatch | None = None) -> Decision:
     actions = step.actions_fn(ctx, host)
     fp = step.fingerprint(ctx, host, actions)
     rec = ctx.ledger.get(host.name, step.name)
@@ -73,7 +79,7 @@ def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
     if rec.status == "failed":
         return d(True, "will run", "failed before: " + (rec.error or "")[-80:].strip())
     if rec.status == "running":
-        ok = evaluate_check(ctx, step, host, actions)  # read-only probes: dry runs may ask them too
+        ok = evaluate_check(ctx, step, host, actions, checks)  # read-only probes: dry runs may ask them too
         if ok:
             if not ctx.options.dry:
                 ctx.ledger.set(host.name, step.name, "done", fingerprint=fp, mode="check",
@@ -86,7 +92,7 @@ def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
     if rec.fingerprint != fp:
         return d(True, "changed", "its rendered actions changed since it was done")
     if ctx.options.verify or (step.always_check and not ctx.options.dry):
-        ok = evaluate_check(ctx, step, host, actions)
+        ok = evaluate_check(ctx, step, host, actions, checks)
         if ok is False:
             return d(True, "drifted", "done, but the check says reality drifted")
         return d(False, "done", "done and verified" if ok else "done (no check)")
@@ -190,17 +196,21 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
             if notice:
                 notice(NOT_CONTACTED)
         return report
-    for step in steps:
+    batch = CheckBatch() if ctx.options.verify else None
+    for i, step in enumerate(steps):
         hosts = step.hosts(ctx, selected)
         if not hosts:
             continue
         # Each host's identity is read once, when a step first reaches it (a local step that fails first,
-        # e.g. a bad bundle, touches no host).
-        for text in read_identities(ctx, hosts):
+        # e.g. a bad bundle, touches no host); with --verify in the same remote execution as its checks.
+        texts = []
+        if batch is not None and any(h.name != LOCAL.name for h in hosts):
+            texts = batch.prepare(ctx, steps[i:], selected, stamp=len(report.executed) + len(report.failed))
+        for text in texts + read_identities(ctx, hosts):
             report.notices.append(text)
             if notice:
                 notice(text)
-        decs = _decide_all(ctx, step, hosts)
+        decs = _decide_all(ctx, step, hosts, batch)
         report.plan.extend(decs)
         todo = [d for d in decs if d.run]
         for d in decs:
@@ -251,12 +261,12 @@ def _drop_superseded(ctx: RunContext, step: Step, targets: list[Host], selected:
                              f"{h.name} is dropped")
 
 
-def _decide_all(ctx: RunContext, step: Step, hosts: list[Host]) -> list[Decision]:
+def _decide_all(ctx: RunContext, step: Step, hosts: list[Host], checks: CheckBatch | None) -> list[Decision]:
     """Decide for every host; checks are remote probes, so they run in parallel like the actions."""
     if len(hosts) == 1:
-        return [decide(ctx, step, hosts[0])]
+        return [decide(ctx, step, hosts[0], checks)]
     with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(hosts)))) as pool:
-        return list(pool.map(lambda h: decide(ctx, step, h), hosts))
+        return list(pool.map(lambda h: decide(ctx, step, h, checks), hosts))
 
 
 def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:

@@ -2,8 +2,9 @@
 
 A host re-imaged (or a lab host re-created) under the same name has a bare disk while the ledger
 says its steps are done. Every record carries the host's /etc/machine-id; a run reads it once per
-host (one short command, in parallel, before the first step) and a record written on another
-machine is void: its step runs again.
+host (one short command, in parallel, before the first step that reaches it; with --verify inside the
+host's batch of checks) and a record written on another machine is void: its step runs again. A run that
+the ledger alone decides (all done: runbook.core.offline) contacts no host and reads none.
 """
 from __future__ import annotations
 
@@ -46,6 +47,14 @@ def read_identities(ctx: RunContext, hosts: list[Host]) -> list[str]:
 
     with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(todo)))) as pool:
         found = list(pool.map(one, todo))
+    return note_identities(ctx, found, records)
+
+
+def note_identities(ctx: RunContext, found: list[tuple[Host, str | None]], records: list | None = None) -> list[str]:
+    """Keep the identities read (machine-id, or None: undecided) for this run; one notice per host whose
+    records were written on another machine. Records without an identity adopt it (not in a dry run).
+    Used by read_identities and by --verify's batch (runbook.core.batch), which reads it with the checks."""
+    records = ctx.ledger.all() if records is None else records
     notices = []
     for h, mid in found:
         if mid is None:

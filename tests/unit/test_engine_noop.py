@@ -2,6 +2,9 @@
 with today's fingerprint; anything else takes the normal path, which reads every host's identity first."""
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 from runbook.core.engine import apply
 from runbook.core.identity import IDENTITY_CMD
 from runbook.core.offline import NOT_CONTACTED
@@ -103,3 +106,106 @@ def test_a_dry_run_of_a_done_cluster_contacts_no_host_and_says_so(ctx, inv):
     plan = apply(ctx, _steps(), inv.hosts).plan
     assert ctx.transport.calls[n:] == [] and notes == [NOT_CONTACTED]
     assert {d.label for d in plan} == {"done"} and len(plan) == 4
+
+
+# -- --verify: one remote execution per host (runbook.core.batch) -------------------------------------------
+def _three(state: dict):
+    sec = Section("vb", 4, "")
+
+    @sec.step("first", role="etcd")
+    def first(ctx, h):
+        return [Run(f"echo first {h.name}")]
+
+    @first.check
+    def _c1(ctx, h):
+        return f"check first {h.name}"
+
+    @sec.step("second", role="etcd")
+    def second(ctx, h):
+        return [Run(f"echo second {h.name}")]
+
+    @second.check
+    def _c2(ctx, h):
+        return f"check second {h.name}"
+
+    @sec.step("third", role="postgres")
+    def third(ctx, h):
+        return [Run(f"echo third {h.name}")]
+
+    @third.check
+    def _c3(ctx, h):
+        return f"check third {h.name}"
+
+    return sec.steps
+
+
+def test_verify_asks_every_check_of_a_host_in_one_execution(ctx, inv):
+    apply(ctx, _three({}), inv.hosts)
+    n = _fresh_run(ctx)
+    ctx.options.verify = True
+    report = apply(ctx, _three({}), inv.hosts)
+    assert report.executed == []
+    assert sorted(ctx.transport.batches) == [("etcd01", 2), ("etcd02", 2), ("etcd03", 2), ("node01", 1),
+                                             ("node02", 1)]
+    # the identity and the checks were all inside those batches: nothing was sent on its own
+    assert len(ctx.transport.calls[n:]) == 5 + 8
+    assert {d.reason for d in report.plan} == {"done and verified"}
+
+
+def test_a_step_that_ran_makes_the_checks_ahead_be_taken_again(ctx, inv):
+    """A check is never answered by a state an earlier step of this run has since changed: first drifted on
+    etcd02 and its re-run breaks second's effect there; second is checked again and re-runs too."""
+    apply(ctx, _three({}), inv.hosts)
+    _fresh_run(ctx)
+    rerun = {"first": False, "second": False}
+
+    def first_check(h, c):
+        return 0 if rerun["first"] else 1
+
+    def first_runs(h, c):
+        rerun["first"] = True
+        return 0
+
+    ctx.transport.on(r"^check first etcd02$", first_check)
+    ctx.transport.on(r"^echo first etcd02$", first_runs)
+    ctx.transport.on(r"^check second etcd02$", lambda h, c: 1 if rerun["first"] and not rerun["second"] else 0)
+    ctx.transport.on(r"^echo second etcd02$", lambda h, c: rerun.update(second=True) or 0)
+    ctx.options.verify = True
+    report = apply(ctx, _three({}), inv.hosts)
+    assert [e for e in report.executed if e[0] == "etcd02"] == [("etcd02", "vb.first"), ("etcd02", "vb.second")]
+    assert {e[0] for e in report.executed} == {"etcd02"}
+    # after each change one new batch per host for the steps still ahead, never a check per step and host
+    assert len(ctx.transport.batches) == 5 + 5 + 2
+
+
+def test_a_check_missing_from_the_answer_is_asked_on_its_own(ctx, inv):
+    apply(ctx, _three({}), inv.hosts)
+    _fresh_run(ctx)
+    ctx.options.verify = True
+    real = ctx.transport._batch
+
+    def cut(host, script, parts):  # the script died after its first check
+        r = real(host, script, parts)
+        return type(r)(0, "\n".join(r.stdout.splitlines()[:2]) + "\n", "")
+
+    ctx.transport._batch = cut
+    ctx.transport.on(r"^check second etcd03$", 1)
+    ctx.transport.on(r"^echo second etcd03$", lambda h, c: ctx.transport.on(r"^check second etcd03$", 0) or 0)
+    report = apply(ctx, _three({}), inv.hosts)
+    assert report.executed == [("etcd03", "vb.second")]
+
+
+def test_the_batch_script_runs_in_a_real_shell(tmp_path):
+    from runbook.core.batch import batch_script, parse_batch
+    from runbook.core.transport import LocalTransport
+    from runbook.inventory import LOCAL
+
+    marker = tmp_path / "it's here"
+    marker.write_text("x")
+    checks = ["true", "false", "exit 3", f"test -f {shlex.quote(str(marker))}", "echo noise; echo err >&2; true",
+              "for i in 1 2; do\n  [ $i = 2 ] && exit 0\ndone\nexit 1", "cat >/dev/null; exit 0"]
+    r = LocalTransport().run(LOCAL, batch_script(checks, identity=True), timeout=60)
+    mid, rcs = parse_batch(r.stdout)
+    assert rcs == {0: 0, 1: 1, 2: 3, 3: 0, 4: 0, 5: 0, 6: 0}
+    want = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else None
+    assert mid == (want or None)
