@@ -110,32 +110,11 @@ def test_a_dry_run_of_a_done_cluster_contacts_no_host_and_says_so(ctx, inv):
 
 # -- --verify: one remote execution per host (runbook.core.batch) -------------------------------------------
 def _three(state: dict):
+    """vb.first and vb.second on the etcd hosts, vb.third on the postgres hosts, each with a hand check."""
     sec = Section("vb", 4, "")
-
-    @sec.step("first", role="etcd")
-    def first(ctx, h):
-        return [Run(f"echo first {h.name}")]
-
-    @first.check
-    def _c1(ctx, h):
-        return f"check first {h.name}"
-
-    @sec.step("second", role="etcd")
-    def second(ctx, h):
-        return [Run(f"echo second {h.name}")]
-
-    @second.check
-    def _c2(ctx, h):
-        return f"check second {h.name}"
-
-    @sec.step("third", role="postgres")
-    def third(ctx, h):
-        return [Run(f"echo third {h.name}")]
-
-    @third.check
-    def _c3(ctx, h):
-        return f"check third {h.name}"
-
+    for name, role in (("first", "etcd"), ("second", "etcd"), ("third", "postgres")):
+        st = sec.step(name, role=role)(lambda ctx, h, n=name: [Run(f"echo {n} {h.name}")])
+        st.check(lambda ctx, h, n=name: f"check {n} {h.name}")
     return sec.steps
 
 
