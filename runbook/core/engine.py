@@ -1,6 +1,7 @@
 """The engine: decide per (host, step) from the ledger and reality, run, record, stop on failure."""
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from runbook.core.context import RunContext
 from runbook.core.files import UNDO_DIR, files_backup
 from runbook.core.identity import read_identities, voided
 from runbook.core.offline import NOT_CONTACTED, ledger_noop
+from runbook.core.schedule import run_graph
 from runbook.core.step import Action, Local, Put, Run, Step, Upload
 from runbook.core.transport import TransportError
 from runbook.errors import RunbookError
@@ -172,20 +174,28 @@ def _ask(ctx: RunContext, step: Step, decs: list[Decision]) -> str:
     return answer
 
 
-def failure_summary(step: Step, errors: dict[str, str], report: Report) -> str:
+def failure_summary(step: Step, errors: dict[str, str], report: Report, stopped: list[str] | None = None) -> str:
+    """What failed where, what was not started, what to do. `stopped`: with dependency scheduling, the steps
+    not started because they need a failed one (None: the run went in order and stopped at this step)."""
     lines = [f"step {step.name} failed on {len(errors)} host(s):"]
     for host, err in sorted(errors.items()):
         lines.append(f"  {host}: {err}")
-    lines.append(f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after "
-                 f"{step.name} was started. Fix the cause, then run the same command again: done steps are "
-                 "skipped and each host resumes where it stopped (`inv runbook.history` shows the output).")
+    if stopped is None:
+        where = f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after {step.name} " \
+                "was started."
+    else:
+        where = f"{len(report.executed)} (host, step) pair(s) ran in this run; the steps that need it were not " \
+                f"started ({', '.join(stopped) or 'none'})."
+    lines.append(f"{where} Fix the cause, then run the same command again: done steps are skipped and each host "
+                 "resumes where it stopped (`inv runbook.history` shows the output).")
     return "\n".join(lines)
 
 
 def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
-    """Run `steps` in order on the selected hosts; stop before the next step after a failure."""
+    """Run `steps` on the selected hosts. A plain run starts every step once the steps it needs are done
+    (runbook.core.schedule: sections that do not need each other overlap); --dry, --step and --verify walk
+    them one at a time in order. A failure stops what needs the failed step; the run then fails."""
     report = Report()
-    asking = ctx.options.step
     notice = getattr(ctx.observer, "notice", None)
     noop = ledger_noop(ctx, steps, selected)
     if noop is not None:  # nothing to do by the ledger: no host is contacted (see runbook.core.offline)
@@ -196,50 +206,73 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
             if notice:
                 notice(NOT_CONTACTED)
         return report
-    batch = CheckBatch() if ctx.options.verify else None
-    for i, step in enumerate(steps):
-        hosts = step.hosts(ctx, selected)
+    run = _Run(ctx, steps, selected, report)
+    if ctx.options.dry or ctx.options.step or ctx.options.verify:
+        for i, step in enumerate(steps):
+            errors = run.step(i)
+            if errors:
+                raise RunFailed(failure_summary(step, errors, report))
+        return report
+    failed, blocked = run_graph(steps, run.step)
+    if failed:
+        raise RunFailed("\n".join(failure_summary(steps[i], errs, report, [steps[j].name for j in sorted(blocked)])
+                                  for i, errs in sorted(failed.items())))
+    return report
+
+
+class _Run:
+    """One apply(): the per-step work (decide, ask, run, record), called in order or by the scheduler."""
+
+    def __init__(self, ctx: RunContext, steps: list[Step], selected: list[Host], report: Report):
+        self.ctx, self.steps, self.selected, self.report = ctx, steps, selected, report
+        self.asking = ctx.options.step
+        self.notice = getattr(ctx.observer, "notice", None)
+        self.batch = CheckBatch() if ctx.options.verify else None
+        self.gate = threading.BoundedSemaphore(max(1, ctx.options.parallel))  # host work of all steps at once
+
+    def step(self, i: int) -> dict[str, str]:
+        """Decide and run steps[i] on its hosts; {host: error} of the hosts where it failed."""
+        ctx, step, report = self.ctx, self.steps[i], self.report
+        hosts = step.hosts(ctx, self.selected)
         if not hosts:
-            continue
+            return {}
         # Each host's identity is read once, when a step first reaches it (a local step that fails first,
         # e.g. a bad bundle, touches no host); with --verify in the same remote execution as its checks.
         texts = []
-        if batch is not None and any(h.name != LOCAL.name for h in hosts):
-            texts = batch.prepare(ctx, steps[i:], selected, stamp=len(report.executed) + len(report.failed))
+        if self.batch is not None and any(h.name != LOCAL.name for h in hosts):
+            texts = self.batch.prepare(ctx, self.steps[i:], self.selected,
+                                       stamp=len(report.executed) + len(report.failed))
         for text in texts + read_identities(ctx, hosts):
             report.notices.append(text)
-            if notice:
-                notice(text)
-        decs = _decide_all(ctx, step, hosts, batch)
+            if self.notice:
+                self.notice(text)
+        decs = _decide_all(ctx, step, hosts, self.batch)
         report.plan.extend(decs)
         todo = [d for d in decs if d.run]
-        for d in decs:
-            if not d.run:
-                report.skipped.append((d.host.name, step.name, d.reason))
+        report.skipped.extend((d.host.name, step.name, d.reason) for d in decs if not d.run)
         if ctx.options.dry:
-            continue
+            return {}
         if not todo:
-            _drop_superseded(ctx, step, hosts, selected)
-            continue
-        if asking:
+            _drop_superseded(ctx, step, hosts, self.selected)
+            return {}
+        if self.asking:
             answer = _ask(ctx, step, todo)
             if answer == "quit":
                 raise Quit(f"stopped by the operator before {step.name}; run the same command to resume")
             if answer == "skip":
                 report.skipped.extend((d.host.name, step.name, "skipped by the operator") for d in todo)
-                continue
+                return {}
             if answer == "continue":
-                asking = False
-        errors = _run_step(ctx, step, todo, "step" if ctx.options.step else "auto")
+                self.asking = False
+        errors = _run_step(ctx, step, todo, "step" if ctx.options.step else "auto", self.gate)
         for d in todo:
             if d.host.name in errors:
                 report.failed.append((d.host.name, step.name, errors[d.host.name]))
             else:
                 report.executed.append((d.host.name, step.name))
-        if errors:
-            raise RunFailed(failure_summary(step, errors, report))
-        _drop_superseded(ctx, step, hosts, selected)
-    return report
+        if not errors:
+            _drop_superseded(ctx, step, hosts, self.selected)
+        return errors
 
 
 def _drop_superseded(ctx: RunContext, step: Step, targets: list[Host], selected: list[Host]) -> None:
@@ -269,12 +302,19 @@ def _decide_all(ctx: RunContext, step: Step, hosts: list[Host], checks: CheckBat
         return list(pool.map(lambda h: decide(ctx, step, h, checks), hosts))
 
 
-def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
+def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str,
+              gate: threading.BoundedSemaphore | None = None) -> dict[str, str]:
     errors: dict[str, str] = {}
+    gate = gate or threading.BoundedSemaphore(max(1, ctx.options.parallel))
+
+    def gated(d: Decision) -> str | None:
+        with gate:  # runbook.parallel bounds the hosts worked on at once, over every step in flight
+            return execute(ctx, d, mode)
+
     with ctx.observer.step_progress(step, [d.host.name for d in todo]) as progress:
         if step.kind == "serial":  # todo is in Step.hosts() order
             for d in todo:
-                err = execute(ctx, d, mode)
+                err = gated(d)
                 progress(d.host.name, err)
                 if err:
                     errors[d.host.name] = err
@@ -283,7 +323,8 @@ def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str) -> d
         # parallel and barrier: every host at once (a barrier step needs them all started together)
         workers = len(todo) if step.kind == "barrier" else max(1, min(ctx.options.parallel, len(todo)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(execute, ctx, d, mode): d for d in todo}
+            run = (lambda d: execute(ctx, d, mode)) if step.kind == "barrier" else gated  # a barrier starts all
+            futures = {pool.submit(run, d): d for d in todo}
             for fut in as_completed(futures):
                 d = futures[fut]
                 try:

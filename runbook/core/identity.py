@@ -8,6 +8,7 @@ the ledger alone decides (all done: runbook.core.offline) contacts no host and r
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from runbook.core.context import RunContext
@@ -16,6 +17,7 @@ from runbook.inventory import LOCAL, Host
 
 IDENTITY_CMD = "cat /etc/machine-id"
 DONE = ("done", "manual", "running")
+_READING = threading.Lock()
 
 
 def read_identities(ctx: RunContext, hosts: list[Host]) -> list[str]:
@@ -24,6 +26,11 @@ def read_identities(ctx: RunContext, hosts: list[Host]) -> list[str]:
     Records written before identities were kept are adopted (stamped with today's identity, except in a
     dry run). An unreachable host or one without a machine-id is left undecided: its steps fail or run
     as before."""
+    with _READING:  # steps in flight at once (runbook.core.schedule): one reads, the others wait for its answer
+        return _read_identities(ctx, hosts)
+
+
+def _read_identities(ctx: RunContext, hosts: list[Host]) -> list[str]:
     asked = ctx.ledger.identities
     todo = [h for h in {h.name: h for h in hosts}.values() if h.name != LOCAL.name and h.name not in asked]
     if not todo:
