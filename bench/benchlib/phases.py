@@ -9,8 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import REPO, BenchFailed, fmt, inv, med, ssh
+from . import CLUSTER, REPO, BenchFailed, fmt, inv, med, ssh
 from .report import record, say
+from .targets import target
 
 
 def load_noop(a) -> dict[str, list[float]] | None:
@@ -126,6 +127,9 @@ def phase_ansible(a, noop: dict[str, list[float]] | None) -> None:
         record("ansible", f"ratio ansible[{k}] / runbook --verify", f"{med(walls[k]) / med(rb['verify']):.2f}x")
         record("ansible", f"ratio ansible[{k}] / runbook no-op", f"{med(walls[k]) / med(rb['noop']):.2f}x")
     record("ansible", "not translated (no remote check)", ", ".join(skipped))
+    target("ansible[pipelining] / runbook no-op", med(walls["pipelining"]) / med(rb["noop"]), 20, at_least=True)
+    target("ansible[pipelining] / runbook --verify", med(walls["pipelining"]) / med(rb["verify"]), 8,
+           at_least=True)
 
 
 # -- phase: probe ------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def phase_probe(a) -> None:
         ctx = make_ctx(a)
         ctx.transport = Counting()
         ctx.options.verify = verify
-        ctx.ledger = Ledger(a.state / "patroni_cluster.db", redact=ctx.redact)
+        ctx.ledger = Ledger(a.state / f"{CLUSTER['name']}.db", redact=ctx.redact)
         per_step: dict[str, float] = {}
         t0 = time.monotonic()
         for step in all_steps():
