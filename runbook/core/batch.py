@@ -1,6 +1,6 @@
 """--verify in one remote execution per host: the host's identity and the checks of every step still ahead
-on it, in one generated script, hosts in parallel; each check's exit status is parsed back into that
-(host, step)'s decision.
+on it, in one generated script (the checks side by side), hosts in parallel; each check's exit status is
+parsed back into that (host, step)'s decision.
 
 Same semantics as checking each step at its turn: the results stand only while nothing has changed. Once a
 (host, step) ran in this run, the checks ahead are taken again (the next step that needs one builds a new
@@ -36,9 +36,12 @@ def batch_script(checks: list[str], identity: bool) -> BatchScript:
     lines = []
     if identity:
         lines.append(f"printf 'RUNBOOK-ID 0 %s\\n' \"$({IDENTITY_CMD} 2>/dev/null)\"")
+    # The checks are read-only probes: they run side by side (the host's batch lasts as long as its slowest
+    # check, not the sum); each reports on one short line (one write: lines never interleave).
     for i, cmd in enumerate(checks):
-        lines.append(f"timeout {CHECK_TIMEOUT} sh -c {shlex.quote(cmd)} </dev/null >/dev/null 2>&1; "
-                     f"echo \"RUNBOOK-CHECK {i} $?\"")
+        lines.append(f"( timeout {CHECK_TIMEOUT} sh -c {shlex.quote(cmd)} </dev/null >/dev/null 2>&1; "
+                     f"echo \"RUNBOOK-CHECK {i} $?\" ) &")
+    lines.append("wait")
     s = BatchScript("\n".join(lines))
     s.parts = list(enumerate(checks))
     s.identity = identity
@@ -98,7 +101,7 @@ class CheckBatch:
             ident = h.name not in asked
             script = batch_script([c for _, c in checks], ident)
             try:
-                r = ctx.transport_for(h).run(h, script, timeout=CHECK_TIMEOUT * (len(checks) + 1), lock=True)
+                r = ctx.transport_for(h).run(h, script, timeout=CHECK_TIMEOUT + 60, lock=True)
             except TransportError:
                 return h, None, ident, {}  # each check is asked on its own, and fails there as before
             mid, rcs = parse_batch(r.stdout)
