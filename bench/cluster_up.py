@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
+    CLUSTER,
     REPO,
     BenchFailed,
     checkpoints,
@@ -48,13 +49,16 @@ from benchlib import (  # noqa: E402
     kill_when,
     lab_down,
     lab_up,
+    med,
     ssh,
     step_spans,
+    use_inventory,
     write_inventory,
 )
 from benchlib.cluster import HOSTS, PATRONICTL, Writer, ensure_table, host_of, wait_healthy  # noqa: E402
 from benchlib.phases import load_noop, phase_ansible, phase_probe  # noqa: E402
 from benchlib.report import con, finish, record, say  # noqa: E402
+from benchlib.targets import critical_path, target  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 BASE = Path("/tmp/bench-cluster")
@@ -67,7 +71,8 @@ def phase_up(a) -> dict[str, float]:
     t_lab = lab_up(a.inventory, fresh=True)
     record("lab", "lab.up of 5 bare hosts (cold, base tree cached)", f"{t_lab:.1f}s")
     shutil.rmtree(a.state / "pki", ignore_errors=True)
-    for f in ("patroni_cluster.db", "patroni_cluster.db-wal", "patroni_cluster.db-shm", "secrets.yml"):
+    name = CLUSTER["name"]
+    for f in (f"{name}.db", f"{name}.db-wal", f"{name}.db-shm", "secrets.yml"):
         (a.state / f).unlink(missing_ok=True)
     say("cluster.up from bare hosts ...")
     t_start = time.time()
@@ -79,6 +84,10 @@ def phase_up(a) -> dict[str, float]:
         record("up", f"sum of step durations on {h}", f"{s:.1f}s")
     record("up", "sum of per-step wall spans (steps run one after another)", f"{sum(spans.values()):.1f}s")
     record("up", "wall outside any step (start-up, decisions, between steps)", f"{r.wall - sum(spans.values()):.1f}s")
+    cp, chain = critical_path(rows, since=t_start)
+    record("up", "critical path (declared needs, ledger durations)", f"{cp:.1f}s: {' > '.join(chain)}")
+    if cp > 0:
+        target("cluster.up from bare hosts: wall / critical path", r.wall / cp, 1.1)
     top = sorted(spans.items(), key=lambda kv: -kv[1])[:6]
     record("up", "slowest steps (wall span)", ", ".join(f"{k} {v:.1f}s" for k, v in top))
     (a.state.parent / "up-spans.json").write_text(json.dumps({"wall": r.wall, "spans": spans}, indent=1))
@@ -103,6 +112,7 @@ def phase_noop(a) -> dict[str, list[float]]:
         say(f"round {i + 1}: no-op {r.wall:.2f}s, --verify {v.wall:.2f}s")
     record("noop", "no-op cluster.up (0 executed): wall", fmt(out["noop"]))
     record("noop", "no-op cluster.up --verify (every check): wall", fmt(out["verify"]))
+    target("no-op cluster.up: median wall of inv", med(out["noop"]), 0.5, unit="s")
     record("memory", "peak RSS of inv, no-op cluster.up, 5 hosts", f"{max(rss['noop']) / 1024:.1f} MiB")
     record("memory", "peak RSS of inv, cluster.up --verify, 5 hosts", f"{max(rss['verify']) / 1024:.1f} MiB")
     (a.state.parent / "noop.json").write_text(json.dumps(out))
@@ -142,7 +152,7 @@ def phase_switchover(a) -> None:
 
     def plain(lead, rep, w):
         h = host_of(lead["Member"])[0]
-        r = ssh(a.inventory, h, f"sudo -n -u postgres {PATRONICTL} switchover patroni_cluster --leader "
+        r = ssh(a.inventory, h, f"sudo -n -u postgres {PATRONICTL} switchover {CLUSTER['name']} --leader "
                                 f"{lead['Member']} --candidate {rep['Member']} --force", timeout=300)
         if r.returncode != 0:
             raise BenchFailed(f"patronictl switchover failed: {r.stdout} {r.stderr}")
@@ -260,6 +270,7 @@ def main() -> int:
     if a.inventory == (BASE / "hosts.yml") and not a.inventory.exists():
         write_inventory(a.inventory, HOSTS)
     a.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    use_inventory(a.inventory)
     con.print(f"inventory {a.inventory}, state {a.state}, phases {','.join(phases)}, rounds {a.rounds}; "
               f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     rc = 0

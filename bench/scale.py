@@ -1,20 +1,22 @@
 """Benchmark how the engine's no-op and --verify cost grows from 5 to 30 hosts (not a test).
 
     .venv/bin/python bench/scale.py [--inventory /tmp/bench-scale/hosts.yml] [--state /tmp/bench-scale/state]
-                                    [--rounds 3] [--keep]
+                                    [--rounds 3] [--keep] [--prefix c-h] [--subnet 192.168.65]
 
 A private lab of 30 hosts (generated): c-h01..c-h03 etcd, c-h04..c-h30 postgres, at 192.168.65.10-39.
 cluster.up cannot bring 27 PostgreSQL members up cheaply, so what is measured is the part of the
 runbook that runs on every host: `inv etcd.install` = bundle.verify (local, always checked),
 bundle.push (role all, always checked: sha256sum -c of the host's bundle files on every run),
-etcd.names (role all) and the 9 etcd steps on the 3 etcd hosts. It is applied once for real (setup,
-includes pushing the bundle to 30 hosts), then timed as a no-op and with --verify, with
-`--hosts` selecting the first 5 hosts (c-h01..c-h05: 3 etcd + 2 postgres, the 5-host layout) vs.
+etcd.names (role all) and the 10 etcd steps on the 3 etcd hosts. It is applied once for real (setup,
+includes pushing the bundle to 30 hosts); then `inv bundle.push` (bundle.verify + bundle.push, the steps
+of every host; `etcd.install --hosts` refuses hosts without the etcd role) is timed as a no-op and with
+--verify, with `--hosts` selecting the first 5 hosts (c-h01..c-h05: 3 etcd + 2 postgres, the 5-host layout) vs.
 all 30 - same inventory, same ledger, same lab, only the number of selected hosts differs.
 
 engine-only : the same engine in-process (runbook.engine.apply) on etcd.names alone (no hashing on the
               hosts): no-op (ledger only) and --verify (one `getent` chain per host over SSH)
 memory      : peak RSS of the inv process (os.wait4 rusage) for the no-op runs, 5 vs 30 hosts
+targets     : issue 16's (no-op 30 vs 5 hosts <= 1.3x, --verify <= 2x) as ratios next to them; never asserted
 Note: all lab hosts share this machine's CPUs, so per-host work (sha256sum of ~87 MB on every
 postgres host) is serialised here; on real hosts it would run in parallel.
 """
@@ -29,11 +31,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import REPO, BenchFailed, fmt, inv, inv_rss, lab_down, lab_up, med, write_inventory  # noqa: E402
+from benchlib import (  # noqa: E402
+    CLUSTER,
+    REPO,
+    BenchFailed,
+    fmt,
+    inv,
+    inv_rss,
+    lab_down,
+    lab_up,
+    med,
+    use_inventory,
+    write_inventory,
+)
 from benchlib.report import con, finish, record, say  # noqa: E402
+from benchlib.targets import target  # noqa: E402
 
 BASE = Path("/tmp/bench-scale")
-HOSTS = [(f"c-h{i:02d}", f"192.168.65.{9 + i}", "etcd" if i <= 3 else "postgres") for i in range(1, 31)]
+
+
+def hosts(prefix: str, subnet: str) -> list[tuple[str, str, str]]:
+    """30 hosts PREFIX01..30 at SUBNET.10-39: 3 etcd, 27 postgres."""
+    return [(f"{prefix}{i:02d}", f"{subnet}.{9 + i}", "etcd" if i <= 3 else "postgres") for i in range(1, 31)]
 
 
 def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
@@ -57,7 +76,7 @@ def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
     i = load_inventory(a.inventory)
     ctx = Ctx(inventory=i, transport=Counting(), state_dir=a.state, bundle_dir=REPO / "bundle",
               options=Options(verify=verify))
-    ctx.ledger = Ledger(a.state / "patroni_cluster.db", redact=ctx.redact)
+    ctx.ledger = Ledger(a.state / f"{CLUSTER['name']}.db", redact=ctx.redact)
     step = [s for s in section_steps("etcd") if s.name == "etcd.names"]
     t0 = time.monotonic()
     rep = apply(ctx, step, [i.get(n) for n in names])
@@ -77,6 +96,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--small", type=int, default=5, help="the small selection: the first N hosts")
     ap.add_argument("--keep", action="store_true", help="keep the lab at the end")
+    ap.add_argument("--prefix", default="c-h", help="host name prefix of the generated inventory (c-h01..)")
+    ap.add_argument("--subnet", default="192.168.65", help="first three octets of the generated inventory's /24")
     a = ap.parse_args()
     if os.geteuid() != 0:
         con.print("the lab needs root")
@@ -85,8 +106,9 @@ def main() -> int:
     if a.inventory == (REPO / "hosts.yml").resolve():
         con.print("[red]refusing the shared hosts.yml lab: pass a private inventory[/]")
         return 2
-    if a.inventory == BASE / "hosts.yml" and not a.inventory.exists():
-        write_inventory(a.inventory, HOSTS)
+    if not a.inventory.exists():
+        write_inventory(a.inventory, hosts(a.prefix, a.subnet))
+    use_inventory(a.inventory)
     a.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     from runbook.inventory import load_inventory
 
@@ -109,22 +131,24 @@ def main() -> int:
         for rnd in range(a.rounds):
             for n, spec in sel.items():  # interleaved: both sizes see the same machine load
                 for mode in ("no-op", "--verify"):
-                    args = ["etcd.install", "--hosts", spec] + (["--verify"] if mode == "--verify" else [])
+                    # bundle.push: the steps that run on every host (etcd.install --hosts refuses postgres hosts)
+                    args = ["bundle.push", "--hosts", spec] + (["--verify"] if mode == "--verify" else [])
                     x = inv_rss(a.inventory, a.state, *args, timeout=900)
                     if x.executed != 0:
-                        raise BenchFailed(f"{mode} etcd.install on {n} hosts executed {x.executed}:\n{x.out[-1500:]}")
+                        raise BenchFailed(f"{mode} bundle.push on {n} hosts executed {x.executed}:\n{x.out[-1500:]}")
                     walls.setdefault((n, mode), []).append(x.wall)
                     rss.setdefault((n, mode), []).append(x.maxrss_kb)
             say(f"round {rnd + 1}: " + ", ".join(f"{n} hosts {m} {v[-1]:.2f}s" for (n, m), v in walls.items()))
         lo, hi = len(small), len(allnames)
         for mode in ("no-op", "--verify"):
             for n in (lo, hi):
-                record("inv etcd.install", f"{mode} on {n} hosts: wall", fmt(walls[(n, mode)]))
+                record("inv bundle.push", f"{mode} on {n} hosts: wall", fmt(walls[(n, mode)]))
             w_lo, w_hi = med(walls[(lo, mode)]), med(walls[(hi, mode)])
-            record("inv etcd.install", f"{mode}: {hi} vs {lo} hosts", f"{w_hi / w_lo:.2f}x, "
+            record("inv bundle.push", f"{mode}: {hi} vs {lo} hosts", f"{w_hi / w_lo:.2f}x, "
                    f"{(w_hi - w_lo) / (hi - lo) * 1000:.0f} ms per extra host")
+            target(f"{mode} bundle.push, {hi} vs {lo} hosts", w_hi / w_lo, 1.3 if mode == "no-op" else 2.0)
         for n in (lo, hi):
-            record("memory", f"peak RSS of inv, no-op etcd.install on {n} hosts",
+            record("memory", f"peak RSS of inv, no-op bundle.push on {n} hosts",
                    f"{max(rss[(n, 'no-op')]) / 1024:.1f} MiB (--verify {max(rss[(n, '--verify')]) / 1024:.1f} MiB)")
         for verify in (False, True):
             label = "--verify" if verify else "no-op"

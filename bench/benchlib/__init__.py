@@ -116,7 +116,7 @@ def inv_rss(inventory: Path, state: Path, *args: str, check: bool = True, timeou
 
 
 def kill_when(inventory: Path, state: Path, args: list[str], sql: str, budget: float = 900,
-              cluster: str = "patroni_cluster") -> float:
+              cluster: str | None = None) -> float:
     """Start `inv ARGS`; SIGKILL its process group as soon as `sql` returns a row in the ledger.
     Returns the seconds it ran (as tests/e2e/helpers.kill_when, with our own inventory)."""
     t0 = time.monotonic()
@@ -143,11 +143,22 @@ def kill_when(inventory: Path, state: Path, args: list[str], sql: str, budget: f
 
 
 # -- the ledger --------------------------------------------------------------------------------
-def ledger(state: Path, cluster: str = "patroni_cluster") -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{state / (cluster + '.db')}?mode=ro", uri=True, timeout=5)
+CLUSTER = {"name": "patroni_cluster"}  # the inventory's cluster.name (use_inventory): names the ledger file
 
 
-def checkpoints(state: Path, cluster: str = "patroni_cluster") -> list[dict]:
+def use_inventory(inventory: Path) -> str:
+    """Take the cluster name (the ledger's file name, Patroni's scope) from the bench's inventory."""
+    from runbook.inventory import load_inventory
+
+    CLUSTER["name"] = load_inventory(inventory).cluster.name
+    return CLUSTER["name"]
+
+
+def ledger(state: Path, cluster: str | None = None) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{state / ((cluster or CLUSTER['name']) + '.db')}?mode=ro", uri=True, timeout=5)
+
+
+def checkpoints(state: Path, cluster: str | None = None) -> list[dict]:
     with ledger(state, cluster) as db:
         db.row_factory = sqlite3.Row
         return [dict(r) for r in db.execute("select * from checkpoints")]

@@ -81,6 +81,9 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,
+        # compiled templates kept between runs (per user, 0700, keyed by the source's checksum): compiling
+        # them costs more than the rest of a no-op cluster.up
+        bytecode_cache=jinja2.FileSystemBytecodeCache(),
     )
     env.filters["q"] = _yaml_str
     return env

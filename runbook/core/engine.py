@@ -1,13 +1,17 @@
 """The engine: decide per (host, step) from the ledger and reality, run, record, stop on failure."""
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+from runbook.core.batch import CheckBatch
 from runbook.core.context import RunContext
 from runbook.core.files import UNDO_DIR, files_backup
 from runbook.core.identity import read_identities, voided
+from runbook.core.offline import NOT_CONTACTED, ledger_noop
+from runbook.core.schedule import run_graph
 from runbook.core.step import Action, Local, Put, Run, Step, Upload
 from runbook.core.transport import TransportError
 from runbook.errors import RunbookError
@@ -46,9 +50,14 @@ class Report:
     notices: list[str] = field(default_factory=list)  # e.g. a host that is a new machine
 
 
-def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action] | None = None) -> bool | None:
+def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action] | None = None,
+                   checks: CheckBatch | None = None) -> bool | None:
     """True/False from the step's probe of reality (its files' derived check and its hand-written one);
-    None when the step has neither."""
+    None when the step has neither. `checks`: the answers --verify took in one batch per host."""
+    if checks is not None:
+        taken = checks.take(host, step)
+        if taken is not None:
+            return taken
     probe = step.probe(ctx, host, actions)
     if probe is None or isinstance(probe, bool):
         return probe
@@ -56,7 +65,7 @@ def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action
     return r.ok
 
 
-def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
+def decide(ctx: RunContext, step: Step, host: Host, checks: CheckBatch | None = None) -> Decision:
     actions = step.actions_fn(ctx, host)
     fp = step.fingerprint(ctx, host, actions)
     rec = ctx.ledger.get(host.name, step.name)
@@ -72,7 +81,7 @@ def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
     if rec.status == "failed":
         return d(True, "will run", "failed before: " + (rec.error or "")[-80:].strip())
     if rec.status == "running":
-        ok = evaluate_check(ctx, step, host, actions)  # read-only probes: dry runs may ask them too
+        ok = evaluate_check(ctx, step, host, actions, checks)  # read-only probes: dry runs may ask them too
         if ok:
             if not ctx.options.dry:
                 ctx.ledger.set(host.name, step.name, "done", fingerprint=fp, mode="check",
@@ -85,7 +94,7 @@ def decide(ctx: RunContext, step: Step, host: Host) -> Decision:
     if rec.fingerprint != fp:
         return d(True, "changed", "its rendered actions changed since it was done")
     if ctx.options.verify or (step.always_check and not ctx.options.dry):
-        ok = evaluate_check(ctx, step, host, actions)
+        ok = evaluate_check(ctx, step, host, actions, checks)
         if ok is False:
             return d(True, "drifted", "done, but the check says reality drifted")
         return d(False, "done", "done and verified" if ok else "done (no check)")
@@ -165,61 +174,105 @@ def _ask(ctx: RunContext, step: Step, decs: list[Decision]) -> str:
     return answer
 
 
-def failure_summary(step: Step, errors: dict[str, str], report: Report) -> str:
+def failure_summary(step: Step, errors: dict[str, str], report: Report, stopped: list[str] | None = None) -> str:
+    """What failed where, what was not started, what to do. `stopped`: with dependency scheduling, the steps
+    not started because they need a failed one (None: the run went in order and stopped at this step)."""
     lines = [f"step {step.name} failed on {len(errors)} host(s):"]
     for host, err in sorted(errors.items()):
         lines.append(f"  {host}: {err}")
-    lines.append(f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after "
-                 f"{step.name} was started. Fix the cause, then run the same command again: done steps are "
-                 "skipped and each host resumes where it stopped (`inv runbook.history` shows the output).")
+    if stopped is None:
+        where = f"{len(report.executed)} (host, step) pair(s) ran in this run before it; nothing after {step.name} " \
+                "was started."
+    else:
+        where = f"{len(report.executed)} (host, step) pair(s) ran in this run; the steps that need it were not " \
+                f"started ({', '.join(stopped) or 'none'})."
+    lines.append(f"{where} Fix the cause, then run the same command again: done steps are skipped and each host "
+                 "resumes where it stopped (`inv runbook.history` shows the output).")
     return "\n".join(lines)
 
 
 def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
-    """Run `steps` in order on the selected hosts; stop before the next step after a failure."""
+    """Run `steps` on the selected hosts. A plain run starts every step once the steps it needs are done
+    (runbook.core.schedule: sections that do not need each other overlap); --dry, --step and --verify walk
+    them one at a time in order. A failure stops what needs the failed step; the run then fails."""
     report = Report()
-    asking = ctx.options.step
     notice = getattr(ctx.observer, "notice", None)
-    for step in steps:
-        hosts = step.hosts(ctx, selected)
-        if not hosts:
-            continue
-        # Each host's identity is read once, when a step first reaches it (a local step that fails first,
-        # e.g. a bad bundle, touches no host).
-        for text in read_identities(ctx, hosts):
-            report.notices.append(text)
+    noop = ledger_noop(ctx, steps, selected)
+    if noop is not None:  # nothing to do by the ledger: no host is contacted (see runbook.core.offline)
+        report.plan = noop
+        report.skipped = [(d.host.name, d.step.name, d.reason) for d in noop]
+        if any(d.host.name != LOCAL.name for d in noop):
+            report.notices.append(NOT_CONTACTED)
             if notice:
-                notice(text)
-        decs = _decide_all(ctx, step, hosts)
+                notice(NOT_CONTACTED)
+        return report
+    run = _Run(ctx, steps, selected, report)
+    if ctx.options.dry or ctx.options.step or ctx.options.verify:
+        for i, step in enumerate(steps):
+            errors = run.step(i)
+            if errors:
+                raise RunFailed(failure_summary(step, errors, report))
+        return report
+    failed, blocked = run_graph(steps, run.step)
+    if failed:
+        raise RunFailed("\n".join(failure_summary(steps[i], errs, report, [steps[j].name for j in sorted(blocked)])
+                                  for i, errs in sorted(failed.items())))
+    return report
+
+
+class _Run:
+    """One apply(): the per-step work (decide, ask, run, record), called in order or by the scheduler."""
+
+    def __init__(self, ctx: RunContext, steps: list[Step], selected: list[Host], report: Report):
+        self.ctx, self.steps, self.selected, self.report = ctx, steps, selected, report
+        self.asking = ctx.options.step
+        self.notice = getattr(ctx.observer, "notice", None)
+        self.batch = CheckBatch() if ctx.options.verify else None
+        self.gate = threading.BoundedSemaphore(max(1, ctx.options.parallel))  # host work of all steps at once
+
+    def step(self, i: int) -> dict[str, str]:
+        """Decide and run steps[i] on its hosts; {host: error} of the hosts where it failed."""
+        ctx, step, report = self.ctx, self.steps[i], self.report
+        hosts = step.hosts(ctx, self.selected)
+        if not hosts:
+            return {}
+        # Each host's identity is read once, when a step first reaches it (a local step that fails first,
+        # e.g. a bad bundle, touches no host); with --verify in the same remote execution as its checks.
+        texts = []
+        if self.batch is not None and any(h.name != LOCAL.name for h in hosts):
+            texts = self.batch.prepare(ctx, self.steps[i:], self.selected,
+                                       stamp=len(report.executed) + len(report.failed))
+        for text in texts + read_identities(ctx, hosts):
+            report.notices.append(text)
+            if self.notice:
+                self.notice(text)
+        decs = _decide_all(ctx, step, hosts, self.batch)
         report.plan.extend(decs)
         todo = [d for d in decs if d.run]
-        for d in decs:
-            if not d.run:
-                report.skipped.append((d.host.name, step.name, d.reason))
+        report.skipped.extend((d.host.name, step.name, d.reason) for d in decs if not d.run)
         if ctx.options.dry:
-            continue
+            return {}
         if not todo:
-            _drop_superseded(ctx, step, hosts, selected)
-            continue
-        if asking:
+            _drop_superseded(ctx, step, hosts, self.selected)
+            return {}
+        if self.asking:
             answer = _ask(ctx, step, todo)
             if answer == "quit":
                 raise Quit(f"stopped by the operator before {step.name}; run the same command to resume")
             if answer == "skip":
                 report.skipped.extend((d.host.name, step.name, "skipped by the operator") for d in todo)
-                continue
+                return {}
             if answer == "continue":
-                asking = False
-        errors = _run_step(ctx, step, todo, "step" if ctx.options.step else "auto")
+                self.asking = False
+        errors = _run_step(ctx, step, todo, "step" if ctx.options.step else "auto", self.gate)
         for d in todo:
             if d.host.name in errors:
                 report.failed.append((d.host.name, step.name, errors[d.host.name]))
             else:
                 report.executed.append((d.host.name, step.name))
-        if errors:
-            raise RunFailed(failure_summary(step, errors, report))
-        _drop_superseded(ctx, step, hosts, selected)
-    return report
+        if not errors:
+            _drop_superseded(ctx, step, hosts, self.selected)
+        return errors
 
 
 def _drop_superseded(ctx: RunContext, step: Step, targets: list[Host], selected: list[Host]) -> None:
@@ -241,20 +294,27 @@ def _drop_superseded(ctx: RunContext, step: Step, targets: list[Host], selected:
                              f"{h.name} is dropped")
 
 
-def _decide_all(ctx: RunContext, step: Step, hosts: list[Host]) -> list[Decision]:
+def _decide_all(ctx: RunContext, step: Step, hosts: list[Host], checks: CheckBatch | None) -> list[Decision]:
     """Decide for every host; checks are remote probes, so they run in parallel like the actions."""
     if len(hosts) == 1:
-        return [decide(ctx, step, hosts[0])]
+        return [decide(ctx, step, hosts[0], checks)]
     with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(hosts)))) as pool:
-        return list(pool.map(lambda h: decide(ctx, step, h), hosts))
+        return list(pool.map(lambda h: decide(ctx, step, h, checks), hosts))
 
 
-def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str) -> dict[str, str]:
+def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str,
+              gate: threading.BoundedSemaphore | None = None) -> dict[str, str]:
     errors: dict[str, str] = {}
+    gate = gate or threading.BoundedSemaphore(max(1, ctx.options.parallel))
+
+    def gated(d: Decision) -> str | None:
+        with gate:  # runbook.parallel bounds the hosts worked on at once, over every step in flight
+            return execute(ctx, d, mode)
+
     with ctx.observer.step_progress(step, [d.host.name for d in todo]) as progress:
         if step.kind == "serial":  # todo is in Step.hosts() order
             for d in todo:
-                err = execute(ctx, d, mode)
+                err = gated(d)
                 progress(d.host.name, err)
                 if err:
                     errors[d.host.name] = err
@@ -263,7 +323,8 @@ def _run_step(ctx: RunContext, step: Step, todo: list[Decision], mode: str) -> d
         # parallel and barrier: every host at once (a barrier step needs them all started together)
         workers = len(todo) if step.kind == "barrier" else max(1, min(ctx.options.parallel, len(todo)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(execute, ctx, d, mode): d for d in todo}
+            run = (lambda d: execute(ctx, d, mode)) if step.kind == "barrier" else gated  # a barrier starts all
+            futures = {pool.submit(run, d): d for d in todo}
             for fut in as_completed(futures):
                 d = futures[fut]
                 try:

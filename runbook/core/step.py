@@ -182,6 +182,9 @@ class Step:
     # Why the step cannot be undone (a member removed, a data dir wiped): shown in the plan and the export;
     # rollback refuses it, whatever undo the step has.
     irreversible: str = ""
+    # The steps this one needs done (on every host they run on) before it starts, by name; None: the step
+    # before it in its section (runbook.core.schedule). A plain run starts a step as soon as they are done.
+    needs: tuple[str, ...] | None = None
 
     def check(self, fn: CheckFn) -> CheckFn:
         self.check_fn = fn

@@ -21,6 +21,7 @@ class FakeTransport(Transport):
         self.calls: list[tuple[str, str, str]] = []  # (host, user, cmd)
         self.writes: list[tuple[str, str]] = []  # (host, path) of every write and upload
         self.down: set[str] = set()
+        self.batches: list[tuple[str, int]] = []  # (host, number of checks) of every --verify batch script
         self._mu = threading.Lock()
 
     def on(self, pattern: str, result) -> None:
@@ -31,6 +32,9 @@ class FakeTransport(Transport):
             timeout: float = 900, lock: bool = False) -> Result:
         if host.name in self.down:
             raise TransportError(f"{host.name} ({host.address}): unreachable (fake)")
+        parts = getattr(cmd, "parts", None)
+        if parts is not None:  # a batch of checks (runbook.core.batch): each part answered by the rules
+            return self._batch(host, cmd, parts)
         with self._mu:
             self.calls.append((host.name, user, cmd))
         for pat, res in self.rules:
@@ -39,6 +43,18 @@ class FakeTransport(Transport):
                 rc, out = (answer, "") if isinstance(answer, int) else answer
                 return Result(rc, out, "" if rc == 0 else f"fake failure of {cmd[:40]}")
         return Result(0, "", "")
+
+    def _batch(self, host: Host, script: Any, parts: list[tuple[int, str]]) -> Result:
+        from runbook.core.identity import IDENTITY_CMD
+
+        with self._mu:
+            self.batches.append((host.name, len(parts)))
+        out = []
+        if script.identity:
+            out.append(f"RUNBOOK-ID 0 {self.run(host, IDENTITY_CMD).stdout.strip()}")
+        for i, cmd in parts:
+            out.append(f"RUNBOOK-CHECK {i} {self.run(host, str(cmd)).rc}")
+        return Result(0, "\n".join(out) + "\n", "")
 
     def put(self, host: Host, path: str, content: bytes, *, mode: str = "0644", owner: str = "root",
             group: str | None = None) -> bool:

@@ -136,7 +136,7 @@ def _unit_undo(ctx: Ctx, host: Host) -> list:
     return unit_undo("patroni")
 
 
-@section.step("bootstrap", role="postgres", only=bootstrap_host)
+@section.step("bootstrap", role="postgres", only=bootstrap_host, needs=("patroni.unit", "etcd.existing"))
 def bootstrap(ctx: Ctx, host: Host) -> list:
     """Start the first node: Patroni initialises the cluster; bounded wait until it is the leader
     (or, re-applied after a rollback while the other node took over, until it streams from it)

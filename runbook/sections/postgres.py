@@ -15,7 +15,8 @@ def major(ctx: Ctx) -> int:
     return ctx.inventory.cluster.postgres_major
 
 
-@section.step("packages", role="postgres")
+# needs only the bundle on its hosts: dpkg runs while the etcd section does (runbook.core.schedule)
+@section.step("packages", role="postgres", needs=("bundle.push",))
 def packages(ctx: Ctx, host: Host) -> list:
     """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
     Every file is checked first (a missing one fails before anything is installed); no
@@ -123,7 +124,7 @@ def _dirs_undo(ctx: Ctx, host: Host) -> list:
     return [Run(f"rm -rf {ctx.paths.pgdata(major(ctx))}")]
 
 
-@section.step("tls", role="postgres")
+@section.step("tls", role="postgres", needs=("postgres.dirs", "etcd.pki"))  # the CA and certificates
 def tls(ctx: Ctx, host: Host) -> list:
     """TLS files: /opt/patroni/.tls with the CA, the host certificate and key (0600, postgres)
     Used by PostgreSQL (ssl), Patroni's REST API, patronictl and the etcd3 client."""

@@ -28,7 +28,9 @@ RUN_HELP = {
     "hosts": "comma-separated host names from the inventory (default: every host of the section)",
     "dry": "show the plan (steps x hosts) and diffs of rendered files; change nothing, create nothing",
     "step": "ask before every step: yes / skip / continue-all / quit (answers are recorded)",
-    "verify": "re-check done steps against reality and re-run what drifted",
+    "verify": "probe every host (its /etc/machine-id: a re-created host's records are void; every done step's "
+              "check) and re-run what drifted. Without it, a run whose every step the ledger records as done "
+              "contacts no host",
 }
 
 

@@ -122,16 +122,21 @@ def _last_run(state) -> int:
 
 
 def test_push_again_sends_nothing_and_resends_a_damaged_file(cluster, tr):
+    from runbook.core.offline import NOT_CONTACTED
+
     inventory, state = cluster
     out = inv(state, "bundle.push").stdout
     assert executed(out) == 0 and "sent" not in _upload_events(state, _last_run(state))
     deb = sh(tr, inventory, "node02", "ls /opt/runbook-bundle/debs/debian12/*.deb | head -1").stdout.strip()
     assert sh(tr, inventory, "node02", f"truncate -s 1000 {deb}").ok
+    # the ledger says all done: a plain run contacts no host (and says so); --verify probes them
     out = inv(state, "bundle.push").stdout
-    assert executed(out) == 1  # node02 only: its check (sha256sum -c) failed
+    assert executed(out) == 0 and NOT_CONTACTED in " ".join(out.split())
+    out = inv(state, "bundle.push", "--verify").stdout
+    assert executed(out) == 1  # node02 only: its check failed
     assert _upload_events(state, _last_run(state)).count("sent") == 1
     assert sh(tr, inventory, "node02", "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
-    # same size, other bytes: only the full check of --verify can see it
+    # same size, other bytes: --verify hashes the files
     assert sh(tr, inventory, "node01", f"printf XXXX | dd of={deb} bs=1 seek=100 conv=notrunc status=none").ok
     assert executed(inv(state, "bundle.push").stdout) == 0
     out = inv(state, "bundle.push", "--verify").stdout

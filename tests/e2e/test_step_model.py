@@ -3,7 +3,8 @@
 Scenario 1: on a converged cluster, every file that a step puts is edited by hand on one of that step's
 hosts; `cluster.up --verify` re-runs exactly those (host, step) pairs and puts every file back.
 Scenario 2: the lab is destroyed and created again (new disks, new machine-ids, same names); a plain
-`cluster.up` says which hosts are new machines and brings the cluster back.
+`cluster.up` trusts the ledger (all done: no host contacted, and it says so), `cluster.up --verify` probes
+every host, says which are new machines and brings the cluster back.
 Host names come from the e2e inventory, never from this file.
 """
 from __future__ import annotations
@@ -102,7 +103,8 @@ def test_rollback_restores_what_a_put_replaced(converged, tr):
     assert tr.run(h, f"{ectl} endpoint health", timeout=60).ok
 
 
-def test_a_recreated_lab_is_recognised_and_plain_cluster_up_brings_it_back(converged, tr):
+def test_a_recreated_lab_is_recognised_by_verify_and_cluster_up_verify_brings_it_back(converged, tr):
+    from runbook.core.offline import NOT_CONTACTED
     from runbook.lab import lab as labmod
 
     inventory, state = converged
@@ -110,7 +112,10 @@ def test_a_recreated_lab_is_recognised_and_plain_cluster_up_brings_it_back(conve
     tr.close()
     labmod.down(inventory)
     labmod.up(inventory)
-    out = inv(state, "cluster.up", timeout=1800).stdout
+    # the ledger says all done: a plain run contacts no host, and says that --verify is what probes them
+    plain = " ".join(inv(state, "cluster.up", timeout=600).stdout.split())
+    assert NOT_CONTACTED in plain and "0 (host, step) executed" in plain, plain[-2000:]
+    out = inv(state, "cluster.up", "--verify", timeout=1800).stdout
     flat = " ".join(out.split())
     for h in inventory.hosts:
         assert f"{h.name} is a new machine: its" in flat, h.name

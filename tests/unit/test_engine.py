@@ -10,6 +10,7 @@ from runbook.core.engine import Quit, RunFailed, apply
 from runbook.core.export import export_markdown
 from runbook.core.identity import IDENTITY_CMD
 from runbook.core.ledger import Ledger, LedgerLocked
+from runbook.core.offline import NOT_CONTACTED
 from runbook.core.rollback import mark_done, rollback
 from runbook.core.step import Put, Run, Section
 
@@ -76,8 +77,9 @@ def test_second_run_executes_nothing(ctx, inv):
     ctx.ledger.identities.clear()  # a new run
     report = apply(ctx, steps, inv.hosts)
     assert report.executed == []
-    # not even a check (done + same fingerprint): only each host's identity, once
-    assert sorted(ctx.transport.calls[n:]) == sorted((h.name, "root", IDENTITY_CMD) for h in inv.hosts)
+    # done + same fingerprint everywhere: no host is contacted at all (not even for its identity)
+    assert ctx.transport.calls[n:] == []
+    assert report.notices == [NOT_CONTACTED]
 
 
 def test_parallel_fan_out(ctx, inv):

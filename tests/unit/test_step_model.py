@@ -15,6 +15,7 @@ from runbook.core.engine import apply, decide
 from runbook.core.export import export_markdown, file_diffs
 from runbook.core.files import UNDO_DIR, files_check
 from runbook.core.identity import IDENTITY_CMD
+from runbook.core.offline import NOT_CONTACTED
 from runbook.core.rollback import mark_done, rollback
 from runbook.core.step import Put, Run, Section
 from runbook.inventory import InventoryError
@@ -227,6 +228,11 @@ def test_a_rebuilt_host_is_a_new_machine_and_its_records_are_void(ctx, inv):
     ctx.observer = type("O", (), {"notice": lambda self, t: notes.append(t),
                                   "step_progress": ctx.observer.step_progress})()
     ctx.options.dry = True
+    # plain: the ledger says all done, so no host is contacted (and the run says so); --verify probes them
+    assert not [d for d in apply(ctx, sec.steps, inv.hosts).plan if d.run]
+    assert notes == [NOT_CONTACTED] and ft.commands("etcd01").count(IDENTITY_CMD) == 1
+    ctx.options.verify = True
+    ctx.ledger.identities.clear()
     plan = apply(ctx, sec.steps, inv.hosts)
     assert [(d.host.name, d.step.name, d.label) for d in plan.plan if d.run] == [
         ("etcd01", "id.one", "new machine"), ("etcd01", "id.two", "new machine")]
@@ -236,9 +242,10 @@ def test_a_rebuilt_host_is_a_new_machine_and_its_records_are_void(ctx, inv):
     report = apply(ctx, sec.steps, inv.hosts)
     assert sorted(report.executed) == [("etcd01", "id.one"), ("etcd01", "id.two")]
     assert {c.machine for c in ctx.ledger.all() if c.host == "etcd01"} == {"bbb"}
+    ctx.options.verify = False
     ctx.ledger.identities.clear()
     assert apply(ctx, sec.steps, inv.hosts).executed == []
-    assert ft.commands("etcd02").count(IDENTITY_CMD) == 4  # once per run, not per step
+    assert ft.commands("etcd02").count(IDENTITY_CMD) == 3  # once per run that contacts hosts, not per step
 
 
 def test_an_old_ledger_keeps_working_and_gets_identities(tmp_path, ctx, inv):

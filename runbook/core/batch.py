@@ -1,0 +1,121 @@
+"""--verify in one remote execution per host: the host's identity and the checks of every step still ahead
+on it, in one generated script (the checks side by side), hosts in parallel; each check's exit status is
+parsed back into that (host, step)'s decision.
+
+Same semantics as checking each step at its turn: the results stand only while nothing has changed. Once a
+(host, step) ran in this run, the checks ahead are taken again (the next step that needs one builds a new
+batch), so a check never answers for a state that an earlier step of this run has since changed.
+A check missing from the answer (the script was cut short, the host dropped) is asked on its own, as before.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from runbook.core.context import RunContext
+from runbook.core.identity import IDENTITY_CMD, note_identities
+from runbook.core.step import Step
+from runbook.core.transport import TransportError
+from runbook.inventory import LOCAL, Host
+
+CHECK_TIMEOUT = 300  # each check's own budget, as when it runs on its own
+_LINE = re.compile(r"^RUNBOOK-(ID|CHECK) (\d+) ?(.*)$")
+
+
+class BatchScript(str):
+    """The generated script, carrying its parts: (marker index, command). A fake transport (unit tests)
+    answers each part by its own rules, exactly as if the parts had been sent one by one."""
+
+    parts: list[tuple[int, str]]
+    identity: bool
+
+
+def batch_script(checks: list[str], identity: bool) -> BatchScript:
+    lines = []
+    if identity:
+        lines.append(f"printf 'RUNBOOK-ID 0 %s\\n' \"$({IDENTITY_CMD} 2>/dev/null)\"")
+    # The checks are read-only probes: they run side by side (the host's batch lasts as long as its slowest
+    # check, not the sum); each reports on one short line (one write: lines never interleave).
+    for i, cmd in enumerate(checks):
+        lines.append(f"( timeout {CHECK_TIMEOUT} sh -c {shlex.quote(cmd)} </dev/null >/dev/null 2>&1; "
+                     f"echo \"RUNBOOK-CHECK {i} $?\" ) &")
+    lines.append("wait")
+    s = BatchScript("\n".join(lines))
+    s.parts = list(enumerate(checks))
+    s.identity = identity
+    return s
+
+
+def parse_batch(out: str) -> tuple[str | None, dict[int, int]]:
+    """The script's stdout -> (machine-id or None, {check index: exit status})."""
+    mid, rcs = None, {}
+    for line in out.splitlines():
+        m = _LINE.match(line.strip())
+        if not m:
+            continue
+        if m.group(1) == "ID":
+            mid = m.group(3).strip() or None
+        elif m.group(3).strip().lstrip("-").isdigit():
+            rcs[int(m.group(2))] = int(m.group(3))
+    return mid, rcs
+
+
+@dataclass
+class CheckBatch:
+    """The checks taken for this run: {(host, step): passed}. `stamp` is what had run when they were taken."""
+
+    results: dict[tuple[str, str], bool] = field(default_factory=dict)
+    stamp: int = -1
+    execs: int = 0  # remote executions it made (bench, tests)
+
+    def take(self, host: Host, step: Step) -> bool | None:
+        """The batched answer for (host, step), once: None when there is none (ask the check itself)."""
+        return self.results.pop((host.name, step.name), None)
+
+    def prepare(self, ctx: RunContext, steps: list[Step], selected: list[Host], stamp: int) -> list[str]:
+        """Ask, per host, every check the steps ahead will need, unless already asked since the last change
+        (`stamp`). Returns the identity notices (a host that is a new machine)."""
+        if stamp == self.stamp:
+            return []
+        self.stamp, self.results = stamp, {}
+        plan: dict[str, tuple[Host, list[tuple[Step, str]]]] = {}
+        recs = {(r.host, r.step): r for r in ctx.ledger.all()}
+        for step in steps:
+            for h in step.hosts(ctx, selected):
+                rec = recs.get((h.name, step.name))
+                if h.name == LOCAL.name or rec is None or rec.status not in ("done", "running"):
+                    continue
+                actions = step.actions_fn(ctx, h)
+                if rec.status == "done" and rec.fingerprint != step.fingerprint(ctx, h, actions):
+                    continue  # changed: runs without a check
+                probe = step.probe(ctx, h, actions)
+                if isinstance(probe, str):
+                    plan.setdefault(h.name, (h, []))[1].append((step, probe))
+        if not plan:
+            return []
+        asked = ctx.ledger.identities
+
+        def one(h: Host, checks: list[tuple[Step, str]]) -> tuple[Host, str | None, bool, dict[int, int]]:
+            ident = h.name not in asked
+            script = batch_script([c for _, c in checks], ident)
+            try:
+                r = ctx.transport_for(h).run(h, script, timeout=CHECK_TIMEOUT + 60, lock=True)
+            except TransportError:
+                return h, None, ident, {}  # each check is asked on its own, and fails there as before
+            mid, rcs = parse_batch(r.stdout)
+            return h, mid, ident, rcs
+
+        with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(plan)))) as pool:
+            answers = list(pool.map(lambda hc: one(*hc), plan.values()))
+        self.execs += len(answers)
+        found = []
+        for h, mid, ident, rcs in answers:
+            if ident:
+                asked.setdefault(h.name, "")
+                found.append((h, mid))
+            for i, (step, _) in enumerate(plan[h.name][1]):
+                if i in rcs:
+                    self.results[(h.name, step.name)] = rcs[i] == 0
+        return note_identities(ctx, found)

@@ -1,0 +1,190 @@
+"""The no-op from the ledger alone (runbook.core.offline): no host contacted when every (host, step) is done
+with today's fingerprint; anything else takes the normal path, which reads every host's identity first."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from runbook.core.engine import apply
+from runbook.core.identity import IDENTITY_CMD
+from runbook.core.offline import NOT_CONTACTED
+from runbook.core.step import Run, Section
+
+
+def _steps(tag: str = "v1", *, leader_asked: list | None = None, always: bool = False):
+    sec = Section("noop", 3, "")
+
+    @sec.step("a", role="etcd", always_check=always)
+    def a(ctx, h):
+        return [Run(f"echo a {tag} {h.name}")]
+
+    @a.check
+    def _a(ctx, h):
+        return f"check a {h.name}"
+
+    def leader(ctx, hosts):  # like patroni.roles: the cluster says which member (asks a host)
+        if leader_asked is not None:
+            leader_asked.append(1)
+        r = ctx.transport.run(hosts[0], "who is the leader")
+        want = r.stdout.strip() or hosts[0].name
+        return [h for h in hosts if h.name == want]
+
+    @sec.step("once", role="postgres", only=leader)
+    def once(ctx, h):
+        return [Run("create roles")]
+
+    return sec.steps
+
+
+def _fresh_run(ctx):
+    ctx.ledger.identities.clear()
+    return len(ctx.transport.calls)
+
+
+def test_all_done_contacts_no_host_even_for_a_step_the_cluster_places(ctx, inv):
+    ctx.transport.on(r"^who is the leader$", (0, "node02"))
+    apply(ctx, _steps(), inv.hosts)
+    assert ctx.ledger.get("node02", "noop.once").status == "done" and ctx.ledger.get("node01", "noop.once") is None
+    n = _fresh_run(ctx)
+    asked: list = []
+    report = apply(ctx, _steps(leader_asked=asked), inv.hosts)
+    assert ctx.transport.calls[n:] == [] and asked  # `only` was asked, and refused offline
+    assert report.executed == [] and report.notices == [NOT_CONTACTED]
+    assert ("node02", "noop.once", "done once for the cluster (host not contacted)") in report.skipped
+
+
+def test_a_changed_step_takes_the_normal_path_with_identities(ctx, inv):
+    apply(ctx, _steps(), inv.hosts)
+    n = _fresh_run(ctx)
+    report = apply(ctx, _steps("v2"), inv.hosts)
+    assert sorted(report.executed)[:3] == [("etcd01", "noop.a"), ("etcd02", "noop.a"), ("etcd03", "noop.a")]
+    assert NOT_CONTACTED not in report.notices
+    want = {"etcd01", "etcd02", "etcd03", "node01"}  # the hosts its steps reach (the fake leader: node01)
+    assert {h for h, _, c in ctx.transport.calls[n:] if c == IDENTITY_CMD} == want
+
+
+def test_unfinished_records_are_not_a_noop(ctx, inv):
+    ctx.transport.on(r"^who is the leader$", (0, "node02"))
+    apply(ctx, _steps(), inv.hosts)
+    for status in ("running", "failed", "pending", "rolled_back"):
+        ctx.ledger.set("etcd02", "noop.a", status)
+        n = _fresh_run(ctx)
+        report = apply(ctx, _steps(), inv.hosts)
+        assert NOT_CONTACTED not in report.notices, status
+        assert ("etcd02", IDENTITY_CMD) in [(h, c) for h, _, c in ctx.transport.calls[n:]], status
+        assert ctx.ledger.get("etcd02", "noop.a").status == "done", status
+    # the leader's step left unfinished on the old leader: the cluster is asked again
+    ctx.transport.on(r"^who is the leader$", (0, "node01"))
+    ctx.ledger.set("node02", "noop.once", "failed")
+    n = _fresh_run(ctx)
+    report = apply(ctx, _steps(), inv.hosts)
+    assert ("node01", "noop.once") in report.executed
+
+
+def test_remote_always_checked_steps_are_checked_by_verify_not_by_the_noop(ctx, inv):
+    apply(ctx, _steps(always=True), inv.hosts)
+    n = _fresh_run(ctx)
+    report = apply(ctx, _steps(always=True), inv.hosts)
+    assert ctx.transport.calls[n:] == []
+    why = "done; checked by --verify and before anything is sent (not checked now)"
+    assert ("etcd01", "noop.a", why) in report.skipped
+    drift = iter([1])  # drifted once; the re-run repairs it
+    ctx.transport.on(r"check a etcd03", lambda h, c: next(drift, 0))
+    ctx.options.verify = True
+    n = _fresh_run(ctx)
+    report = apply(ctx, _steps(always=True), inv.hosts)
+    assert report.executed == [("etcd03", "noop.a")]
+
+
+def test_a_dry_run_of_a_done_cluster_contacts_no_host_and_says_so(ctx, inv):
+    apply(ctx, _steps(), inv.hosts)
+    n = _fresh_run(ctx)
+    ctx.options.dry = True
+    notes: list[str] = []
+    ctx.observer = type("O", (), {"notice": lambda self, t: notes.append(t),
+                                  "step_progress": ctx.observer.step_progress})()
+    plan = apply(ctx, _steps(), inv.hosts).plan
+    assert ctx.transport.calls[n:] == [] and notes == [NOT_CONTACTED]
+    assert {d.label for d in plan} == {"done"} and len(plan) == 4
+
+
+# -- --verify: one remote execution per host (runbook.core.batch) -------------------------------------------
+def _three(state: dict):
+    """vb.first and vb.second on the etcd hosts, vb.third on the postgres hosts, each with a hand check."""
+    sec = Section("vb", 4, "")
+    for name, role in (("first", "etcd"), ("second", "etcd"), ("third", "postgres")):
+        st = sec.step(name, role=role)(lambda ctx, h, n=name: [Run(f"echo {n} {h.name}")])
+        st.check(lambda ctx, h, n=name: f"check {n} {h.name}")
+    return sec.steps
+
+
+def test_verify_asks_every_check_of_a_host_in_one_execution(ctx, inv):
+    apply(ctx, _three({}), inv.hosts)
+    n = _fresh_run(ctx)
+    ctx.options.verify = True
+    report = apply(ctx, _three({}), inv.hosts)
+    assert report.executed == []
+    assert sorted(ctx.transport.batches) == [("etcd01", 2), ("etcd02", 2), ("etcd03", 2), ("node01", 1),
+                                             ("node02", 1)]
+    # the identity and the checks were all inside those batches: nothing was sent on its own
+    assert len(ctx.transport.calls[n:]) == 5 + 8
+    assert {d.reason for d in report.plan} == {"done and verified"}
+
+
+def test_a_step_that_ran_makes_the_checks_ahead_be_taken_again(ctx, inv):
+    """A check is never answered by a state an earlier step of this run has since changed: first drifted on
+    etcd02 and its re-run breaks second's effect there; second is checked again and re-runs too."""
+    apply(ctx, _three({}), inv.hosts)
+    _fresh_run(ctx)
+    rerun = {"first": False, "second": False}
+
+    def first_check(h, c):
+        return 0 if rerun["first"] else 1
+
+    def first_runs(h, c):
+        rerun["first"] = True
+        return 0
+
+    ctx.transport.on(r"^check first etcd02$", first_check)
+    ctx.transport.on(r"^echo first etcd02$", first_runs)
+    ctx.transport.on(r"^check second etcd02$", lambda h, c: 1 if rerun["first"] and not rerun["second"] else 0)
+    ctx.transport.on(r"^echo second etcd02$", lambda h, c: rerun.update(second=True) or 0)
+    ctx.options.verify = True
+    report = apply(ctx, _three({}), inv.hosts)
+    assert [e for e in report.executed if e[0] == "etcd02"] == [("etcd02", "vb.first"), ("etcd02", "vb.second")]
+    assert {e[0] for e in report.executed} == {"etcd02"}
+    # after each change one new batch per host for the steps still ahead, never a check per step and host
+    assert len(ctx.transport.batches) == 5 + 5 + 2
+
+
+def test_a_check_missing_from_the_answer_is_asked_on_its_own(ctx, inv):
+    apply(ctx, _three({}), inv.hosts)
+    _fresh_run(ctx)
+    ctx.options.verify = True
+    real = ctx.transport._batch
+
+    def cut(host, script, parts):  # the script died after its first check
+        r = real(host, script, parts)
+        return type(r)(0, "\n".join(r.stdout.splitlines()[:2]) + "\n", "")
+
+    ctx.transport._batch = cut
+    ctx.transport.on(r"^check second etcd03$", 1)
+    ctx.transport.on(r"^echo second etcd03$", lambda h, c: ctx.transport.on(r"^check second etcd03$", 0) or 0)
+    report = apply(ctx, _three({}), inv.hosts)
+    assert report.executed == [("etcd03", "vb.second")]
+
+
+def test_the_batch_script_runs_in_a_real_shell(tmp_path):
+    from runbook.core.batch import batch_script, parse_batch
+    from runbook.core.transport import LocalTransport
+    from runbook.inventory import LOCAL
+
+    marker = tmp_path / "it's here"
+    marker.write_text("x")
+    checks = ["true", "false", "exit 3", f"test -f {shlex.quote(str(marker))}", "echo noise; echo err >&2; true",
+              "for i in 1 2; do\n  [ $i = 2 ] && exit 0\ndone\nexit 1", "cat >/dev/null; exit 0"]
+    r = LocalTransport().run(LOCAL, batch_script(checks, identity=True), timeout=60)
+    mid, rcs = parse_batch(r.stdout)
+    assert rcs == {0: 0, 1: 1, 2: 3, 3: 0, 4: 0, 5: 0, 6: 0}
+    want = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else None
+    assert mid == (want or None)
