@@ -53,13 +53,14 @@ def allow_downgrade(ctx: Ctx) -> bool:
 
 @packages.check
 def _packages_check(ctx: Ctx, host: Host) -> str:
-    return (f"dpkg-query -W -f='${{Status}}' postgresql-{major(ctx)} | grep -q 'install ok installed' && "
-            "python3 -c 'import venv, ensurepip'")
+    p = ctx.paths_for(host)
+    return (f"dpkg-query -W -f='${{Status}}' {p.pg_package()} | grep -q 'install ok installed' && "
+            f"{p.python3} -c 'import venv, ensurepip'")
 
 
 @packages.undo
 def _packages_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"DEBIAN_FRONTEND=noninteractive dpkg -r postgresql-{major(ctx)} postgresql "
+    return [Run(f"DEBIAN_FRONTEND=noninteractive dpkg -r {ctx.paths_for(host).pg_package()} postgresql "
                 ">/dev/null 2>&1 || true")]
 
 
@@ -67,14 +68,15 @@ def _packages_undo(ctx: Ctx, host: Host) -> list:
 def default_off(ctx: Ctx, host: Host) -> list:
     """Distribution service off: stop, disable and drop the default cluster and service
     The walk-through's `systemctl --now disable postgresql-16`: only Patroni runs PostgreSQL."""
-    m = major(ctx)
-    return [Run(f"if pg_lsclusters -h 2>/dev/null | grep -q '^{m} main '; then pg_dropcluster --stop {m} main; fi"),
-            Run(f"systemctl disable --now postgresql postgresql@{m}-main 2>/dev/null || true")]
+    p = ctx.paths_for(host)
+    return [Run(f"if pg_lsclusters -h 2>/dev/null | grep -q '^{p.default_cluster()} '; then "
+                f"pg_dropcluster --stop {p.default_cluster()}; fi"),
+            Run(f"systemctl disable --now postgresql {p.default_service()} 2>/dev/null || true")]
 
 
 @default_off.check
 def _default_off_check(ctx: Ctx, host: Host) -> str:
-    return (f"! pg_lsclusters -h 2>/dev/null | grep -q '^{major(ctx)} main ' && "
+    return (f"! pg_lsclusters -h 2>/dev/null | grep -q '^{ctx.paths_for(host).default_cluster()} ' && "
             "! systemctl is-enabled -q postgresql 2>/dev/null")
 
 
