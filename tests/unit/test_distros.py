@@ -102,3 +102,16 @@ def test_package_mapping_per_role():
     assert (d12.suite, d13.suite, d12.etcd_source, d13.etcd_source) == ("bookworm", "trixie", "tarball", "deb")
     with pytest.raises(ValueError, match="not a supported OS; use one of debian12, debian13"):
         distros_mod.distro("debian11")
+
+
+def test_lab_base_tree_per_distribution(tmp_path):
+    from runbook.lab.base import RECIPE, base_tree_path, recipe
+
+    assert recipe() == RECIPE and recipe("trixie").endswith(" trixie")
+    b12, b13 = base_tree_path(tmp_path, distro("debian12").suite), base_tree_path(tmp_path, distro("debian13").suite)
+    assert b12.name.startswith("base-bookworm-") and b13.name.startswith("base-trixie-") and b12 != b13
+    # a tree built earlier (its .done names the recipe and a mirror) is found whatever its name
+    (tmp_path / "base-trixie-old").mkdir()
+    (tmp_path / "base-trixie-old.done").write_text(f"{recipe('trixie')} http://mirror.invalid/debian\n")
+    assert base_tree_path(tmp_path, "trixie") == tmp_path / "base-trixie-old"
+    assert base_tree_path(tmp_path, "bookworm") == b12
