@@ -53,7 +53,7 @@ def _venv_undo(ctx: Ctx, host: Host) -> list:
 @section.step("wheels", role="postgres")
 def wheels(ctx: Ctx, host: Host) -> list:
     """Patroni from the wheelhouse: pip install --no-index --require-hashes (no network, no compiler)"""
-    req = manifest(ctx).requirements()
+    req = manifest(ctx).requirements(host.os)
     wheel_dir = remote(req).rsplit("/", 1)[0]
     v = ctx.paths.patroni_venv
     return [Run(f"echo '{req.sha256}  {remote(req)}' | sha256sum --quiet -c -"),

@@ -20,7 +20,7 @@ def packages(ctx: Ctx, host: Host) -> list:
     """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
     Every file is checked first (a missing one fails before anything is installed); no
     default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
-    debs = manifest(ctx).debs()
+    debs = manifest(ctx).debs(host.os, "postgres")
     files = " ".join(remote(e) for e in debs)  # exactly the manifest's list: never a glob of the directory
     guard = [] if allow_downgrade(ctx) else [Run(
         # name and bundled version on stdin; an installed package newer than the bundle's stops the step
@@ -39,11 +39,18 @@ def packages(ctx: Ctx, host: Host) -> list:
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
             *guard,
             # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
-            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it.
-            Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
-                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
-                ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
-                "tail -20 $log >&2; exit 1", timeout=1800)]
+            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it. A package whose
+            # Pre-Depends was only unpacked in the same dpkg call is installed by the next pass (at most 3).
+            Run(dpkg_install(files), timeout=1800)]
+
+
+def dpkg_install(files: str) -> str:
+    """dpkg -i of exactly ``files`` (in apt's order), waiting for a held lock, one more pass for Pre-Depends."""
+    return ("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); pre=0; for i in $(seq 150); do "
+            f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
+            ">$log 2>&1 && exit 0; if grep -q 'pre-dependency problem' $log && [ $pre -lt 3 ]; then "
+            "pre=$((pre+1)); continue; fi; grep -q 'lock was locked by another process' $log || break; sleep 2; "
+            "done; tail -20 $log >&2; exit 1")
 
 
 def allow_downgrade(ctx: Ctx) -> bool:
