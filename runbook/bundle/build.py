@@ -1,4 +1,4 @@
-"""Assemble the air-gapped bundle: etcd tarball + .deb closure + wheelhouse + manifest.json.
+"""Assemble the air-gapped bundle: per distribution .deb closure + wheelhouse (+ etcd tarball) + manifest.json.
 
 Everything is staged in ``<bundle>/.staging`` (inside the bundle directory, so the same
 git-ignore rule covers it) and swapped in at the end, manifest.json last: an interrupted build
@@ -22,8 +22,6 @@ from runbook.bundle import sources
 from runbook.bundle import wheels as wheels_mod
 from runbook.bundle.manifest import (
     MANIFEST,
-    REQUIREMENTS,
-    RESOLVED,
     BundleError,
     Entry,
     Manifest,
@@ -32,6 +30,8 @@ from runbook.bundle.manifest import (
     verify_bundle,
     write_manifest,
 )
+
+from runbook.inventory.distros import DISTROS, Distro
 
 DEFAULT_CACHE = Path(os.environ.get("RUNBOOK_CACHE", "/var/cache/pg-ha-runbook"))
 
@@ -53,6 +53,8 @@ class BuildOptions:
     debian_security_mirror: str = ""  # runbook.debian_security_mirror; empty: this machine's apt sources
     check_wheels: bool = True
     recommends: bool = True
+    # os -> roles of the inventory's hosts: what the bundle is built for (empty: every role on os_name)
+    targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,11 +120,11 @@ def _base_build_running(tmp: Path) -> bool:
     return False
 
 
-def base_tree(cache: Path, log: Callable[[str], None], wait_s: float = 900) -> Path:
-    """The lab's cached base tree; waits for a build already running instead of starting a second."""
+def base_tree(cache: Path, log: Callable[[str], None], suite: str = "bookworm", wait_s: float = 900) -> Path:
+    """The lab's cached base tree of ``suite``; waits for a build already running instead of starting a second."""
     from runbook.lab.base import base_tree_path, ensure_base_tree
 
-    root = base_tree_path(cache)
+    root = base_tree_path(cache, suite)
     tmp = root.with_name(root.name + ".tmp")
     deadline = time.monotonic() + wait_s
     if _base_build_running(tmp):
@@ -132,7 +134,7 @@ def base_tree(cache: Path, log: Callable[[str], None], wait_s: float = 900) -> P
             raise BundleError(f"{tmp}: a base tree build has been running for over {wait_s:.0f} s; "
                               "wait for it (see /tmp/base.log) and run the bundle build again")
         time.sleep(2)
-    return ensure_base_tree(cache, log=log)
+    return ensure_base_tree(cache, log=log, suite=suite)
 
 
 STAGE, OLD = ".staging", ".old"  # inside the bundle dir, so whatever ignores the bundle ignores them
@@ -175,86 +177,91 @@ def _swap_in(stage: Path, dest: Path) -> None:
     stage.rmdir()
 
 
+def targets_of(opts: BuildOptions) -> dict[str, tuple[str, ...]]:
+    """os -> roles the bundle is for: the inventory's hosts (opts.targets), else every role on opts.os_name."""
+    return dict(opts.targets) if opts.targets else {opts.os_name: ("etcd", "postgres")}
+
+
 def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult:
-    """Build the whole bundle into opts.bundle_dir; return its verified manifest and timings."""
+    """Build the whole bundle into opts.bundle_dir; return its verified manifest and timings.
+
+    Per distribution the inventory's hosts run: the .deb closure of each role's packages against that
+    distribution's bare base tree, and (PostgreSQL hosts) a wheelhouse for its Python; the etcd release
+    tarball only when a distribution whose etcd comes as a tarball (Debian 12) has etcd hosts."""
     rep = rep or Reporter()
     t0 = time.monotonic()
     phases: dict[str, float] = {}
     notes: list[str] = []
     dest = Path(opts.bundle_dir).resolve()
     _require_sha256(opts)  # before anything is written
+    targets = targets_of(opts)
+    unknown = [o for o in targets if o not in DISTROS]
+    if unknown and (len(targets) > 1 or unknown != [opts.os_name] or opts.os_name not in ("rhel8", "rhel9")):
+        raise BundleError(f"os {', '.join(unknown)}: no packages can be built for it; use "
+                          f"{' or '.join(DISTROS)}")
     opts.cache.mkdir(parents=True, exist_ok=True)
     stage = _prepare(dest)
     entries: list[Entry] = []
     patroni = ""
+    etcd_version = ""
     try:
-        t = time.monotonic()
-        with rep.phase("etcd release tarball"):
-            tb, how = etcd_tarball(opts, rep.log)
-            rel = f"etcd/{tb.path.name}"
-            _copy(tb.path, stage / rel)
-            entries.append(make_entry(stage, rel, kind="etcd", version=tb.version, source=tb.source,
-                                      roles=("etcd",), name="etcd"))
-            notes.append(f"etcd {tb.version}: {how}; sha256 {tb.sha256}")
-            if opts.etcd_version and tb.version != opts.etcd_version:
-                notes.append(f"WARNING: the inventory says etcd_version {opts.etcd_version} but the tarball "
-                             f"is {tb.version}; set cluster.etcd_version: {tb.version} in hosts.yml")
-        phases["etcd"] = time.monotonic() - t
+        tar_os = tuple(o for o, roles in targets.items()
+                       if "etcd" in roles and (o not in DISTROS or DISTROS[o].etcd_source == "tarball"))
+        if tar_os:
+            t = time.monotonic()
+            with rep.phase("etcd release tarball"):
+                tb, how = etcd_tarball(opts, rep.log)
+                etcd_version = tb.version
+                rel = f"etcd/{tb.path.name}"
+                _copy(tb.path, stage / rel)
+                entries.append(make_entry(stage, rel, kind="etcd", version=tb.version, source=tb.source,
+                                          roles=("etcd",), name="etcd", os=tar_os))
+                notes.append(f"etcd {tb.version} ({', '.join(tar_os)}): {how}; sha256 {tb.sha256}")
+                _etcd_version_note(opts, tb.version, notes)
+            phases["etcd"] = time.monotonic() - t
 
-        t = time.monotonic()
-        with rep.phase(f"OS packages ({opts.os_name}, PostgreSQL {opts.pg_major})"):
-            if opts.os_name == "debian12":
-                base = base_tree(opts.cache, rep.log)
+        if opts.os_name in ("rhel8", "rhel9") and opts.os_name in targets:
+            entries.append(_rhel(opts, stage, notes))
+        tags: dict[str, tuple[str, ...]] = {}  # wheel tag -> the distributions sharing that wheelhouse
+        for o, roles in targets.items():
+            if o in DISTROS and "postgres" in roles:
+                tags[DISTROS[o].cpython] = (*tags.get(DISTROS[o].cpython, ()), o)
+        done_tags: set[str] = set()
+        for o, roles in targets.items():
+            if o not in DISTROS:
+                continue
+            d = DISTROS[o]
+            t = time.monotonic()
+            with rep.phase(f"{d.title}: packages for {', '.join(roles)} (PostgreSQL {opts.pg_major})"
+                           + (f" + wheelhouse for Python {d.python[0]}.{d.python[1]}"
+                              if d.cpython in tags and d.cpython not in done_tags else "")):
+                base = base_tree(opts.cache, rep.log, d.suite)
                 mirrors = _mirrors(opts)
-                for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
-                                          opts.recommends, rep.log):
-                    rel = f"debs/{opts.os_name}/{d.filename}"
-                    _copy(d.path, stage / rel)
-                    entries.append(make_entry(stage, rel, kind="deb", version=d.version, name=d.name,
-                                              source=f"{mirrors.main} {d.origin}: {d.name}={d.version}",
-                                              roles=("postgres",)))
-                notes.append(f"Debian mirror {mirrors.main}, security {mirrors.security or '(none known)'}")
-            else:
-                rel = f"rpms/{opts.os_name}/COMMANDS-UNTESTED.sh"
-                (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-                (stage / rel).write_text(debs_mod.rhel_commands(opts.pg_major, opts.os_name))
-                entries.append(make_entry(stage, rel, kind="meta", version="", source="rendered (untested)",
-                                          roles=("postgres",)))
-                notes.append(f"WARNING: {opts.os_name}: no packages collected; {rel} is an UNTESTED recipe; "
-                             "the wheels target CPython 3.11 (Debian 12), not RHEL's python3")
-        phases["packages"] = time.monotonic() - t
-
-        t = time.monotonic()
-        with rep.phase("Python wheelhouse (Patroni + psycopg2-binary)"):
-            index = sources.pip_index(opts.wheel_python, opts.index_url)
-            notes.append(f"Python index: {index or 'pip default (none configured)'}")
-            wl = wheels_mod.build(opts.cache, opts.requirements, opts.wheel_python, index, rep.log)
-            for w in wl:
-                rel = f"wheels/{w.path.name}"
-                _copy(w.path, stage / rel)
-                how = "built from its sdist" if w.built_from_sdist else "wheel"
-                entries.append(make_entry(stage, rel, kind="wheel", version=w.version, name=w.name,
-                                          source=f"{index or 'pip default index'}: {w.name}=={w.version} ({how})",
-                                          roles=("postgres",)))
-            (stage / REQUIREMENTS).write_text(wheels_mod.requirements_txt(wl, opts.requirements))
-            entries.append(make_entry(stage, REQUIREMENTS, kind="meta", version="", roles=("postgres",),
-                                      source="generated: every wheel pinned with --hash"))
-            if wl:  # what pip resolved, with the hash of each downloaded file: the wheels were built from it
-                _copy(wl[0].path.parent / wheels_mod.RESOLVED, stage / RESOLVED)
-                entries.append(make_entry(stage, RESOLVED, kind="meta", version="", roles=(),
-                                          source="generated: every dependency pip resolved, with its sha256"))
-            if opts.check_wheels:
-                stamp = wl[0].path.parent / "offline-check.ok" if wl else None
-                patroni = wheels_mod.check_offline(stage / "wheels", stage / REQUIREMENTS, opts.wheel_python,
-                                                   rep.log, stamp)
-                notes.append(f"offline install check passed: {patroni}")
-        phases["wheels"] = time.monotonic() - t
+                with debs_mod.distro_root(base, opts.cache, mirrors, d.suite, rep.log) as root:
+                    debs = _role_debs(root, d, roles, opts, rep.log)
+                    for order, (rel_name, (deb, droles)) in enumerate(debs.items(), 1):
+                        rel = f"debs/{o}/{rel_name}"
+                        _copy(deb.path, stage / rel)
+                        entries.append(make_entry(stage, rel, kind="deb", version=deb.version, name=deb.name,
+                                                  source=f"{mirrors.main} {deb.origin}: {deb.name}={deb.version}",
+                                                  roles=droles, os=(o,), order=order))
+                        if deb.name == "etcd-server":
+                            etcd_version = etcd_version or etcd_mod.upstream(deb.version)
+                            _etcd_version_note(opts, etcd_mod.upstream(deb.version), notes)
+                    notes.append(f"{o}: {len(debs)} .deb from {mirrors.main} ({d.suite}), security "
+                                 f"{mirrors.security or '(none known)'}")
+                    if d.cpython in tags and d.cpython not in done_tags:
+                        done_tags.add(d.cpython)
+                        wl_entries, patroni = _wheelhouse(opts, d, root, stage, tags[d.cpython], rep.log, notes)
+                        entries += wl_entries
+            phases[o] = time.monotonic() - t
 
         with rep.phase("manifest + verify"):
-            target = {"os": opts.os_name, "arch": "amd64", "postgres_major": opts.pg_major,
-                      "python": "cp311", "requirements": list(opts.requirements)}
+            target = {"os": opts.os_name if len(targets) == 1 else "+".join(targets), "arch": "amd64",
+                      "postgres_major": opts.pg_major, "targets": {o: list(r) for o, r in targets.items()},
+                      "python": sorted(tags), "requirements": list(opts.requirements)}
             created = datetime.now(UTC).isoformat(timespec="seconds")
-            write_manifest(stage, entries, etcd_version=tb.version, target=target, created=created)
+            write_manifest(stage, entries, etcd_version=etcd_version, target=target, created=created)
             verify_bundle(stage)
             _swap_in(stage, dest)
     finally:
@@ -262,3 +269,95 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
     manifest = load_manifest(dest)
     return BuildResult(manifest=manifest, seconds=time.monotonic() - t0, phases=phases, notes=notes,
                        patroni_version=patroni)
+
+
+def _etcd_version_note(opts: BuildOptions, version: str, notes: list[str]) -> None:
+    if opts.etcd_version and version != opts.etcd_version:
+        notes.append(f"WARNING: the inventory says etcd_version {opts.etcd_version} but the bundle's etcd "
+                     f"is {version}; set cluster.etcd_version: {version} in hosts.yml")
+
+
+def _role_debs(root: Path, d: Distro, roles: tuple[str, ...], opts: BuildOptions,
+               log: Callable[[str], None]) -> dict[str, tuple[debs_mod.Deb, tuple[str, ...]]]:
+    """file name -> (the .deb, the roles whose closure holds it): one closure per role, merged, in apt's
+    install order (a package's Pre-Depends before it: dpkg -i installs in the order it is given)."""
+    out: dict[str, tuple[debs_mod.Deb, tuple[str, ...]]] = {}
+    for role in sorted(roles):
+        want = d.packages_for([role], opts.pg_major)
+        if not want:
+            continue
+        what = f"use a PostgreSQL major {d.title} ships ({debs_mod.major_hint(d.name)})"
+        for deb in debs_mod.download(root, want, d.suite, opts.recommends, log, what=what):
+            prev = out.get(deb.filename)
+            out[deb.filename] = (deb, tuple(sorted({*(prev[1] if prev else ()), role})))
+    return out
+
+
+def _wheelhouse(opts: BuildOptions, d: Distro, root: Path, stage: Path, oses: tuple[str, ...],
+                log: Callable[[str], None], notes: list[str]) -> tuple[list[Entry], str]:
+    """The wheelhouse for the distribution's Python: built with runbook.wheel_python when that is the same
+    minor version, else with the distribution's own python3 inside its base tree (with python3-venv from
+    the closure just downloaded); checked by an offline install into a venv of that Python."""
+    tag = d.cpython
+    python: wheels_mod.Python = opts.wheel_python
+    local = _same_python(opts.wheel_python, d.python)
+    if not local:
+        debs_mod.install_from_cache(root, ["python3-venv"])
+        venv = opts.cache / f"pyenv-{d.suite}"
+        if not (venv / "bin/python").exists():
+            r = debs_mod._chroot(root, "python3", "-m", "venv", str(venv))
+            if r.returncode != 0:
+                raise BundleError(f"python3 -m venv in the {d.suite} base tree failed: {r.stderr.strip()[-400:]}")
+        python = ["chroot", str(root), str(venv / "bin/python")]
+        log(f"wheels for {tag}: {d.title}'s own python3 in its base tree ({venv})")
+    index = sources.pip_index(opts.wheel_python, opts.index_url)
+    notes.append(f"Python index: {index or 'pip default (none configured)'}")
+    wl = wheels_mod.build(opts.cache, opts.requirements, python, index, log, target=d.python, glibc=d.glibc)
+    entries = []
+    for w in wl:
+        rel = f"wheels/{tag}/{w.path.name}"
+        _copy(w.path, stage / rel)
+        how = "built from its sdist" if w.built_from_sdist else "wheel"
+        entries.append(make_entry(stage, rel, kind="wheel", version=w.version, name=w.name, os=oses,
+                                  source=f"{index or 'pip default index'}: {w.name}=={w.version} ({how})",
+                                  roles=("postgres",)))
+    req = f"wheels/{tag}/requirements.txt"
+    (stage / req).write_text(wheels_mod.requirements_txt(wl, opts.requirements))
+    entries.append(make_entry(stage, req, kind="meta", version="", roles=("postgres",), os=oses,
+                              source="generated: every wheel pinned with --hash"))
+    if wl:  # what pip resolved, with the hash of each downloaded file: the wheels were built from it
+        res = f"wheels/{tag}/{wheels_mod.RESOLVED}"
+        _copy(wl[0].path.parent / wheels_mod.RESOLVED, stage / res)
+        entries.append(make_entry(stage, res, kind="meta", version="", roles=(), os=oses,
+                                  source="generated: every dependency pip resolved, with its sha256"))
+    patroni = ""
+    if opts.check_wheels and wl:
+        stamp = wl[0].path.parent / "offline-check.ok"
+        # checked in the cache's wheelhouse (the same files, hashed in requirements.txt): a chrooted Python
+        # sees the cache at the same path, not the staging directory
+        house = wl[0].path.parent
+        (house / "requirements.txt").write_text((stage / req).read_text())
+        patroni = wheels_mod.check_offline(house, house / "requirements.txt", python, log, stamp,
+                                           tmp_dir=None if local else opts.cache)  # the venv: in the cache
+        notes.append(f"offline install check ({tag}) passed: {patroni}")
+    return entries, patroni
+
+
+def _same_python(python: str, want: tuple[int, int]) -> bool:
+    import subprocess
+
+    try:
+        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return (int(out[0]), int(out[1])) == want
+
+
+def _rhel(opts: BuildOptions, stage: Path, notes: list[str]) -> Entry:
+    rel = f"rpms/{opts.os_name}/COMMANDS-UNTESTED.sh"
+    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+    (stage / rel).write_text(debs_mod.rhel_commands(opts.pg_major, opts.os_name))
+    notes.append(f"WARNING: {opts.os_name}: no packages collected; {rel} is an UNTESTED recipe; "
+                 "no wheels are built for RHEL's python3")
+    return make_entry(stage, rel, kind="meta", version="", source="rendered (untested)", roles=("postgres",))

@@ -1,4 +1,4 @@
-"""The .deb closure of PostgreSQL (+ client, python3-venv) for a bare Debian 12 host.
+"""The .deb closure of each role's packages (runbook.inventory.distros) for a bare Debian 12 / 13 host.
 
 Computed against the lab's base tree (debootstrap minbase = what a bare host has): a throwaway
 overlay of it (a copy when overlayfs is unavailable) gets this machine's resolv.conf, /proc and
@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from runbook.bundle.manifest import BundleError
 from runbook.bundle.sources import DebianMirrors
+from runbook.inventory.distros import DISTROS
 
 INST_RE = re.compile(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) (.+?) \[(\S+)\]\)", re.MULTILINE)
 
@@ -45,8 +46,8 @@ def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
     return "\n".join(lines) + "\n"
 
 
-def packages(major: int) -> list[str]:
-    return [f"postgresql-{major}", f"postgresql-client-{major}", "python3-venv"]
+def packages(major: int, os_name: str = "debian12") -> list[str]:
+    return DISTROS[os_name].packages_for(["postgres"], major)
 
 
 def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -102,59 +103,69 @@ def deb_filename(name: str, version: str, arch: str) -> str:
     return f"{name}_{quote(version, safe='+~.-').replace('%3A', '%3a')}_{arch}.deb"
 
 
-def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
-            recommends: bool = True, log=print) -> list[Deb]:
-    """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host.
-
-    ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
-    """
-    if os_name != "debian12":
-        raise BundleError(f"os {os_name}: only debian12 packages can be built here; see rhel_commands()")
+@contextmanager
+def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log=print):
+    """A throwaway overlay of a distribution's bare base tree with apt pointed at ``mirrors`` (updated),
+    its archives and lists kept in the cache, this machine's resolver, and the cache bound at the same path
+    (so a Python inside it can read and write the wheelhouse). Yields the root; undone on exit."""
     if os.geteuid() != 0:
         raise BundleError("building the .deb closure needs root (mount, chroot); run it as root")
     work = cache / "bundle-debs"
-    archives = work / "archives-bookworm"
-    lists = work / "lists-bookworm"
+    archives = work / f"archives-{suite}"
+    lists = work / f"lists-{suite}"
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
-    want = packages(major)
-    rec = [] if recommends else ["--no-install-recommends"]
     with _root_view(base, work, log) as root:
-        (root / "etc/apt/sources.list").write_text(sources_list(mirrors))
+        (root / "etc/apt/sources.list").write_text(sources_list(mirrors, suite))
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile(Path("/etc/resolv.conf").resolve(), resolv)
-        _bind(archives, root / "var/cache/apt/archives")
-        _bind(lists, root / "var/lib/apt/lists")
+        # this machine's TLS trust too (a site's proxy CA): pip inside the root reaches what pip here does
+        for ca in {Path(p) for p in (os.environ.get("REQUESTS_CA_BUNDLE"), os.environ.get("SSL_CERT_FILE"),
+                                     "/etc/ssl/certs/ca-certificates.crt") if p and Path(p).is_file()}:
+            (root / str(ca).lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (root / str(ca).lstrip("/")).unlink(missing_ok=True)
+            shutil.copyfile(ca.resolve(), root / str(ca).lstrip("/"))
+        binds = [(archives, root / "var/cache/apt/archives"), (lists, root / "var/lib/apt/lists"),
+                 (cache, root / str(cache).lstrip("/"))]
+        done: list[Path] = []
         try:
-            log(f"apt-get update in the base tree ({mirrors.main}"
+            for src, dst in binds:
+                _bind(src, dst)
+                done.append(dst)
+            log(f"apt-get update in the {suite} base tree ({mirrors.main}"
                 + (f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
             r = _chroot(root, "apt-get", "-q", "update")
             if r.returncode != 0:
-                raise BundleError(f"apt-get update in the base tree failed: {r.stderr.strip()[-600:]}")
-            r = _chroot(root, "apt-get", "install", "-s", "-y", *rec, *want)
-            if r.returncode != 0:
-                err = (r.stderr + r.stdout).strip()
-                if f"Unable to locate package postgresql-{major}" in err or \
-                        f"Package postgresql-{major} is not available" in err:
-                    raise BundleError(
-                        f"postgresql-{major} is not in Debian 12's own repository (it has 15); "
-                        f"{major} comes from PGDG, which this build machine cannot "
-                        "reach. Use --pg-major 15 (or set cluster.postgres_major: 15 in hosts.yml).")
-                raise BundleError(f"apt-get install -s {' '.join(want)} failed: {err[-800:]}")
-            plan = parse_simulation(r.stdout)
-            if not plan:
-                raise BundleError("apt's plan is empty: the base tree already has PostgreSQL? "
-                                  "rebuild the base tree (runbook.lab.base)")
-            log(f"apt-get install --download-only: {len(plan)} packages")
-            r = _chroot(root, "apt-get", "install", "--download-only", "-y", "-q",
-                        *rec, *want)
-            if r.returncode != 0:
-                raise BundleError(f"apt-get --download-only failed: {r.stderr.strip()[-800:]}")
+                raise BundleError(f"apt-get update in the {suite} base tree failed: {r.stderr.strip()[-600:]}")
+            yield root
         finally:
-            for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                if _sh(["umount", str(root / sub)]).returncode != 0:
-                    _sh(["umount", "-l", str(root / sub)])
+            for dst in reversed(done):
+                if _sh(["umount", str(dst)]).returncode != 0:
+                    _sh(["umount", "-l", str(dst)])
+
+
+def download(root: Path, want: list[str], suite: str, recommends: bool = True, log=print,
+             what: str = "") -> list[Deb]:
+    """The closure of ``want`` for a bare host of the root's distribution, downloaded into the cache."""
+    rec = [] if recommends else ["--no-install-recommends"]
+    r = _chroot(root, "apt-get", "install", "-s", "-y", *rec, *want)
+    if r.returncode != 0:
+        err = (r.stderr + r.stdout).strip()
+        missing = [p for p in want if f"Unable to locate package {p}" in err or f"Package {p} is not available" in err]
+        if missing:
+            raise BundleError(f"{', '.join(missing)}: not in {suite}'s own repository; {what or 'choose a package'} "
+                              "the distribution ships (runbook.inventory.distros lists them)")
+        raise BundleError(f"apt-get install -s {' '.join(want)} failed: {err[-800:]}")
+    plan = parse_simulation(r.stdout)
+    if not plan:
+        raise BundleError(f"apt's plan for {' '.join(want)} is empty: the {suite} base tree already has them? "
+                          "rebuild the base tree (runbook.lab.base)")
+    log(f"apt-get install --download-only ({suite}): {len(plan)} packages for {' '.join(want)}")
+    r = _chroot(root, "apt-get", "install", "--download-only", "-y", "-q", *rec, *want)
+    if r.returncode != 0:
+        raise BundleError(f"apt-get --download-only failed: {r.stderr.strip()[-800:]}")
+    archives = root / "var/cache/apt/archives"
     debs = []
     for name, version, origin, arch in plan:
         p = archives / deb_filename(name, version, arch)
@@ -162,6 +173,32 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
             raise BundleError(f"{p}: apt planned {name} {version} but the archive is not there")
         debs.append(Deb(name=name, version=version, arch=arch, origin=origin, path=p))
     return debs
+
+
+def install_from_cache(root: Path, want: list[str]) -> None:
+    """Install ``want`` into the throwaway root from the downloaded archives (python3-venv for the wheels)."""
+    r = _chroot(root, "apt-get", "install", "-y", "-q", "--no-download", *want)
+    if r.returncode != 0:
+        raise BundleError(f"apt-get install {' '.join(want)} in the base tree failed: "
+                          f"{(r.stderr or r.stdout).strip()[-600:]}")
+
+
+def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
+            recommends: bool = True, log=print) -> list[Deb]:
+    """Download the dependency closure of PostgreSQL ``major`` (the postgres role) for a bare ``os_name`` host.
+
+    ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
+    """
+    if os_name not in DISTROS:
+        raise BundleError(f"os {os_name}: no .deb packages can be built for it; see rhel_commands()")
+    d = DISTROS[os_name]
+    with distro_root(base, cache, mirrors, d.suite, log) as root:
+        return download(root, d.packages_for(["postgres"], major), d.suite, recommends, log,
+                        what=f"use a PostgreSQL major {d.title} ships ({major_hint(os_name)})")
+
+
+def major_hint(os_name: str) -> str:
+    return ", ".join(f"{d.name}: {'/'.join(map(str, d.postgres_majors))}" for d in DISTROS.values())
 
 
 def rhel_commands(major: int, os_name: str) -> str:

@@ -46,11 +46,21 @@ class Entry:
     source: str
     roles: tuple[str, ...]
     name: str = ""
+    os: tuple[str, ...] = ()  # the distributions whose hosts need it (runbook.inventory.distros); () = all
+    # a .deb's place in apt's install plan: dpkg -i installs in this order (a Pre-Depends must come first)
+    order: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["roles"] = list(self.roles)
+        d["os"] = list(self.os)
+        for k in ("os", "order"):
+            if not d[k]:
+                del d[k]
         return d
+
+    def for_os(self, os_name: str | None) -> bool:
+        return os_name is None or not self.os or os_name in self.os
 
 
 @dataclass(frozen=True)
@@ -63,13 +73,13 @@ class Manifest:
     target: dict = field(default_factory=dict)
     created: str = ""
 
-    def files_for(self, roles: set[str] | frozenset[str] | tuple[str, ...]) -> list[Entry]:
-        """Every entry needed by at least one of ``roles`` (in manifest order)."""
+    def files_for(self, roles: set[str] | frozenset[str] | tuple[str, ...], os_name: str | None = None) -> list[Entry]:
+        """Every entry needed by at least one of ``roles`` on a host of ``os_name`` (in manifest order)."""
         wanted = set(roles)
         unknown = wanted - set(ROLES)
         if unknown:
             raise BundleError(f"unknown role(s) {', '.join(sorted(unknown))}; known: {', '.join(ROLES)}")
-        return [e for e in self.files if wanted & set(e.roles)]
+        return [e for e in self.files if wanted & set(e.roles) and e.for_os(os_name)]
 
     def of_kind(self, kind: str) -> list[Entry]:
         return [e for e in self.files if e.kind == kind]
@@ -83,15 +93,46 @@ class Manifest:
                               "rebuild the bundle with `inv bundle.build`")
         return found[0]
 
-    def requirements(self) -> Entry:
-        """wheels/requirements.txt (pinned, with --hash for every wheel)."""
+    def requirements(self, os_name: str | None = None) -> Entry:
+        """wheels/<cpXY>/requirements.txt of the host's Python (pinned, with --hash for every wheel)."""
         for e in self.files:
-            if e.path == REQUIREMENTS:
+            if e.kind == "meta" and e.path.startswith("wheels/") and e.path.endswith("/requirements.txt") \
+                    and e.for_os(os_name):
                 return e
-        raise BundleError(f"{self.root / MANIFEST}: no {REQUIREMENTS} entry; rebuild with `inv bundle.build`")
+        raise BundleError(f"{self.root / MANIFEST}: no wheelhouse requirements.txt"
+                          + (f" for {os_name}" if os_name else "") + "; rebuild with `inv bundle.build` "
+                          "(with the inventory whose hosts it is for)")
 
-    def debs(self) -> list[Entry]:
-        return self.of_kind("deb")
+    def debs(self, os_name: str | None = None, role: str = "postgres") -> list[Entry]:
+        """The .deb files a host of ``os_name`` with ``role`` installs (dpkg -i of exactly these)."""
+        found = [e for e in self.of_kind("deb") if role in e.roles and e.for_os(os_name)]
+        return sorted(found, key=lambda e: e.order) if any(e.order for e in found) else found
+
+    def check_for(self, hosts) -> None:
+        """Refuse a bundle that lacks what one of ``hosts`` (inventory Hosts) needs, naming host and distribution."""
+        from runbook.inventory.distros import DISTROS
+
+        missing = []
+        for h in hosts:
+            d = DISTROS.get(h.os)
+            if d is None:
+                continue
+            if h.has("postgres"):
+                try:
+                    self.requirements(h.os)
+                except BundleError:
+                    missing.append(f"{h.name} ({h.os}): the wheelhouse for Python {d.python[0]}.{d.python[1]}")
+                if not self.debs(h.os, "postgres"):
+                    missing.append(f"{h.name} ({h.os}): the PostgreSQL .deb files")
+            if h.has("etcd"):
+                if d.etcd_source == "deb" and not self.debs(h.os, "etcd"):
+                    missing.append(f"{h.name} ({h.os}): the etcd .deb files")
+                if d.etcd_source == "tarball" and not [e for e in self.of_kind("etcd") if e.for_os(h.os)]:
+                    missing.append(f"{h.name} ({h.os}): the etcd release tarball")
+        if missing:
+            raise BundleError(f"{self.root / MANIFEST}: the bundle lacks what these hosts need: "
+                              + "; ".join(dict.fromkeys(missing)) + ". Build it for this inventory: "
+                              "inv bundle.build (it reads the hosts' os: and roles)")
 
     def wheels(self) -> list[Entry]:
         return self.of_kind("wheel")
@@ -110,11 +151,11 @@ def sha256_file(path: Path) -> str:
 
 
 def make_entry(root: Path, rel: str, *, kind: str, version: str, source: str, roles: tuple[str, ...],
-               name: str = "") -> Entry:
+               name: str = "", os: tuple[str, ...] = (), order: int = 0) -> Entry:
     """Hash the file ``root/rel`` into an Entry."""
     p = root / rel
     return Entry(path=rel, sha256=sha256_file(p), size=p.stat().st_size, kind=kind, version=version,
-                 source=source, roles=tuple(roles), name=name)
+                 source=source, roles=tuple(roles), name=name, os=tuple(os), order=order)
 
 
 def write_manifest(root: Path, entries: list[Entry], *, etcd_version: str, target: dict,
@@ -151,8 +192,15 @@ def _entry(mpath: Path, i: int, raw: object) -> Entry:
     roles = raw.get("roles", [])
     if not isinstance(roles, list) or any(r not in ROLES for r in roles):
         raise BundleError(f"{where} ({rel}): roles must be a list drawn from {', '.join(ROLES)}")
+    order = raw.get("order", 0)
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise BundleError(f"{where} ({rel}): order must be a non-negative integer (apt's install order)")
+    oses = raw.get("os", [])
+    if not isinstance(oses, list) or any(not isinstance(o, str) for o in oses):
+        raise BundleError(f"{where} ({rel}): os must be a list of distribution names, e.g. [debian13]")
     return Entry(path=rel, sha256=sha, size=size, kind=kind, version=str(raw.get("version", "")),
-                 source=str(raw.get("source", "")), roles=tuple(roles), name=str(raw.get("name", "")))
+                 source=str(raw.get("source", "")), roles=tuple(roles), name=str(raw.get("name", "")),
+                 os=tuple(oses), order=order)
 
 
 def load_manifest(bundle_dir: str | Path) -> Manifest:

@@ -22,6 +22,7 @@ from rich.table import Table
 from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
 from runbook.bundle.etcd import build_from_debian
 from runbook.bundle.manifest import BundleError, Manifest, approved, verify_bundle
+from runbook.inventory.distros import DISTROS
 from runbook.inventory.settings import Settings, SettingsError, settings_of
 
 console = Console(highlight=False)
@@ -91,7 +92,8 @@ def summary(m: Manifest) -> Table:
     "etcd_sha256": "expected sha256 of the etcd tarball (default runbook.etcd_sha256)",
     "bundle_dir": "output directory (default runbook.bundle_dir, else 'bundle' in the project)",
     "inventory": "hosts.yml to read postgres_major/etcd_version/os from (default runbook.inventory)",
-    "os": "target OS: debian12 (built), rhel8/rhel9 (an untested command list only); default: inventory",
+    "os": "build for every role on this OS only: debian12, debian13, rhel8/rhel9 (an untested command list "
+          "only); default: the distributions and roles of the inventory's hosts",
     "wheel_check": "install the wheelhouse offline into a fresh venv and run patroni --version "
                    "(default on; --no-wheel-check skips it)",
     "recommends": "include apt Recommends in the .deb closure, as apt does on a host (default on; "
@@ -114,7 +116,8 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
     cluster = _inventory_cluster(s, inventory)
     opts = BuildOptions(
         bundle_dir=_path(bundle_dir, s.bundle_dir),
-        pg_major=int(pg_major or cluster.get("postgres_major", 15)),
+        pg_major=int(pg_major or (cluster.get("postgres_major") if not os or os == cluster.get("os") else None)
+                     or (DISTROS[os].default_major if os in DISTROS else 15)),
         os_name=os or cluster.get("os", "debian12"),
         etcd_version=cluster.get("etcd_version", ""),
         etcd_url=etcd_url or s.etcd_url or "",
@@ -127,8 +130,10 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
         debian_security_mirror=s.debian_security_mirror or "",
         check_wheels=wheel_check,
         recommends=recommends,
+        targets={} if os else cluster.get("targets", {}),
     )
-    console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({opts.os_name}, PostgreSQL "
+    what = ", ".join(f"{o}: {'+'.join(r)}" for o, r in opts.targets.items()) or opts.os_name
+    console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({what}, PostgreSQL "
                   f"{opts.pg_major}, cache {opts.cache})")
     t = time.monotonic()
     try:
@@ -173,7 +178,11 @@ def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise Exit(code=1) from None
     cl = inv.cluster
-    return {"postgres_major": cl.postgres_major, "etcd_version": cl.etcd_version, "os": cl.os}
+    targets: dict[str, tuple[str, ...]] = {}
+    for h in inv.hosts:  # only what the inventory's hosts need: their distributions and roles
+        targets[h.os] = tuple(sorted({*targets.get(h.os, ()), *h.roles}))
+    return {"postgres_major": cl.postgres_major, "etcd_version": cl.etcd_version, "os": cl.os,
+            "targets": targets}
 
 
 @task(help={"bundle_dir": "bundle directory to check (default runbook.bundle_dir, else 'bundle')"})

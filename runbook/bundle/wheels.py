@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,15 @@ from runbook.bundle.manifest import BundleError, sha256_file
 
 DEFAULT_REQUIREMENTS = ("patroni[etcd3]==4.1.5", "psycopg2-binary==2.9.13")
 RESOLVED = "resolved.txt"
-TARGET_PYTHON = (3, 11)
+TARGET_PYTHON = (3, 11)  # Debian 12's; a target passes its own (runbook.inventory.distros)
 TARGET_GLIBC = (2, 36)  # Debian 12
+# A Python to run: a path on this machine, or a command prefix (["chroot", ROOT, "/usr/bin/python3"]: the
+# target distribution's own Python in its base tree, for a target whose Python this machine lacks).
+Python = str | Sequence[str]
+
+
+def _cmd(python: Python) -> list[str]:
+    return [python] if isinstance(python, str) else list(python)
 WHEEL_RE = re.compile(r"^(?P<name>[^-]+)-(?P<ver>[^-]+)(?:-\d[^-]*)?"
                       r"-(?P<py>[^-]+)-(?P<abi>[^-]+)-(?P<plat>[^-]+)\.whl$")
 
@@ -59,9 +67,9 @@ def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, capture_output=True, text=True, **kw)
 
 
-def _python_version(python: str) -> tuple[int, int]:
+def _python_version(python: Python) -> tuple[int, int]:
     try:
-        out = subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2])"], check=True,
+        out = subprocess.run([*_cmd(python), "-c", "import sys; print(*sys.version_info[:2])"], check=True,
                              capture_output=True, text=True).stdout.split()
     except (OSError, subprocess.CalledProcessError) as exc:
         raise BundleError(f"{python}: cannot run it ({exc}); set runbook.wheel_python to a CPython "
@@ -69,15 +77,15 @@ def _python_version(python: str) -> tuple[int, int]:
     return int(out[0]), int(out[1])
 
 
-def tag_ok(filename: str) -> bool:
-    """Installable on Debian 12 / CPython 3.11 / x86_64?"""
+def tag_ok(filename: str, target: tuple[int, int] = TARGET_PYTHON, glibc: tuple[int, int] = TARGET_GLIBC) -> bool:
+    """Installable on CPython ``target`` / x86_64 with ``glibc`` (default: Debian 12's 3.11, 2.36)?"""
     m = WHEEL_RE.match(filename)
     if not m:
         return False
-    cp = f"cp{TARGET_PYTHON[0]}{TARGET_PYTHON[1]}"
+    cp = f"cp{target[0]}{target[1]}"
     pys, abis, plats = m["py"].split("."), m["abi"].split("."), m["plat"].split(".")
     py_ok = any(p in ("py3", "py2.py3", cp) or (p.startswith("py3") and p[2:].isdigit()) for p in pys) or \
-        ("abi3" in abis and any(p.startswith("cp3") and int(p[3:] or 0) <= TARGET_PYTHON[1] for p in pys))
+        ("abi3" in abis and any(p.startswith("cp3") and int(p[3:] or 0) <= target[1] for p in pys))
     abi_ok = any(a in ("none", "abi3", cp) for a in abis)
 
     def plat_good(p: str) -> bool:
@@ -86,7 +94,7 @@ def tag_ok(filename: str) -> bool:
         if p in ("manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"):
             return True
         mm = re.match(r"^manylinux_(\d+)_(\d+)_x86_64$", p)
-        return mm is not None and (int(mm[1]), int(mm[2])) <= TARGET_GLIBC
+        return mm is not None and (int(mm[1]), int(mm[2])) <= glibc
 
     return py_ok and abi_ok and any(plat_good(p) for p in plats)
 
@@ -119,10 +127,10 @@ def _index_args(index: str) -> list[str]:
     return ["--index-url", index] if index else []  # none configured: pip's own default
 
 
-def _resolve(python: str, requirements: tuple[str, ...], index: str, env: dict, tmp: Path, log) -> str:
+def _resolve(python: Python, requirements: tuple[str, ...], index: str, env: dict, tmp: Path, log) -> str:
     log("pip install --dry-run --report (resolve and hash every dependency) " + " ".join(requirements))
     report = tmp / "report.json"
-    r = _sh([python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--break-system-packages",
+    r = _sh([*_cmd(python), "-m", "pip", "install", "--dry-run", "--ignore-installed", "--break-system-packages",
              "--quiet", "--report", str(report), *_index_args(index), *requirements], env=env, cwd=tmp)
     if r.returncode != 0:
         raise BundleError(f"pip could not resolve {' '.join(requirements)} (exit {r.returncode}): "
@@ -134,14 +142,15 @@ def _resolve(python: str, requirements: tuple[str, ...], index: str, env: dict, 
                           f"(runbook.wheel_python: {python})") from exc
 
 
-def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, python: str = "/usr/bin/python3",
-          index: str = "", log=print) -> list[Wheel]:
-    """Build (or reuse from the cache) the wheelhouse for ``requirements``; ``house/resolved.txt`` pins it."""
+def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, python: Python = "/usr/bin/python3",
+          index: str = "", log=print, target: tuple[int, int] = TARGET_PYTHON,
+          glibc: tuple[int, int] = TARGET_GLIBC) -> list[Wheel]:
+    """Build (or reuse from the cache) the wheelhouse for ``requirements`` under a CPython ``target``;
+    ``house/resolved.txt`` pins it."""
     pyver = _python_version(python)
-    if pyver != TARGET_PYTHON:
-        raise BundleError(f"{python} is Python {pyver[0]}.{pyver[1]}; the hosts (Debian 12) run "
-                          f"{TARGET_PYTHON[0]}.{TARGET_PYTHON[1]}: "
-                          "set runbook.wheel_python to such a CPython")
+    if pyver != target:
+        raise BundleError(f"{' '.join(_cmd(python))} is Python {pyver[0]}.{pyver[1]}; the hosts run "
+                          f"{target[0]}.{target[1]}: set runbook.wheel_python to such a CPython")
     key = _key(requirements, pyver, index)
     house = cache / "wheels" / key
     meta = house / "built.json"
@@ -162,7 +171,7 @@ def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, pyt
         (tmp / "w").mkdir()
         lock = tmp / "w" / RESOLVED
         lock.write_text(_resolve(python, requirements, index, env, tmp, log))
-        cmd = [python, "-m", "pip", "wheel", "--require-hashes", "--no-deps", *_index_args(index),
+        cmd = [*_cmd(python), "-m", "pip", "wheel", "--require-hashes", "--no-deps", *_index_args(index),
                "-w", str(tmp / "w"), "-r", str(lock)]
         log(f"pip wheel --require-hashes --no-deps -r {RESOLVED}")
         r = _sh(cmd, env=env, cwd=tmp)
@@ -171,10 +180,10 @@ def build(cache: Path, requirements: tuple[str, ...] = DEFAULT_REQUIREMENTS, pyt
             raise BundleError(f"pip wheel failed (exit {r.returncode}): {tail}")
         built = {canonical(n) for n in re.findall(r"Building wheel for (\S+)", r.stdout)}
         files = sorted((tmp / "w").glob("*.whl"))
-        bad = [f.name for f in files if not tag_ok(f.name)]
+        bad = [f.name for f in files if not tag_ok(f.name, target, glibc)]
         if bad:
-            raise BundleError("wheel(s) not installable on Debian 12 / CPython 3.11 x86_64: "
-                              + ", ".join(bad))
+            raise BundleError(f"wheel(s) not installable on CPython {target[0]}.{target[1]} x86_64 "
+                              f"(glibc {glibc[0]}.{glibc[1]}): " + ", ".join(bad))
         wheels = []
         for f in files:
             m = WHEEL_RE.match(f.name)
@@ -208,8 +217,8 @@ def requirements_txt(wheels: list[Wheel], requirements: tuple[str, ...] = DEFAUL
     return "\n".join(lines) + "\n"
 
 
-def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/python3", log=print,
-                  stamp: Path | None = None) -> str:
+def check_offline(wheel_dir: Path, requirements: Path, python: Python = "/usr/bin/python3", log=print,
+                  stamp: Path | None = None, tmp_dir: Path | None = None) -> str:
     """Install the wheelhouse into a fresh venv with no index; return `patroni --version`.
 
     ``stamp`` remembers a pass for this exact requirements.txt (every wheel's hash is in it).
@@ -220,30 +229,32 @@ def check_offline(wheel_dir: Path, requirements: Path, python: str = "/usr/bin/p
         if done_key == key:
             log("offline install check: passed before for these exact wheels (cached)")
             return version.strip()
-    version = _install_offline(wheel_dir, requirements, python, log)
+    version = _install_offline(wheel_dir, requirements, python, log, tmp_dir)
     if stamp:
         stamp.write_text(f"{key} {version}\n")
     return version
 
 
-def _install_offline(wheel_dir: Path, requirements: Path, python: str, log) -> str:
-    with tempfile.TemporaryDirectory(prefix="wheelcheck-") as tmpd:
+def _install_offline(wheel_dir: Path, requirements: Path, python: Python, log, tmp_dir: Path | None) -> str:
+    """``tmp_dir``: where the venv goes (a directory the chroot of a chrooted Python sees at the same path)."""
+    pre = _cmd(python)[:-1]  # the chroot prefix, if any: the venv's own programs run inside it too
+    with tempfile.TemporaryDirectory(prefix="wheelcheck-", dir=tmp_dir) as tmpd:
         venv = Path(tmpd) / "venv"
-        r = _sh([python, "-m", "venv", str(venv)], env=clean_env())
+        r = _sh([*_cmd(python), "-m", "venv", str(venv)], env=clean_env())
         if r.returncode != 0:
             raise BundleError(f"{python} -m venv failed: {r.stderr.strip()[-400:]} "
                               "(the build machine needs python3-venv)")
         log("offline install check: pip install --no-index --require-hashes into a fresh venv")
-        r = _sh([str(venv / "bin/pip"), "install", "--no-index", "--find-links", str(wheel_dir),
+        r = _sh([*pre, str(venv / "bin/pip"), "install", "--no-index", "--find-links", str(wheel_dir),
                  "--require-hashes", "-r", str(requirements)], env=clean_env())
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip()[-900:]
             raise BundleError(f"the wheelhouse does not install offline: {tail}")
-        r = _sh([str(venv / "bin/patroni"), "--version"], env=clean_env())
+        r = _sh([*pre, str(venv / "bin/patroni"), "--version"], env=clean_env())
         if r.returncode != 0:
             raise BundleError(f"patroni --version failed in the offline venv: {r.stderr.strip()[-400:]}")
         out = (r.stdout or r.stderr).strip()
-        r = _sh([str(venv / "bin/python"), "-c", "import psycopg2, etcd; print(psycopg2.__version__)"],
+        r = _sh([*pre, str(venv / "bin/python"), "-c", "import psycopg2, etcd; print(psycopg2.__version__)"],
                 env=clean_env())
         if r.returncode != 0:
             raise BundleError("psycopg2/python-etcd do not import in the offline venv: "

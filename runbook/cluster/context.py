@@ -11,6 +11,7 @@ from runbook.cluster.render import Paths
 from runbook.core.context import RunContext
 from runbook.credentials.pki import Pki
 from runbook.credentials.secrets import ensure_secrets, redact
+from runbook.inventory import Host
 
 _SECRETS_LOCK = threading.Lock()
 
@@ -21,7 +22,13 @@ class Ctx(RunContext):
 
     @cached_property
     def paths(self) -> Paths:
-        return Paths(pg_major=self.inventory.cluster.postgres_major)
+        return Paths(pg_major=self.inventory.cluster.postgres_major, os=self.inventory.cluster.os)
+
+    def paths_for(self, host: Host) -> Paths:
+        """The paths of *host*: its own distribution (a host may override cluster.os), the cluster's major."""
+        if host.os == self.paths.os:
+            return self.paths
+        return Paths.of(host, self.inventory.cluster.postgres_major)
 
     @property
     def secrets(self) -> dict:

@@ -20,6 +20,7 @@ from typing import Any
 import jinja2
 
 from runbook.inventory import Host, Inventory
+from runbook.inventory.distros import DEFAULT_OS, Distro, distro
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "templates"
 MEMBER_PREFIX = "patroni_"  # the walk-through's member names: patroni_node01, patroni_node02
@@ -29,7 +30,11 @@ _SAFE_USER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 @dataclass(frozen=True)
 class Paths:
-    """Where things live on the hosts; defaults are the walk-through's (on Debian 12)."""
+    """Where things live on the hosts; defaults are the walk-through's.
+
+    The one place for what depends on the PostgreSQL major or the distribution (``os``, see
+    runbook.inventory.distros): binaries, PGDATA, the distribution's default cluster and its service,
+    python3 and its venv module. ``Paths.of(host, major)`` is a host's; ``Ctx.paths`` the cluster's."""
 
     etcd_bin_dir: str = "/usr/bin"
     etcd_conf: str = "/etc/etcd/etcd.conf.yml"
@@ -51,6 +56,39 @@ class Paths:
     pgpass: str = "/home/postgres/.pgpass_patroni"
     socket_dir: str = "/var/run/postgresql"
     pg_major: int | None = None  # default for pgdata()/pg_bin_dir() called without a major
+    os: str = DEFAULT_OS  # the host's distribution (runbook.inventory.distros)
+    python3: str = "python3"  # the distribution's python3 (on PATH): the venv is made with it
+
+    @classmethod
+    def of(cls, host: Host, major: int) -> "Paths":
+        """The paths of *host* (its own distribution) for PostgreSQL *major*."""
+        return cls(pg_major=major, os=host.os)
+
+    @property
+    def distro(self) -> Distro:
+        return distro(self.os)
+
+    @property
+    def venv_package(self) -> str:
+        """The package that brings python3's venv module (and ensurepip): not in a bare install."""
+        return "python3-venv"
+
+    @property
+    def python_tag(self) -> str:
+        """The wheel tag of the host's python3 (cp311 on Debian 12, cp313 on Debian 13)."""
+        return self.distro.cpython
+
+    def pg_package(self, major: int | None = None) -> str:
+        """The distribution's server package: postgresql-<major>."""
+        return f"postgresql-{self._major(major)}"
+
+    def default_cluster(self, major: int | None = None) -> str:
+        """The cluster the package's postinst creates: '<major> main' (as pg_lsclusters -h prints it)."""
+        return f"{self._major(major)} main"
+
+    def default_service(self, major: int | None = None) -> str:
+        """The distribution's unit for its default cluster: postgresql@<major>-main."""
+        return f"postgresql@{self._major(major)}-main"
 
     def _major(self, major: int | None) -> int:
         m = self.pg_major if major is None else major

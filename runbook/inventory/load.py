@@ -46,7 +46,8 @@ def load_inventory(path: str | Path) -> Inventory:
     hosts = tuple(
         Host(name=n, address=h.address, roles=tuple(h.roles), fqdn=h.fqdn, user=h.user or spec.ssh.user,
              port=h.port or spec.ssh.port, key=_path(spec.ssh.key), known_hosts=_path(spec.ssh.known_hosts),
-             sudo=spec.ssh.sudo, connect_timeout=spec.ssh.connect_timeout)
+             sudo=spec.ssh.sudo, connect_timeout=spec.ssh.connect_timeout,
+             os=h.os or spec.cluster.os)
         for n, h in spec.hosts.items() if not h.retired
     )
     retired = tuple(n for n, h in spec.hosts.items() if h.retired)

@@ -7,6 +7,7 @@ import reprlib
 import yaml
 from pydantic import BaseModel
 
+from runbook.inventory.distros import DISTROS
 from runbook.inventory.model import (
     EXAMPLE,
     NAME_PATTERN,
@@ -116,7 +117,7 @@ def _message(err: dict) -> str:
     if typ == "literal_error":
         if len(loc) == 4 and loc[0] == "hosts" and loc[2] == "roles":
             return f"{_show(value)} is not a role; use etcd or postgres"
-        what = "a supported OS" if loc == ("cluster", "os") else "allowed here"
+        what = "a supported OS" if loc[-1] == "os" else "allowed here"
         return f"{_show(value)} is not {what}; use {ctx.get('expected', 'one of the documented values')}"
     if typ == "string_pattern_mismatch":
         hint = PATTERN_HINTS.get(loc) or PATTERN_HINTS.get((last,)) or f"must match {ctx.get('pattern')}"
@@ -206,6 +207,7 @@ def _semantic_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
                              f"{value} is also the {field} of {other}; give every host its own {field}"))
             else:
                 seen[value.lower()] = name
+    errs += _mixed_os_errors(spec)
     etcd = [n for n, h in live.items() if "etcd" in h.roles]
     pg = [n for n, h in live.items() if "postgres" in h.roles]
     if len(etcd) < 3 or len(etcd) % 2 == 0:
@@ -218,3 +220,20 @@ def _semantic_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
                                   ">= 2 (a leader and a standby): add a host with roles: [postgres]")))
     return errs
 
+
+
+def _mixed_os_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
+    """A host on another distribution than the cluster's: its PostgreSQL must be the cluster's major."""
+    major, errs = spec.cluster.postgres_major, []
+    for name, h in spec.hosts.items():
+        if h.os is None or h.os == spec.cluster.os or "postgres" not in h.roles:
+            continue
+        d = DISTROS[h.os]
+        if major not in d.postgres_majors:
+            errs.append((("hosts", name, "os"),
+                         f"{h.os} ships PostgreSQL {', '.join(map(str, d.postgres_majors))}, not "
+                         f"cluster.postgres_major {major} ({spec.cluster.os}): the PostgreSQL hosts of one "
+                         "cluster must all run the same major; keep this host on "
+                         f"{spec.cluster.os} until the cluster is on {h.os}, or set cluster.os: {h.os} and "
+                         "move every PostgreSQL host together"))
+    return errs

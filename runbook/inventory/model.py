@@ -15,18 +15,25 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from runbook.errors import InventoryError
+from runbook.inventory.distros import DEFAULT_OS, DISTROS, UNSUPPORTED, distro, major_choices
 
 ROLES = ("etcd", "postgres")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 # Host names the runbook itself uses: a host called `local` would run its steps on this machine.
 RESERVED_NAMES = ("local",)
 EXAMPLE = "see the repo's hosts.yml for a complete example"
-
-
-
+OsName = Literal["debian12", "debian13", "rhel8", "rhel9"]
 
 
 class _Strict(BaseModel):
@@ -102,10 +109,12 @@ class PatroniSpec(_Strict):
 class ClusterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")
     namespace: str = Field(default="/patroni", pattern=r"^/[A-Za-z0-9_/-]*$")
-    postgres_major: int = Field(default=15, ge=12, le=18)
+    # the hosts' distribution (runbook.inventory.distros); a host may override it (an OS migration)
+    os: OsName = DEFAULT_OS
+    # default: the PostgreSQL of the distribution's own archive (debian12: 15, debian13: 17)
+    postgres_major: int = Field(ge=12, le=18)
     etcd_version: str = Field(default="3.5.16", pattern=r"^\d+\.\d+\.\d+$")
     domain: str = ""
-    os: Literal["debian12", "rhel8", "rhel9"] = "debian12"
     # Opt-in only: name -> {reason: ...}. Patroni keeps each on every member with WAL reserved.
     permanent_slots: dict[str, SlotSpec] = Field(default_factory=dict)
     # The most WAL any slot may hold back (PostgreSQL >= 13); a slot past it is invalidated, not the disk.
@@ -147,13 +156,43 @@ class ClusterSpec(_Strict):
                              "(0 would turn compaction off)")
         return str(v).strip()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_major(cls, data: object) -> object:
+        """postgres_major left out: the distribution's own (an unsupported os is reported on its own)."""
+        if isinstance(data, dict) and "postgres_major" not in data:
+            os_name = data.get("os", DEFAULT_OS)
+            if isinstance(os_name, str) and os_name in DISTROS:
+                return {**data, "postgres_major": DISTROS[os_name].default_major}
+            return {**data, "postgres_major": DISTROS[DEFAULT_OS].default_major}
+        return data
+
     @field_validator("os")
     @classmethod
     def _os_supported(cls, v: str) -> str:
-        if v != "debian12":  # bundle.build --os rhel8|rhel9 renders an untested command list, nothing more
-            raise ValueError(f"{v!r} is not supported yet: only debian12 hosts are automated; use os: debian12 "
-                             "(RHEL package steps are not written)")
+        return _supported_os(v)
+
+    @field_validator("postgres_major")
+    @classmethod
+    def _major_shipped(cls, v: int, info: ValidationInfo) -> int:
+        os_name = info.data.get("os")
+        if os_name in DISTROS and v not in DISTROS[os_name].postgres_majors:
+            d = DISTROS[os_name]
+            others = [o.name for o in DISTROS.values() if v in o.postgres_majors]
+            raise ValueError(
+                f"PostgreSQL {v} is not shipped by {d.title} ({os_name}); choices: "
+                f"{', '.join(map(str, d.postgres_majors))} on {os_name}"
+                + (f", or os: {' / '.join(others)} for {v}" if others else "")
+                + f" ({major_choices()}); leave postgres_major out for the distribution's own")
         return v
+
+
+def _supported_os(v: str) -> str:
+    if v in UNSUPPORTED:  # bundle.build --os rhel8|rhel9 renders an untested command list, nothing more
+        raise ValueError(f"{v!r} is not supported yet: only {' and '.join(DISTROS)} hosts are automated; use "
+                         f"os: {' or os: '.join(DISTROS)} (RHEL package steps are not written)")
+    distro(v)
+    return v
 
 
 USER_PATTERN = r"^[a-z_][a-z0-9_-]*$"
@@ -181,6 +220,12 @@ class HostSpec(_Strict):
     # a host that is gone for good (etcd.replace / patroni.replace OLD): kept in the file for the record, left
     # out of every role, step and template (its address may be given to the new host)
     retired: bool = False
+    os: OsName | None = None  # this host's distribution, when it is not the cluster's (an OS migration)
+
+    @field_validator("os")
+    @classmethod
+    def _os_supported(cls, v: str | None) -> str | None:
+        return None if v is None else _supported_os(v)
 
     @field_validator("address")
     @classmethod
@@ -231,6 +276,7 @@ class Host(BaseModel):
     known_hosts: Path | None
     sudo: bool
     connect_timeout: float
+    os: str = DEFAULT_OS  # resolved: the host's own os:, else the cluster's
 
     def has(self, role: str) -> bool:
         return role in self.roles
@@ -302,6 +348,10 @@ class Inventory(BaseModel):
                                  + (f"{'; '.join(hints)}; " if hints else "")
                                  + f"known: {', '.join(known)}")
         return [h for h in self.hosts if h.name in pieces]
+
+    def os_names(self) -> list[str]:
+        """The distributions the hosts run, in inventory order (the cluster's first when a host runs it)."""
+        return list(dict.fromkeys(h.os for h in self.hosts))
 
     @property
     def etcd(self) -> list[Host]:

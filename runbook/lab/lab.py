@@ -22,6 +22,7 @@ from pathlib import Path
 
 from runbook.inventory import Host, Inventory
 from runbook.lab import net
+from runbook.inventory.distros import distro
 from runbook.lab.base import ensure_base_tree
 from runbook.lab.machine import Machine
 from runbook.lab.net import LabError
@@ -229,10 +230,11 @@ def up(inv: Inventory, names: list[str] | None = None, log: Log = _quiet, root: 
     subnet = net.lab_subnet([h.address for h in inv.hosts])
     _ssh_paths(inv)
     with lab_lock(inv, root):
-        base = ensure_base_tree(log=log)
+        # one base tree per distribution the hosts run (each host gets the one its os: names)
+        bases = {o: ensure_base_tree(log=log, suite=distro(o).suite) for o in dict.fromkeys(h.os for h in hosts)}
         pubkey = ensure_lab_key(inv, log)
         br = net.ensure_bridge(subnet)
-        booted = _parallel(lambda h: _boot_one(inv, h, base, pubkey, subnet, br, log, root), hosts)
+        booted = _parallel(lambda h: _boot_one(inv, h, bases[h.os], pubkey, subnet, br, log, root), hosts)
         result = dict(zip([h.name for h in hosts], booted, strict=True))
         update_known_hosts(inv, list(inv.hosts) if not names else hosts, root=root)
         _parallel(lambda h: wait_ssh(inv, h, root=root), hosts)

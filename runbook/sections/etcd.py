@@ -9,7 +9,7 @@ from runbook.cluster.context import Ctx
 from runbook.cluster.render import etcd_context
 from runbook.core.step import Local, Put, Run, Section, wait_for
 from runbook.inventory import Host
-from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote
+from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote, sums
 from runbook.sections.tls_files import tls_check, tls_files
 from runbook.sections.units import template, unit_actions, unit_undo
 
@@ -59,7 +59,10 @@ def _tarball(ctx: Ctx):
 @section.step("binaries", role="etcd")
 def binaries(ctx: Ctx, host: Host) -> list:
     """Binaries: unpack the bundled release tarball, install etcd, etcdctl (and etcdutl)
-    Step 1 of the walk-through (tar -xzf; mv etcd* /usr/bin), from the bundle instead of GitHub."""
+    Step 1 of the walk-through (tar -xzf; mv etcd* /usr/bin), from the bundle instead of GitHub. On a
+    distribution that ships etcd 3.5 (Debian 13) its own etcd-server/etcd-client packages instead."""
+    if ctx.paths_for(host).distro.etcd_source == "deb":
+        return _deb_binaries(ctx, host)
     t = _tarball(ctx)
     bindir = ctx.paths.etcd_bin_dir
     d = t.path.rsplit("/", 1)[-1].removesuffix(".tar.gz")
@@ -67,6 +70,24 @@ def binaries(ctx: Ctx, host: Host) -> list:
                 f"tar -xzf {remote(t)} -C $tmp; for b in etcd etcdctl etcdutl; do "
                 f"if [ -f $tmp/{d}/$b ]; then install -m 0755 $tmp/{d}/$b {bindir}/$b; fi; done; rm -rf $tmp"),
             Run(f"{bindir}/etcd --version | grep -qF 'etcd Version: {_version(ctx)}'")]
+
+
+POLICY_RC = "/usr/sbin/policy-rc.d"
+
+
+def _deb_binaries(ctx: Ctx, host: Host) -> list:
+    """dpkg -i of exactly the manifest's etcd .deb files; the package's own service is not started (its
+    default single-member cluster on localhost would write a data dir): a policy-rc.d says no while dpkg
+    runs. The runbook's unit (etcd.unit) replaces the package's."""
+    debs = manifest(ctx).debs(host.os, "etcd")
+    files = " ".join(remote(e) for e in debs)
+    b = ctx.paths.etcd_bin_dir
+    return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
+            Run(f"set -e; own=0; if [ ! -e {POLICY_RC} ]; then printf '#!/bin/sh\\nexit 101\\n' > {POLICY_RC}; "
+                f"chmod 0755 {POLICY_RC}; own=1; fi; trap 'if [ $own = 1 ]; then rm -f {POLICY_RC}; fi' EXIT; "
+                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} >/tmp/runbook-etcd-dpkg.log 2>&1 "
+                "|| { tail -20 /tmp/runbook-etcd-dpkg.log >&2; exit 1; }", timeout=900),
+            Run(f"{b}/etcd --version | grep -qF 'etcd Version: {_version(ctx)}'")]
 
 
 def _version(ctx: Ctx) -> str:
@@ -82,6 +103,8 @@ def _binaries_check(ctx: Ctx, host: Host) -> str:
 @binaries.undo
 def _binaries_undo(ctx: Ctx, host: Host) -> list:
     b = ctx.paths.etcd_bin_dir
+    if ctx.paths_for(host).distro.etcd_source == "deb":
+        return [Run("DEBIAN_FRONTEND=noninteractive dpkg -r etcd-server etcd-client >/dev/null 2>&1 || true")]
     return [Run(f"rm -f {b}/etcd {b}/etcdctl {b}/etcdutl")]
 
 

@@ -32,10 +32,11 @@ def replica_hosts(ctx: Ctx, hosts: list[Host]) -> list[Host]:
 @section.step("venv", role="postgres")
 def venv(ctx: Ctx, host: Host) -> list:
     """Python venv: python3 with the venv module (installed from the bundle), venv /opt/patroni"""
-    v = ctx.paths.patroni_venv
-    return [Run("python3 -c 'import venv, ensurepip' || { echo 'python3-venv is missing: it comes with the "
-                "postgres.packages step from the bundle' >&2; exit 1; }"),
-            Run(f"test -x {v}/bin/python || python3 -m venv {v}")]
+    p = ctx.paths_for(host)
+    v = p.patroni_venv
+    return [Run(f"{p.python3} -c 'import venv, ensurepip' || {{ echo '{p.venv_package} is missing: it comes with "
+                "the postgres.packages step from the bundle' >&2; exit 1; }"),
+            Run(f"test -x {v}/bin/python || {p.python3} -m venv {v}")]
 
 
 @venv.check
@@ -52,7 +53,7 @@ def _venv_undo(ctx: Ctx, host: Host) -> list:
 @section.step("wheels", role="postgres")
 def wheels(ctx: Ctx, host: Host) -> list:
     """Patroni from the wheelhouse: pip install --no-index --require-hashes (no network, no compiler)"""
-    req = manifest(ctx).requirements()
+    req = manifest(ctx).requirements(host.os)
     wheel_dir = remote(req).rsplit("/", 1)[0]
     v = ctx.paths.patroni_venv
     return [Run(f"echo '{req.sha256}  {remote(req)}' | sha256sum --quiet -c -"),

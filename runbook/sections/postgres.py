@@ -21,7 +21,7 @@ def packages(ctx: Ctx, host: Host) -> list:
     """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
     Every file is checked first (a missing one fails before anything is installed); no
     default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
-    debs = manifest(ctx).debs()
+    debs = manifest(ctx).debs(host.os, "postgres")
     files = " ".join(remote(e) for e in debs)  # exactly the manifest's list: never a glob of the directory
     guard = [] if allow_downgrade(ctx) else [Run(
         # name and bundled version on stdin; an installed package newer than the bundle's stops the step
@@ -40,11 +40,18 @@ def packages(ctx: Ctx, host: Host) -> list:
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
             *guard,
             # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
-            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it.
-            Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
-                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
-                ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
-                "tail -20 $log >&2; exit 1", timeout=1800)]
+            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it. A package whose
+            # Pre-Depends was only unpacked in the same dpkg call is installed by the next pass (at most 3).
+            Run(dpkg_install(files), timeout=1800)]
+
+
+def dpkg_install(files: str) -> str:
+    """dpkg -i of exactly ``files`` (in apt's order), waiting for a held lock, one more pass for Pre-Depends."""
+    return ("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); pre=0; for i in $(seq 150); do "
+            f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
+            ">$log 2>&1 && exit 0; if grep -q 'pre-dependency problem' $log && [ $pre -lt 3 ]; then "
+            "pre=$((pre+1)); continue; fi; grep -q 'lock was locked by another process' $log || break; sleep 2; "
+            "done; tail -20 $log >&2; exit 1")
 
 
 def allow_downgrade(ctx: Ctx) -> bool:
@@ -54,13 +61,14 @@ def allow_downgrade(ctx: Ctx) -> bool:
 
 @packages.check
 def _packages_check(ctx: Ctx, host: Host) -> str:
-    return (f"dpkg-query -W -f='${{Status}}' postgresql-{major(ctx)} | grep -q 'install ok installed' && "
-            "python3 -c 'import venv, ensurepip'")
+    p = ctx.paths_for(host)
+    return (f"dpkg-query -W -f='${{Status}}' {p.pg_package()} | grep -q 'install ok installed' && "
+            f"{p.python3} -c 'import venv, ensurepip'")
 
 
 @packages.undo
 def _packages_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"DEBIAN_FRONTEND=noninteractive dpkg -r postgresql-{major(ctx)} postgresql "
+    return [Run(f"DEBIAN_FRONTEND=noninteractive dpkg -r {ctx.paths_for(host).pg_package()} postgresql "
                 ">/dev/null 2>&1 || true")]
 
 
@@ -68,14 +76,15 @@ def _packages_undo(ctx: Ctx, host: Host) -> list:
 def default_off(ctx: Ctx, host: Host) -> list:
     """Distribution service off: stop, disable and drop the default cluster and service
     The walk-through's `systemctl --now disable postgresql-16`: only Patroni runs PostgreSQL."""
-    m = major(ctx)
-    return [Run(f"if pg_lsclusters -h 2>/dev/null | grep -q '^{m} main '; then pg_dropcluster --stop {m} main; fi"),
-            Run(f"systemctl disable --now postgresql postgresql@{m}-main 2>/dev/null || true")]
+    p = ctx.paths_for(host)
+    return [Run(f"if pg_lsclusters -h 2>/dev/null | grep -q '^{p.default_cluster()} '; then "
+                f"pg_dropcluster --stop {p.default_cluster()}; fi"),
+            Run(f"systemctl disable --now postgresql {p.default_service()} 2>/dev/null || true")]
 
 
 @default_off.check
 def _default_off_check(ctx: Ctx, host: Host) -> str:
-    return (f"! pg_lsclusters -h 2>/dev/null | grep -q '^{major(ctx)} main ' && "
+    return (f"! pg_lsclusters -h 2>/dev/null | grep -q '^{ctx.paths_for(host).default_cluster()} ' && "
             "! systemctl is-enabled -q postgresql 2>/dev/null")
 
 

@@ -22,7 +22,7 @@ def verify(ctx: Ctx, host: Host) -> list:
 
     def run() -> str:
         verified = verify_bundle(ctx.bundle_dir)
-        verified.etcd_tarball(), verified.requirements()  # complete: later steps need both
+        verified.check_for(ctx.inventory.hosts)  # complete: what later steps need on every host
         digest = approved(verified, pinned)  # runbook.manifest_sha256: only the approved bundle goes out
         return f"{len(m.files)} files verified" + (f", manifest {digest[:16]}... approved" if pinned else "")
 
@@ -36,7 +36,7 @@ def _verify_check(ctx: Ctx, host: Host) -> bool:
 
     try:
         verified = verify_bundle(ctx.bundle_dir)
-        verified.etcd_tarball(), verified.requirements()
+        verified.check_for(ctx.inventory.hosts)
         return True
     except BundleError:
         return False
@@ -56,7 +56,7 @@ def push(ctx: Ctx, host: Host) -> list:
     """Copy the bundle files this host's roles need to /opt/runbook-bundle
     Files already there with the right sha256 are skipped, a damaged one is sent again, and everything is
     verified on the host with sha256sum. Later runs check sizes (a half-copied file); --verify re-hashes."""
-    entries = manifest(ctx).files_for(set(host.roles))
+    entries = manifest(ctx).files_for(set(host.roles), host.os)
     sizes = "".join(f"{e.size} {remote(e)}\n" for e in entries).encode()
     # Only what the manifest lists for this host stays: an older bundle's files (a stale .deb that a
     # glob would install) are removed. SUMS lines are "<64 hex>  <path>": the path starts at column 67.
@@ -75,7 +75,7 @@ def _push_check(ctx: Ctx, host: Host) -> str:
     sha256 with --verify): no file besides the listed ones, SUMS and SIZES (a stale file left by an older
     bundle makes the push run again, which removes it)."""
     return (f"[ \"$(find {REMOTE_BUNDLE} -type f | wc -l)\" = "
-            f"{len(manifest(ctx).files_for(set(host.roles))) + 2} ]")
+            f"{len(manifest(ctx).files_for(set(host.roles), host.os)) + 2} ]")
 
 
 # The undo removes the files (derived from the Uploads), and this:

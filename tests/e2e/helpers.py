@@ -39,7 +39,14 @@ def executed(out: str) -> int:
     return int(m.group(1))
 
 
-def ledger(state: Path, cluster: str = "patroni_cluster") -> sqlite3.Connection:
+def ledger(state: Path, cluster: str = "") -> sqlite3.Connection:
+    """The ledger of ``cluster`` (default: the e2e inventory's cluster name)."""
+    if not cluster:
+        from conftest import e2e_inventory_path
+
+        from runbook.inventory import load_inventory
+
+        cluster = load_inventory(e2e_inventory_path()).cluster.name
     return sqlite3.connect(f"file:{state / (cluster + '.db')}?mode=ro", uri=True, timeout=5)
 
 

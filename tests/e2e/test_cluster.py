@@ -15,10 +15,19 @@ import urllib.request
 import psycopg
 import pytest
 import yaml
+from conftest import e2e_inventory_path
 from helpers import executed, inv, kill_when, ledger, wait_for
 
+from runbook.inventory import load_inventory
+
 pytestmark = pytest.mark.e2e
-ETCD = "etcd01,etcd02,etcd03"
+# host names, addresses and the distribution come from the e2e inventory (hosts.yml, or RUNBOOK_E2E_INVENTORY)
+_INV = load_inventory(e2e_inventory_path())
+E1, E2, E3 = (h.name for h in _INV.etcd[:3])
+N1, N2 = (h.name for h in _INV.postgres[:2])
+NAME = _INV.cluster.name
+ETCD = f"{E1},{E2},{E3}"
+ADDR = {h.name: h.address for h in _INV.hosts}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +56,7 @@ def test_etcd_install_killed_midway_then_resumed(cluster):
     assert executed(out) > 0
     inv(state, "etcd.health")
     status = inv(state, "etcd.status").stdout
-    assert status.count("https://etcd0") >= 3 and "down" not in status
+    assert sum(status.count(f"https://{e}:2379") for e in (E1, E2, E3)) >= 3 and "down" not in status
 
 
 def test_etcd_install_again_executes_nothing(cluster):
@@ -61,30 +70,30 @@ def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_
 
     tls = "/etc/etcd/tls"
     base = "ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s"
-    ok = sh(tr, inventory, "etcd01",
-            f"{base} --cacert={tls}/ca.crt --cert={tls}/etcd01.crt --key={tls}/etcd01.key "
-            "--endpoints=https://etcd02:2379 put /probe ok")
+    ok = sh(tr, inventory, E1,
+            f"{base} --cacert={tls}/ca.crt --cert={tls}/{E1}.crt --key={tls}/{E1}.key "
+            f"--endpoints=https://{E2}:2379 put /probe ok")
     assert ok.ok, ok.stderr
-    plain = sh(tr, inventory, "etcd01", f"{base} --endpoints=http://etcd02:2379 get /probe")
+    plain = sh(tr, inventory, E1, f"{base} --endpoints=http://{E2}:2379 get /probe")
     assert not plain.ok
-    nocert = sh(tr, inventory, "etcd01",
-                f"{base} --cacert={tls}/ca.crt --endpoints=https://etcd02:2379 get /probe")
+    nocert = sh(tr, inventory, E1,
+                f"{base} --cacert={tls}/ca.crt --endpoints=https://{E2}:2379 get /probe")
     assert not nocert.ok and ("bad certificate" in nocert.stderr or "certificate required" in nocert.stderr
                               or "deadline exceeded" in nocert.stderr), nocert.stderr
     ca = ensure_ca(tmp_path / "foreign", common_name="foreign CA")
-    crt, key, _ = ensure_host_cert(tmp_path / "foreign", ca, "etcd01", ["etcd01"], ["192.168.60.141"])
-    t = inventory.get("etcd01")
+    crt, key, _ = ensure_host_cert(tmp_path / "foreign", ca, E1, [E1], [ADDR[E1]])
+    t = inventory.get(E1)
     for src, dst in ((crt, "/tmp/foreign.crt"), (key, "/tmp/foreign.key")):
         tr.put(t, dst, src.read_bytes(), mode="0600")
-    foreign = sh(tr, inventory, "etcd01",
+    foreign = sh(tr, inventory, E1,
                  f"{base} --cacert={tls}/ca.crt --cert=/tmp/foreign.crt --key=/tmp/foreign.key "
-                 "--endpoints=https://etcd02:2379 get /probe")
+                 f"--endpoints=https://{E2}:2379 get /probe")
     assert not foreign.ok
 
 
 def test_etcd_files_modes_and_owners(cluster, tr):
     inventory, _ = cluster
-    for h in ("etcd01", "etcd02", "etcd03"):
+    for h in (E1, E2, E3):
         r = sh(tr, inventory, h, f"stat -c '%n %a %U' /etc/etcd/tls /etc/etcd/tls/{h}.key /var/lib/etcd; "
                                             "getent passwd etcd | cut -d: -f7; systemctl show -p User etcd")
         lines = r.stdout.split("\n")
@@ -127,21 +136,21 @@ def test_push_again_sends_nothing_and_resends_a_damaged_file(cluster, tr):
     inventory, state = cluster
     out = inv(state, "bundle.push").stdout
     assert executed(out) == 0 and "sent" not in _upload_events(state, _last_run(state))
-    deb = sh(tr, inventory, "node02", "ls /opt/runbook-bundle/debs/debian12/*.deb | head -1").stdout.strip()
-    assert sh(tr, inventory, "node02", f"truncate -s 1000 {deb}").ok
+    deb = sh(tr, inventory, N2, f"ls /opt/runbook-bundle/debs/{inventory.get(N2).os}/*.deb | head -1").stdout.strip()
+    assert sh(tr, inventory, N2, f"truncate -s 1000 {deb}").ok
     # the ledger says all done: a plain run contacts no host (and says so); --verify probes them
     out = inv(state, "bundle.push").stdout
     assert executed(out) == 0 and NOT_CONTACTED in " ".join(out.split())
     out = inv(state, "bundle.push", "--verify").stdout
-    assert executed(out) == 1  # node02 only: its check failed
+    assert executed(out) == 1  # N2 only: its check failed
     assert _upload_events(state, _last_run(state)).count("sent") == 1
-    assert sh(tr, inventory, "node02", "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
+    assert sh(tr, inventory, N2, "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
     # same size, other bytes: --verify hashes the files
-    assert sh(tr, inventory, "node01", f"printf XXXX | dd of={deb} bs=1 seek=100 conv=notrunc status=none").ok
+    assert sh(tr, inventory, N1, f"printf XXXX | dd of={deb} bs=1 seek=100 conv=notrunc status=none").ok
     assert executed(inv(state, "bundle.push").stdout) == 0
     out = inv(state, "bundle.push", "--verify").stdout
     assert executed(out) == 1 and _upload_events(state, _last_run(state)).count("sent") == 1
-    assert sh(tr, inventory, "node01", "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
+    assert sh(tr, inventory, N1, "sha256sum --quiet -c /opt/runbook-bundle/SHA256SUMS").ok
 
 
 def test_lost_replication_role_is_detected_and_repaired(cluster, tr):
@@ -158,16 +167,16 @@ def test_lost_replication_role_is_detected_and_repaired(cluster, tr):
 def test_a_step_done_by_hand_is_recorded_and_skipped(cluster, tr):
     inventory, state = cluster
     conf = "/etc/etcd/etcd.conf.yml"
-    inv(state, "runbook.rollback", "etcd.existing", "--hosts", "etcd02")  # the last etcd step: no cascade
-    assert "initial-cluster-state: new" in sh(tr, inventory, "etcd02", f"cat {conf}").stdout
+    inv(state, "runbook.rollback", "etcd.existing", "--hosts", E2)  # the last etcd step: no cascade
+    assert "initial-cluster-state: new" in sh(tr, inventory, E2, f"cat {conf}").stdout
     text = inv(state, "runbook.export").stdout
-    block = text.split("#### etcd.existing on etcd02")[1].split("```sh\n")[1].split("\n```")[0]
-    assert sh(tr, inventory, "etcd02", block).ok  # a person runs the exported commands
-    inv(state, "runbook.mark-done", "etcd.existing", "--hosts", "etcd02", "--note", "by hand")
+    block = text.split(f"#### etcd.existing on {E2}")[1].split("```sh\n")[1].split("\n```")[0]
+    assert sh(tr, inventory, E2, block).ok  # a person runs the exported commands
+    inv(state, "runbook.mark-done", "etcd.existing", "--hosts", E2, "--note", "by hand")
     assert executed(inv(state, "cluster.up").stdout) == 0
     assert "manual" in inv(state, "runbook.status").stdout
-    assert "initial-cluster-state: existing" in sh(tr, inventory, "etcd02", f"cat {conf}").stdout
-    assert sh(tr, inventory, "etcd02", "ectl endpoint health").ok
+    assert "initial-cluster-state: existing" in sh(tr, inventory, E2, f"cat {conf}").stdout
+    assert sh(tr, inventory, E2, "ectl endpoint health").ok
 
 
 def test_step_mode_asks_before_each_step_and_records_the_answers(cluster, tr):
@@ -177,7 +186,7 @@ def test_step_mode_asks_before_each_step_and_records_the_answers(cluster, tr):
     from helpers import INV, REPO, env
 
     inventory, state = cluster
-    inv(state, "runbook.rollback", "etcd.existing", "--hosts", "etcd01")
+    inv(state, "runbook.rollback", "etcd.existing", "--hosts", E1)
 
     def step_mode(answers: str) -> subprocess.CompletedProcess:
         e = dict(env(state), RUNBOOK_STEP_ANSWERS=answers)
@@ -186,24 +195,24 @@ def test_step_mode_asks_before_each_step_and_records_the_answers(cluster, tr):
 
     quit_ = step_mode("quit")
     assert quit_.returncode == 4 and "stopped by the operator before etcd.existing" in quit_.stdout + quit_.stderr
-    assert "initial-cluster-state: new" in sh(tr, inventory, "etcd01", "cat /etc/etcd/etcd.conf.yml").stdout
+    assert "initial-cluster-state: new" in sh(tr, inventory, E1, "cat /etc/etcd/etcd.conf.yml").stdout
     yes = step_mode("yes")
     assert yes.returncode == 0 and executed(yes.stdout) == 1
     with ledger(state) as db:
-        answers = [r[0] for r in db.execute("select action from events where kind = 'answer' and host = 'etcd01'")]
-        mode = db.execute("select mode from checkpoints where host = 'etcd01' and step = 'etcd.existing'").fetchone()
+        answers = [r[0] for r in db.execute("select action from events where kind = 'answer' and host = ?", [E1])]
+        mode = db.execute("select mode from checkpoints where host = ? and step = 'etcd.existing'", [E1]).fetchone()
     assert answers[-2:] == ["--step answer: quit", "--step answer: yes"] and mode == ("step",)
-    assert os.path.exists(state / "patroni_cluster.db")
+    assert os.path.exists(state / f"{NAME}.db")
 
 
 def test_dry_run_shows_plan_and_diff_without_changing_anything(cluster, tr):
     inventory, state = cluster
-    assert sh(tr, inventory, "etcd03", "echo '# drift' >> /etc/etcd/etcd.conf.yml").ok
+    assert sh(tr, inventory, E3, "echo '# drift' >> /etc/etcd/etcd.conf.yml").ok
     out = inv(state, "etcd.install", "--dry", "--verify").stdout
-    assert "Plan for patroni_cluster" in out and "drifted" in out and "-# drift" in out
-    assert "# drift" in sh(tr, inventory, "etcd03", "cat /etc/etcd/etcd.conf.yml").stdout
+    assert f"Plan for {NAME}" in out and "drifted" in out and "-# drift" in out
+    assert "# drift" in sh(tr, inventory, E3, "cat /etc/etcd/etcd.conf.yml").stdout
     out = inv(state, "etcd.install", "--verify").stdout
-    assert "etcd.config" in out and "# drift" not in sh(tr, inventory, "etcd03", "cat /etc/etcd/etcd.conf.yml").stdout
+    assert "etcd.config" in out and "# drift" not in sh(tr, inventory, E3, "cat /etc/etcd/etcd.conf.yml").stdout
 
 
 def test_rolling_reload_and_restart(cluster):
@@ -219,7 +228,7 @@ def _secrets(state):
     return yaml.safe_load((state / "secrets.yml").read_text())
 
 
-def _dsn(state, hosts="192.168.60.131,192.168.60.132", user="admin", sslmode="verify-ca", **kw):
+def _dsn(state, hosts=f"{ADDR[N1]},{ADDR[N2]}", user="admin", sslmode="verify-ca", **kw):
     s = _secrets(state)
     pw = kw.pop("password", s["admin"]["password"] if user == "admin" else None)
     parts = dict(host=hosts, port="5432", dbname="postgres", user=user, password=pw, sslmode=sslmode,
@@ -232,7 +241,7 @@ def test_secrets_and_keys_are_0600_and_owned_by_service_users(cluster, tr):
     inventory, state = cluster
     assert (state / "secrets.yml").stat().st_mode & 0o777 == 0o600
     assert (state / "pki/ca.key").stat().st_mode & 0o777 == 0o600
-    for h in ("node01", "node02"):
+    for h in (N1, N2):
         r = sh(tr, inventory, h, f"stat -c '%a %U' /opt/patroni/.tls/{h}.key /etc/patroni/config.yml; "
                                             "test -e /etc/patroni/post_bootstrap.sh && echo left || echo gone; "
                                             "systemctl show -p User patroni")
@@ -242,7 +251,7 @@ def test_secrets_and_keys_are_0600_and_owned_by_service_users(cluster, tr):
     with ledger(state) as db:
         dump = "\n".join(db.iterdump())
     assert not [s for s in secrets if s in dump]
-    journal = sh(tr, inventory, "node01", "journalctl --no-pager -u patroni; cat /data/log/*.log "
+    journal = sh(tr, inventory, N1, "journalctl --no-pager -u patroni; cat /data/log/*.log "
                                                       "/data/log/patroni/* 2>/dev/null").stdout
     assert not [s for s in secrets if s in journal]
 
@@ -266,24 +275,24 @@ def test_rest_api_refuses_unauthenticated_post(cluster):
     _, state = cluster
     pki = state / "pki"
     with_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    with_cert.load_cert_chain(str(pki / "node01.crt"), str(pki / "node01.key"))
-    req = urllib.request.Request("https://node01:8008/restart", data=b"{}", method="POST")
-    req.full_url = "https://192.168.60.131:8008/restart"
-    with_cert.check_hostname = False  # the certificate names node01 and 192.168.60.131; we dial the address
+    with_cert.load_cert_chain(str(pki / f"{N1}.crt"), str(pki / f"{N1}.key"))
+    req = urllib.request.Request(f"https://{N1}:8008/restart", data=b"{}", method="POST")
+    req.full_url = f"https://{ADDR[N1]}:8008/restart"
+    with_cert.check_hostname = False  # the certificate names the host and its address; we dial the address
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(req, context=with_cert, timeout=10)
     assert exc.value.code == 401
     no_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     no_cert.check_hostname = False
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(urllib.request.Request("https://192.168.60.131:8008/patroni"),
+        urllib.request.urlopen(urllib.request.Request(f"https://{ADDR[N1]}:8008/patroni"),
                                context=no_cert, timeout=10).read()
 
 
 def _leader(state) -> str | None:
     with psycopg.connect(_dsn(state)) as conn:
         addr = conn.execute("select inet_server_addr()").fetchone()[0]
-    return {"192.168.60.131": "node01", "192.168.60.132": "node02"}.get(str(addr))
+    return {ADDR[N1]: N1, ADDR[N2]: N2}.get(str(addr))
 
 
 def test_switchover_there_and_back_under_a_writer_loses_nothing(cluster, tr):
@@ -328,7 +337,7 @@ def test_switchover_there_and_back_under_a_writer_loses_nothing(cluster, tr):
 
 def test_switchover_refused_when_precheck_fails(cluster):
     _, state = cluster
-    p = inv(state, "patroni.switchover", "--force", "--candidate", "etcd01", check=False)
+    p = inv(state, "patroni.switchover", "--force", "--candidate", E1, check=False)
     assert p.returncode != 0 and "refused by the pre-checks" in (p.stdout + p.stderr)
 
 
@@ -336,19 +345,19 @@ def test_losing_one_etcd_member_keeps_reads_and_writes(cluster, tr):
     inventory, state = cluster
     from runbook.lab import lab as labmod
 
-    labmod.kill(inventory, "etcd03")
+    labmod.kill(inventory, E3)
     try:
         # if etcd03 led the raft, the others elect a new leader first (election-timeout 5000 ms, as in the
         # walk-through): writes may fail for a few seconds, then they must succeed
         def put_and_get():
-            r = sh(tr, inventory, "etcd01", "ectl --endpoints=https://etcd01:2379,https://etcd02:2379 put /drill/k v"
-                                            " && ectl --endpoints=https://etcd02:2379 get /drill/k")
+            r = sh(tr, inventory, E1, f"ectl --endpoints=https://{E1}:2379,https://{E2}:2379 put /drill/k v"
+                                      f" && ectl --endpoints=https://{E2}:2379 get /drill/k")
             return r.ok and "v" in r.stdout.split()
 
         wait_for(put_and_get, 30, 1)
         status = inv(state, "etcd.status").stdout
-        assert "etcd03" in status and "down" in status
+        assert E3 in status and "down" in status
         assert inv(state, "etcd.health", check=False).returncode != 0
     finally:
-        labmod.start(inventory, "etcd03")
+        labmod.start(inventory, E3)
     wait_for(lambda: inv(state, "etcd.health", check=False).returncode == 0, 60, 2)

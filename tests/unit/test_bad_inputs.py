@@ -236,7 +236,8 @@ BUNDLE_CASES = {
     "etcd-entry-missing": (lambda r: _drop_etcd_entry(r, remove_file=False), 1,
                            [f"{ETCD}: extra file, not in the manifest"]),
     "etcd-entry-and-file-missing": (lambda r: _drop_etcd_entry(r, remove_file=True), 1,
-                                    ["expected exactly one etcd tarball, found 0"]),
+                                    ["the bundle lacks what these hosts need: etcd01 (debian12): the etcd release "
+                                     "tarball"]),
 }
 
 

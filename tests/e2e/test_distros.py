@@ -1,0 +1,140 @@
+"""Debian 12 and Debian 13 on real hosts.
+
+1. The session's cluster runs what its distribution ships: os-release, python3, PostgreSQL <major> binaries
+   (which `patroni --validate-config` checks against), etcd from the release tarball (Debian 12) or from the
+   distribution's own packages (Debian 13), no default cluster or its service.
+2. `make soak` only (RUNBOOK_SOAK=1; about 7 minutes here, over the CI budget): a second cluster on the
+   OTHER distribution (Debian 12 next to a Debian 13 session, and the reverse): its own five lab hosts,
+   bundle, state and CA; `cluster.up`, `cluster.status`, a switchover under a writer that loses nothing,
+   `cluster.audit` with no findings. Its hosts are removed at the end; the session's cluster is not touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import INV, REPO, SCALE, env, ledger
+from test_membership import new_host
+
+from runbook.inventory import Inventory, load_inventory
+from runbook.inventory.distros import DISTROS
+
+pytestmark = pytest.mark.e2e
+VERSION_ID = {"debian12": "12", "debian13": "13"}
+SOAK = os.environ.get("RUNBOOK_SOAK") == "1"
+
+
+def run(state: Path, inventory: Path, *args: str, bundle: Path | None = None, check: bool = True,
+        timeout: float = 900) -> subprocess.CompletedProcess:
+    e = env(state, inventory)
+    if bundle:
+        e["INVOKE_RUNBOOK_BUNDLE_DIR"] = str(bundle)
+    p = subprocess.run([INV, *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout * SCALE,
+                       stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"inv {' '.join(args)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def facts(t, inventory: Inventory) -> None:
+    """Each host runs its distribution's own software, at the paths runbook.cluster.render.Paths names."""
+    major = inventory.cluster.postgres_major
+    for h in inventory.hosts:
+        d = DISTROS[h.os]
+        r = t.run(h, ". /etc/os-release; echo $VERSION_ID; python3 -c 'import sys; print(*sys.version_info[:2])'")
+        assert r.ok and r.stdout.split("\n")[:2] == [VERSION_ID[h.os], f"{d.python[0]} {d.python[1]}"], r.stdout
+        if h.has("etcd"):
+            pkg = t.run(h, "dpkg-query -W -f='${Status}' etcd-server 2>/dev/null").stdout
+            assert ("install ok installed" in pkg) == (d.etcd_source == "deb"), (h.name, pkg)
+            assert "etcd Version: " in t.run(h, "etcd --version").stdout
+        if h.has("postgres"):
+            r = t.run(h, f"/usr/lib/postgresql/{major}/bin/postgres --version; pg_lsclusters -h | wc -l; "
+                         f"systemctl is-enabled postgresql@{major}-main postgresql 2>/dev/null; true")
+            lines = r.stdout.split("\n")
+            assert lines[0].startswith(f"postgres (PostgreSQL) {major}."), r.stdout
+            assert lines[1] == "0", f"{h.name}: a default cluster exists: {r.stdout}"
+            assert "enabled" not in lines[2:], r.stdout
+            v = t.run(h, "/opt/patroni/bin/patroni --validate-config --ignore-listen-port /etc/patroni/config.yml",
+                      user="postgres")
+            assert v.ok, f"{h.name}: {v.stdout}{v.stderr}"
+            conf = yaml.safe_load(t.run(h, "cat /etc/patroni/config.yml").stdout)
+            assert conf["postgresql"]["bin_dir"] == f"/usr/lib/postgresql/{major}/bin"
+            assert conf["postgresql"]["data_dir"] == f"/data/{major}"
+
+
+def test_the_sessions_hosts_run_their_distributions_software(converged):
+    from runbook.core.transport import SshTransport
+
+    inventory, _ = converged
+    t = SshTransport()
+    try:
+        facts(t, inventory)
+    finally:
+        t.close()
+
+
+if SOAK:  # collected only by `make soak`: defined, not skipped, so CI never lists it
+    @pytest.fixture(scope="module")
+    def other(converged, tmp_path_factory):
+        """(state, inventory path, bundle dir): five new lab hosts on the other distribution, a cluster of its own."""
+        from runbook.lab import lab as labmod
+
+        base, _ = converged
+        other_os = "debian12" if base.cluster.os == "debian13" else "debian13"
+        tmp = tmp_path_factory.mktemp("other-os")
+        doc = yaml.safe_load(base.path.read_text())
+        for k in ("key", "known_hosts"):
+            doc["ssh"][k] = str((base.path.parent / doc["ssh"][k]).resolve())
+        doc["cluster"] = {"name": f"{base.cluster.name}_{other_os}", "os": other_os,
+                          "etcd_version": base.cluster.etcd_version}
+        taken, used = set(base.names()), {h.address for h in base.hosts}
+        doc["hosts"] = {}
+        for role, n in (("etcd", 3), ("postgres", 2)):
+            for _ in range(n):
+                name, addr = new_host(base, role, taken, used)
+                taken.add(name)
+                used.add(addr)
+                doc["hosts"][name] = {"address": addr, "roles": [role]}
+        path = tmp / "hosts-other.yml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        inv = load_inventory(path)
+        labmod.up(inv)
+        try:
+            yield tmp / "state", path, tmp / "bundle"
+        finally:
+            labmod.down(inv)
+
+
+    def test_a_cluster_on_the_other_distribution_up_switched_over_under_a_writer_and_audited(other):
+        state, path, bundle = other
+        inventory = load_inventory(path)
+        t0 = time.monotonic()
+        run(state, path, "bundle.build", bundle=bundle, timeout=1200)
+        t_bundle = time.monotonic() - t0
+        man = json.loads((bundle / "manifest.json").read_text())
+        assert set(man["target"]["targets"]) == {inventory.cluster.os}  # only what these hosts need
+        t0 = time.monotonic()
+        run(state, path, "cluster.up", bundle=bundle, timeout=1500)
+        t_up = time.monotonic() - t0
+        st = run(state, path, "cluster.status", bundle=bundle).stdout
+        assert "Leader" in st and "streaming" in st
+        run(state, path, "drill.switchover", bundle=bundle, timeout=600)
+        with ledger(state, inventory.cluster.name) as db:
+            row = db.execute("select action, rc from events where step = 'drill.switchover' and kind = 'result' "
+                             "order by id desc limit 1").fetchone()
+        res = {**json.loads(row[0]), "rc": row[1]}
+        assert res["rc"] == 0 and res["lost"] == 0 and res["acknowledged"] == res["present"] > 0
+        assert "no findings" in run(state, path, "cluster.audit", bundle=bundle, timeout=300).stdout
+        from runbook.core.transport import SshTransport
+
+        t = SshTransport()
+        try:
+            facts(t, inventory)
+        finally:
+            t.close()
+        print(f"\n{inventory.cluster.os}: bundle.build {t_bundle:.0f} s, cluster.up {t_up:.0f} s")
