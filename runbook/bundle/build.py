@@ -53,6 +53,7 @@ class BuildOptions:
     debian_security_mirror: str = ""  # runbook.debian_security_mirror; empty: this machine's apt sources
     check_wheels: bool = True
     recommends: bool = True
+    release_only: bool = False  # packages from the release's own suite only (no -updates, no -security)
 
 
 @dataclass
@@ -207,13 +208,15 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
                 base = base_tree(opts.cache, rep.log)
                 mirrors = _mirrors(opts)
                 for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
-                                          opts.recommends, rep.log):
+                                          opts.recommends, rep.log, opts.release_only):
                     rel = f"debs/{opts.os_name}/{d.filename}"
                     _copy(d.path, stage / rel)
                     entries.append(make_entry(stage, rel, kind="deb", version=d.version, name=d.name,
                                               source=f"{mirrors.main} {d.origin}: {d.name}={d.version}",
                                               roles=("postgres",)))
-                notes.append(f"Debian mirror {mirrors.main}, security {mirrors.security or '(none known)'}")
+                notes.append(f"Debian mirror {mirrors.main}, " + ("release suite only (--release-only)"
+                                                                   if opts.release_only else
+                                                                   f"security {mirrors.security or '(none known)'}"))
             else:
                 rel = f"rpms/{opts.os_name}/COMMANDS-UNTESTED.sh"
                 (stage / rel).parent.mkdir(parents=True, exist_ok=True)

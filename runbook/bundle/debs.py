@@ -37,9 +37,14 @@ class Deb:
         return self.path.name
 
 
-def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
-    """The base tree's sources.list: the release and its updates, and the security archive when known."""
-    lines = [f"deb {mirrors.main} {suite} main", f"deb {mirrors.main} {suite}-updates main"]
+def sources_list(mirrors: DebianMirrors, suite: str = "bookworm", release_only: bool = False) -> str:
+    """The base tree's sources.list: the release and its updates, and the security archive when known.
+    ``release_only``: the release's own suite alone (its last point release, without -updates and
+    -security), e.g. for an older bundle to drill `inv cluster.update` from one PostgreSQL minor to the next."""
+    lines = [f"deb {mirrors.main} {suite} main"]
+    if release_only:
+        return lines[0] + "\n"
+    lines.append(f"deb {mirrors.main} {suite}-updates main")
     if mirrors.security:
         lines.append(f"deb {mirrors.security} {suite}-security main")
     return "\n".join(lines) + "\n"
@@ -103,7 +108,7 @@ def deb_filename(name: str, version: str, arch: str) -> str:
 
 
 def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
-            recommends: bool = True, log=print) -> list[Deb]:
+            recommends: bool = True, log=print, release_only: bool = False) -> list[Deb]:
     """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host.
 
     ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
@@ -114,13 +119,13 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
         raise BundleError("building the .deb closure needs root (mount, chroot); run it as root")
     work = cache / "bundle-debs"
     archives = work / "archives-bookworm"
-    lists = work / "lists-bookworm"
+    lists = work / ("lists-bookworm-release" if release_only else "lists-bookworm")  # one lists dir per sources
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
     want = packages(major)
     rec = [] if recommends else ["--no-install-recommends"]
     with _root_view(base, work, log) as root:
-        (root / "etc/apt/sources.list").write_text(sources_list(mirrors))
+        (root / "etc/apt/sources.list").write_text(sources_list(mirrors, release_only=release_only))
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile(Path("/etc/resolv.conf").resolve(), resolv)
@@ -128,7 +133,8 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
         _bind(lists, root / "var/lib/apt/lists")
         try:
             log(f"apt-get update in the base tree ({mirrors.main}"
-                + (f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
+                + ("; release only: no -updates, no -security)" if release_only else
+                   f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
             r = _chroot(root, "apt-get", "-q", "update")
             if r.returncode != 0:
                 raise BundleError(f"apt-get update in the base tree failed: {r.stderr.strip()[-600:]}")

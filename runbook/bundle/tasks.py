@@ -3,7 +3,8 @@
 Config (all optional; the tasks work with no ``runbook`` key at all), validated by
 runbook.inventory.settings: ``runbook.bundle_dir`` (default "bundle", relative to the project),
 ``runbook.inventory`` ("hosts.yml"), ``runbook.etcd_url`` + ``runbook.etcd_sha256``,
-``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.pip_index`` (default: pip's own configuration),
+``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.patroni_version`` ("4.1.5"),
+``runbook.pip_index`` (default: pip's own configuration),
 ``runbook.debian_mirror`` / ``runbook.debian_security_mirror`` (default: this machine's apt
 sources), ``runbook.manifest_sha256`` (the approved manifest.json; checked by verify and
 bundle.push), ``runbook.cache`` ($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
@@ -22,6 +23,7 @@ from rich.table import Table
 from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
 from runbook.bundle.etcd import build_from_debian
 from runbook.bundle.manifest import BundleError, Manifest, approved, verify_bundle
+from runbook.bundle.wheels import requirements_for
 from runbook.inventory.settings import Settings, SettingsError, settings_of
 
 console = Console(highlight=False)
@@ -94,13 +96,16 @@ def summary(m: Manifest) -> Table:
     "os": "target OS: debian12 (built), rhel8/rhel9 (an untested command list only); default: inventory",
     "wheel_check": "install the wheelhouse offline into a fresh venv and run patroni --version "
                    "(default on; --no-wheel-check skips it)",
+    "release_only": "packages from the Debian release's own suite only, without -updates and -security "
+                    "(an older bundle, e.g. to drill inv cluster.update); default off",
     "recommends": "include apt Recommends in the .deb closure, as apt does on a host (default on; "
                   "--no-recommends leaves them out)",
 })
 def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = None,
           etcd_url: str | None = None,
           etcd_sha256: str | None = None, bundle_dir: str | None = None, inventory: str | None = None,
-          os: str | None = None, wheel_check: bool = True, recommends: bool = True) -> None:
+          os: str | None = None, wheel_check: bool = True, recommends: bool = True,
+          release_only: bool = False) -> None:
     """Build the air-gapped bundle: etcd tarball, .deb closure, wheelhouse and manifest.json.
 
     Run it on a machine that reaches a Debian mirror and a Python index (its own apt sources and pip
@@ -122,11 +127,13 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
         etcd_tarball=etcd_tarball or "",
         cache=_cache(s),
         wheel_python=s.wheel_python,
+        requirements=requirements_for(s.patroni_version),
         index_url=s.pip_index or "",
         debian_mirror=s.debian_mirror or "",
         debian_security_mirror=s.debian_security_mirror or "",
         check_wheels=wheel_check,
         recommends=recommends,
+        release_only=release_only,
     )
     console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({opts.os_name}, PostgreSQL "
                   f"{opts.pg_major}, cache {opts.cache})")
