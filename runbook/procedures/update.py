@@ -93,11 +93,16 @@ def paused(ctx: Ctx) -> bool:
 def make_plan(ctx: Ctx, reinstall: bool) -> Plan:
     bundle = bundle_facts(ctx)
     facts, pg_leader, etcd_leader = survey(ctx, bundle)
+    from dataclasses import replace
+
+    from runbook.bundle.manifest import manifest_sha256
+
     allow = bool(ctx.settings and ctx.settings.allow_downgrade)
-    return plan_update(bundle, facts, etcd_hosts=[h.name for h in ctx.inventory.etcd],
+    plan = plan_update(bundle, facts, etcd_hosts=[h.name for h in ctx.inventory.etcd],
                        pg_hosts=[h.name for h in ctx.inventory.postgres], pg_leader=pg_leader,
                        etcd_leader=etcd_leader, major=ctx.inventory.cluster.postgres_major, reinstall=reinstall,
                        allow_downgrade=allow)
+    return replace(plan, bundle=manifest_sha256(ctx.bundle_dir), bundle_dir=str(ctx.bundle_dir))
 
 
 # -- steps ---------------------------------------------------------------------------------------------
@@ -324,8 +329,24 @@ def current_plan(ctx: Ctx, reinstall: bool) -> tuple[Plan, str, bool]:
     if resumed:
         rec = ctx.ledger.get(OP_HOST, PLAN_KEY)
         if rec is not None and rec.note:
-            return Plan.from_json(rec.note), op_id, True
+            plan = Plan.from_json(rec.note)
+            _same_bundle(ctx, plan)
+            return plan, op_id, True
     return make_plan(ctx, reinstall), op_id, False
+
+
+def _same_bundle(ctx: Ctx, plan: Plan) -> None:
+    """A resumed update installs from the bundle it was planned from, not another one."""
+    from runbook.bundle.manifest import BundleError, manifest_sha256
+
+    try:
+        now = manifest_sha256(ctx.bundle_dir)
+    except (BundleError, OSError):
+        now = ""
+    if plan.bundle and now != plan.bundle:
+        raise ProcedureFailed(f"the interrupted cluster.update was planned from the bundle {plan.bundle_dir} "
+                              f"(manifest.json sha256 {plan.bundle[:16]}...), not {ctx.bundle_dir}: finish it with "
+                              f"`inv cluster.update --bundle {plan.bundle_dir}`", 2)
 
 
 def run_update(ctx: Ctx, plan: Plan, op_id: str, resumed: bool, steps: list[Step]) -> Report:

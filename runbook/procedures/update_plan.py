@@ -52,15 +52,18 @@ class Item:
 class Plan:
     items: tuple[Item, ...]
     problems: tuple[str, ...] = ()  # why the update must not start (downgrades, no replica, ...)
+    bundle: str = ""  # sha256 of the manifest.json it was planned from (a resumed run needs the same bundle)
+    bundle_dir: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"items": [asdict(i) for i in self.items], "problems": list(self.problems)})
+        return json.dumps({"items": [asdict(i) for i in self.items], "problems": list(self.problems),
+                           "bundle": self.bundle, "bundle_dir": self.bundle_dir})
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
         return cls(tuple(Item(i["kind"], i["host"], i["what"], tuple(i["packages"])) for i in d["items"]),
-                   tuple(d.get("problems", ())))
+                   tuple(d.get("problems", ())), d.get("bundle", ""), d.get("bundle_dir", ""))
 
 
 # -- versions ------------------------------------------------------------------------------------------

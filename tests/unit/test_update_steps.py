@@ -163,3 +163,21 @@ def test_interrupted_member_step_is_decided_by_its_check_never_stopped_twice(ctx
     assert ctx.ledger.get("node02", "cluster.update.postgres-node02").status == "done"
     assert steps[2].check_fn(ctx, ctx.inventory.get("node02")).startswith(f"[ \"$(cat /var/lib/pg-ha-runbook/"
                                                                           f"update-postgres 2>/dev/null)\" = {op_id}")
+
+
+def test_a_resumed_update_refuses_another_bundle(ctx, newer):
+    from dataclasses import replace
+
+    from runbook.bundle.manifest import manifest_sha256
+    from runbook.errors import ProcedureFailed
+    from runbook.procedures.update import PLAN_KEY
+
+    op_id = "cluster-update-cluster-x"
+    ctx.ledger.set("local", op_key(OP, TARGET), "failed", note=op_id)
+    planned = replace(PATRONI, bundle="0" * 64, bundle_dir="/srv/bundle-new")
+    ctx.ledger.set("local", PLAN_KEY, "done", note=planned.to_json())
+    with pytest.raises(ProcedureFailed, match="--bundle /srv/bundle-new"):
+        current_plan(ctx, False)
+    same = replace(PATRONI, bundle=manifest_sha256(ctx.bundle_dir), bundle_dir=str(ctx.bundle_dir))
+    ctx.ledger.set("local", PLAN_KEY, "done", note=same.to_json())
+    assert current_plan(ctx, False) == (same, op_id, True)
