@@ -323,9 +323,17 @@ def update_steps(ctx: Ctx, plan: Plan, op_id: str, reinstall: bool) -> list[Step
 
 
 # -- the operation -------------------------------------------------------------------------------------
-def current_plan(ctx: Ctx, reinstall: bool) -> tuple[Plan, str, bool]:
-    """(plan, operation id, resumed): an interrupted update resumes with the plan it recorded."""
+def current_plan(ctx: Ctx, reinstall: bool, replan: bool = False) -> tuple[Plan, str, bool]:
+    """(plan, operation id, resumed): an interrupted update resumes with the plan it recorded. `replan`: the
+    interrupted one is closed (recorded as abandoned) and a new survey plans from what the hosts run now,
+    e.g. to repair with another bundle after a failed install."""
     op_id, resumed = operation_id(ctx, OP, TARGET)
+    if resumed and replan and not ctx.options.dry:
+        ctx.ledger.event(OP_HOST, op_key(OP, TARGET), "operation", f"abandon {op_id} (--replan)")
+        ctx.ledger.set(OP_HOST, op_key(OP, TARGET), "done", note=f"abandoned {op_id}", mode="procedure")
+        op_id, resumed = operation_id(ctx, OP, TARGET)
+    elif resumed and replan:
+        return make_plan(ctx, reinstall), op_id + "-replan", False
     if resumed:
         rec = ctx.ledger.get(OP_HOST, PLAN_KEY)
         if rec is not None and rec.note:
@@ -346,7 +354,8 @@ def _same_bundle(ctx: Ctx, plan: Plan) -> None:
     if plan.bundle and now != plan.bundle:
         raise ProcedureFailed(f"the interrupted cluster.update was planned from the bundle {plan.bundle_dir} "
                               f"(manifest.json sha256 {plan.bundle[:16]}...), not {ctx.bundle_dir}: finish it with "
-                              f"`inv cluster.update --bundle {plan.bundle_dir}`", 2)
+                              f"`inv cluster.update --bundle {plan.bundle_dir}`, or plan again from what the hosts "
+                              "run now with --replan", 2)
 
 
 def run_update(ctx: Ctx, plan: Plan, op_id: str, resumed: bool, steps: list[Step]) -> Report:

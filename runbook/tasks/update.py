@@ -26,8 +26,10 @@ def _print_plan(plan, resumed: bool) -> None:
 @task(help={"bundle": "the newer bundle directory (default runbook.bundle_dir)",
             "reinstall": "reinstall the PostgreSQL packages even where the versions already match (the plan "
                          "then says 'same version: reinstall'): a drill of the procedure",
+            "replan": "close an interrupted update instead of resuming it and plan again from what the hosts "
+                      "run now (e.g. after a failed install, with another bundle)",
             **COMMON_HELP})
-def update(c, bundle=None, reinstall=False, yes=False, dry=False, step=False, export=False):
+def update(c, bundle=None, reinstall=False, replan=False, yes=False, dry=False, step=False, export=False):
     """Rolling update of the running cluster to the bundle's versions: compares what each host runs (dpkg
     packages, the Patroni venv, etcd) with the bundle and updates only what differs. etcd one member at a
     time (the leader last); Patroni under `patronictl pause`, then `resume`; PostgreSQL packages replicas
@@ -40,7 +42,7 @@ def update(c, bundle=None, reinstall=False, yes=False, dry=False, step=False, ex
     with session(c, "cluster.update", lock=not (dry or export), options=options) as ctx:
         if bundle:
             ctx.bundle_dir = Path(bundle).expanduser().resolve()
-        plan, op_id, resumed = current_plan(ctx, reinstall)
+        plan, op_id, resumed = current_plan(ctx, reinstall, replan)
         _print_plan(plan, resumed)
         if plan.problems and not resumed:
             raise Exit("error: cluster.update refused:\n  " + "\n  ".join(plan.problems), code=1)

@@ -165,7 +165,9 @@ def test_interrupted_member_step_is_decided_by_its_check_never_stopped_twice(ctx
                                                                           f"update-postgres 2>/dev/null)\" = {op_id}")
 
 
-def test_a_resumed_update_refuses_another_bundle(ctx, newer):
+def test_a_resumed_update_refuses_another_bundle_unless_replanned(ctx, newer, monkeypatch):
+    import runbook.procedures.update as upd
+
     from dataclasses import replace
 
     from runbook.bundle.manifest import manifest_sha256
@@ -181,3 +183,8 @@ def test_a_resumed_update_refuses_another_bundle(ctx, newer):
     same = replace(PATRONI, bundle=manifest_sha256(ctx.bundle_dir), bundle_dir=str(ctx.bundle_dir))
     ctx.ledger.set("local", PLAN_KEY, "done", note=same.to_json())
     assert current_plan(ctx, False) == (same, op_id, True)
+    # --replan: the interrupted one is closed, a new survey plans (here: nothing differs)
+    monkeypatch.setattr(upd, "make_plan", lambda ctx, reinstall: Plan(()))
+    plan, op2, resumed = current_plan(ctx, False, replan=True)
+    assert not resumed and op2 != op_id and plan == Plan(())
+    assert ctx.ledger.get("local", op_key(OP, TARGET)).note == f"abandoned {op_id}"
