@@ -54,6 +54,7 @@ class BuildOptions:
     check_wheels: bool = True
     recommends: bool = True
     release_only: bool = False  # packages from the release's own suite only (no -updates, no -security)
+    pg_version: str = ""  # pin postgresql-N, postgresql-client-N and libpq5 to this Debian version
 
 
 @dataclass
@@ -208,7 +209,7 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
                 base = base_tree(opts.cache, rep.log)
                 mirrors = _mirrors(opts)
                 for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
-                                          opts.recommends, rep.log, opts.release_only):
+                                          opts.recommends, rep.log, opts.release_only, opts.pg_version):
                     rel = f"debs/{opts.os_name}/{d.filename}"
                     _copy(d.path, stage / rel)
                     entries.append(make_entry(stage, rel, kind="deb", version=d.version, name=d.name,

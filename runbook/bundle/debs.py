@@ -50,7 +50,12 @@ def sources_list(mirrors: DebianMirrors, suite: str = "bookworm", release_only: 
     return "\n".join(lines) + "\n"
 
 
-def packages(major: int) -> list[str]:
+def packages(major: int, pg_version: str = "") -> list[str]:
+    """What apt installs; ``pg_version`` pins PostgreSQL's own packages (and libpq5) to one point release,
+    e.g. an older one still in the release suite, while everything else comes as usual."""
+    if pg_version:
+        return [f"postgresql-{major}={pg_version}", f"postgresql-client-{major}={pg_version}",
+                f"libpq5={pg_version}", "python3-venv"]
     return [f"postgresql-{major}", f"postgresql-client-{major}", "python3-venv"]
 
 
@@ -108,7 +113,7 @@ def deb_filename(name: str, version: str, arch: str) -> str:
 
 
 def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
-            recommends: bool = True, log=print, release_only: bool = False) -> list[Deb]:
+            recommends: bool = True, log=print, release_only: bool = False, pg_version: str = "") -> list[Deb]:
     """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host.
 
     ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
@@ -122,7 +127,7 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
     lists = work / ("lists-bookworm-release" if release_only else "lists-bookworm")  # one lists dir per sources
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
-    want = packages(major)
+    want = packages(major, pg_version)
     rec = [] if recommends else ["--no-install-recommends"]
     with _root_view(base, work, log) as root:
         (root / "etc/apt/sources.list").write_text(sources_list(mirrors, release_only=release_only))

@@ -98,6 +98,8 @@ def summary(m: Manifest) -> Table:
                    "(default on; --no-wheel-check skips it)",
     "release_only": "packages from the Debian release's own suite only, without -updates and -security "
                     "(an older bundle, e.g. to drill inv cluster.update); default off",
+    "pg_version": "pin PostgreSQL's packages (postgresql-N, postgresql-client-N, libpq5) to this Debian version, "
+                  "e.g. 15.18-0+deb12u1: an older point release with everything else current",
     "recommends": "include apt Recommends in the .deb closure, as apt does on a host (default on; "
                   "--no-recommends leaves them out)",
 })
@@ -105,7 +107,7 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
           etcd_url: str | None = None,
           etcd_sha256: str | None = None, bundle_dir: str | None = None, inventory: str | None = None,
           os: str | None = None, wheel_check: bool = True, recommends: bool = True,
-          release_only: bool = False) -> None:
+          release_only: bool = False, pg_version: str | None = None) -> None:
     """Build the air-gapped bundle: etcd tarball, .deb closure, wheelhouse and manifest.json.
 
     Run it on a machine that reaches a Debian mirror and a Python index (its own apt sources and pip
@@ -134,6 +136,7 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
         check_wheels=wheel_check,
         recommends=recommends,
         release_only=release_only,
+        pg_version=pg_version or "",
     )
     console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({opts.os_name}, PostgreSQL "
                   f"{opts.pg_major}, cache {opts.cache})")
