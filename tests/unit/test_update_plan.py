@@ -125,3 +125,27 @@ def test_parsers():
     assert parse_patroni_version("patroni 4.1.4\n") == "4.1.4" and parse_patroni_version("") == ""
     assert parse_etcd_version("etcd Version: 3.5.16\nGit SHA: x\n") == "3.5.16"
     assert release_compare("4.1.10", "4.1.9") == 1 and release_compare("3.5.16", "3.5.16") == 0
+
+
+def test_bundles_for_an_update_drill_older_patroni_older_postgresql():
+    from runbook.bundle.debs import packages, sources_list
+    from runbook.bundle.sources import DebianMirrors
+    from runbook.bundle.wheels import DEFAULT_REQUIREMENTS, requirements_for
+    from runbook.inventory.settings import DEFAULTS
+
+    assert DEFAULTS["patroni_version"] == "4.1.5" and requirements_for() == DEFAULT_REQUIREMENTS
+    assert requirements_for("4.1.4")[0] == "patroni[etcd3]==4.1.4"
+    assert packages(15, "15.18-0+deb12u1") == ["postgresql-15=15.18-0+deb12u1",
+                                               "postgresql-client-15=15.18-0+deb12u1", "libpq5=15.18-0+deb12u1",
+                                               "python3-venv"]
+    m = DebianMirrors("http://mirror.invalid/debian", "http://mirror.invalid/debian-security")
+    assert sources_list(m, release_only=True) == "deb http://mirror.invalid/debian bookworm main\n"
+    assert "bookworm-security" in sources_list(m)
+
+
+def test_patroni_version_setting_is_checked():
+    from runbook.inventory.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="runbook.patroni_version = 'latest': must be a Patroni release"):
+        load_settings({"patroni_version": "latest"}, files=[], environ={})
+    assert load_settings({"patroni_version": "4.1.4"}, files=[], environ={}).patroni_version == "4.1.4"
