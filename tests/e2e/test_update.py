@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import INV, REPO, SCALE, env, kill_when, ledger
+from helpers import INV, REPO, SCALE, env, ledger
 
 from runbook.cluster.commands import patronictl
 from runbook.cluster.context import Ctx
@@ -162,6 +162,31 @@ class DownSampler:
         self.tr.close()
 
 
+def kill_at(state: Path, cluster: str, args: list[str], sql: str, budget: float = 900) -> None:
+    """Start `inv args`, SIGKILL its process group once `sql` finds a row in this cluster's ledger."""
+    import signal
+    import sqlite3
+
+    p = subprocess.Popen([INV, *args], cwd=REPO, env=env(state), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + budget * SCALE
+    try:
+        while time.monotonic() < deadline:
+            assert p.poll() is None, f"inv {' '.join(args)} ended (rc {p.returncode}) before the kill point"
+            try:
+                with ledger(state, cluster) as db:
+                    if db.execute(sql).fetchone():
+                        return
+            except sqlite3.OperationalError:
+                pass  # not created yet
+            time.sleep(0.05)
+        raise AssertionError(f"kill point not reached within {budget}s: {sql}")
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+
+
 def pg_versions(ctx: Ctx) -> dict[str, str]:
     out = {}
     for h in ctx.inventory.postgres:
@@ -217,7 +242,7 @@ if SOAK:  # `make soak` (RUNBOOK_SOAK=1) only: each of these takes minutes (pack
         sql = ("select 1 from events where step like 'cluster.update.postgres-%' and kind = 'run' "
                "and action = 'systemctl stop patroni' and rc = 0")
         with DownSampler(ctx) as sampler:
-            kill_when(state, ["cluster.update", "--reinstall", "--yes"], sql, budget=900)
+            kill_at(state, inventory.cluster.name, ["cluster.update", "--reinstall", "--yes"], sql)
             out = run(state, "cluster.update", "--reinstall", "--yes", timeout=1800).stdout
         assert "resuming the interrupted cluster.update" in out, out[-3000:]
         assert wait(lambda: healthy(ctx), 120, 2)
