@@ -55,6 +55,8 @@ class BuildOptions:
     recommends: bool = True
     # os -> roles of the inventory's hosts: what the bundle is built for (empty: every role on os_name)
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    release_only: bool = False  # packages from the release's own suite only (no -updates, no -security)
+    pg_version: str = ""  # pin postgresql-N, postgresql-client-N and libpq5 to this Debian version
 
 
 @dataclass
@@ -237,7 +239,8 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
                               if d.cpython in tags and d.cpython not in done_tags else "")):
                 base = base_tree(opts.cache, rep.log, d.suite)
                 mirrors = _mirrors(opts)
-                with debs_mod.distro_root(base, opts.cache, mirrors, d.suite, rep.log) as root:
+                with debs_mod.distro_root(base, opts.cache, mirrors, d.suite, rep.log,
+                                          opts.release_only) as root:
                     debs = _role_debs(root, d, roles, opts, rep.log)
                     for order, (rel_name, (deb, droles)) in enumerate(debs.items(), 1):
                         rel = f"debs/{o}/{rel_name}"
@@ -248,8 +251,9 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
                         if deb.name == "etcd-server":
                             etcd_version = etcd_version or etcd_mod.upstream(deb.version)
                             _etcd_version_note(opts, etcd_mod.upstream(deb.version), notes)
-                    notes.append(f"{o}: {len(debs)} .deb from {mirrors.main} ({d.suite}), security "
-                                 f"{mirrors.security or '(none known)'}")
+                    notes.append(f"{o}: {len(debs)} .deb from {mirrors.main} ({d.suite}), " + (
+                        "release suite only (--release-only)" if opts.release_only else
+                        f"security {mirrors.security or '(none known)'}"))
                     if d.cpython in tags and d.cpython not in done_tags:
                         done_tags.add(d.cpython)
                         wl_entries, patroni = _wheelhouse(opts, d, root, stage, tags[d.cpython], rep.log, notes)
@@ -283,7 +287,8 @@ def _role_debs(root: Path, d: Distro, roles: tuple[str, ...], opts: BuildOptions
     install order (a package's Pre-Depends before it: dpkg -i installs in the order it is given)."""
     out: dict[str, tuple[debs_mod.Deb, tuple[str, ...]]] = {}
     for role in sorted(roles):
-        want = d.packages_for([role], opts.pg_major)
+        want = debs_mod.pin_postgres(d.packages_for([role], opts.pg_major), opts.pg_major, opts.pg_version) \
+            if role == "postgres" else d.packages_for([role], opts.pg_major)
         if not want:
             continue
         what = f"use a PostgreSQL major {d.title} ships ({debs_mod.major_hint(d.name)})"

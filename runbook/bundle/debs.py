@@ -38,9 +38,14 @@ class Deb:
         return self.path.name
 
 
-def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
-    """The base tree's sources.list: the release and its updates, and the security archive when known."""
-    lines = [f"deb {mirrors.main} {suite} main", f"deb {mirrors.main} {suite}-updates main"]
+def sources_list(mirrors: DebianMirrors, suite: str = "bookworm", release_only: bool = False) -> str:
+    """The base tree's sources.list: the release and its updates, and the security archive when known.
+    ``release_only``: the release's own suite alone (its last point release, without -updates and
+    -security), e.g. for an older bundle to drill `inv cluster.update` from one PostgreSQL minor to the next."""
+    lines = [f"deb {mirrors.main} {suite} main"]
+    if release_only:
+        return lines[0] + "\n"
+    lines.append(f"deb {mirrors.main} {suite}-updates main")
     if mirrors.security:
         lines.append(f"deb {mirrors.security} {suite}-security main")
     return "\n".join(lines) + "\n"
@@ -48,6 +53,16 @@ def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
 
 def packages(major: int, os_name: str = "debian12") -> list[str]:
     return DISTROS[os_name].packages_for(["postgres"], major)
+
+
+def pin_postgres(want: list[str], major: int, pg_version: str) -> list[str]:
+    """``pg_version`` pins PostgreSQL's own packages (and libpq5) to one point release, e.g. an older one
+    still in the release suite, while everything else comes as usual (to drill `inv cluster.update`)."""
+    if not pg_version:
+        return want
+    pinned = {f"postgresql-{major}", f"postgresql-client-{major}", "libpq5"}
+    return [f"{p}={pg_version}" if p in pinned else p for p in want] + \
+        [f"{p}={pg_version}" for p in sorted(pinned - set(want))]
 
 
 def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -104,7 +119,8 @@ def deb_filename(name: str, version: str, arch: str) -> str:
 
 
 @contextmanager
-def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log=print):
+def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log=print,
+                release_only: bool = False):
     """A throwaway overlay of a distribution's bare base tree with apt pointed at ``mirrors`` (updated),
     its archives and lists kept in the cache, this machine's resolver, and the cache bound at the same path
     (so a Python inside it can read and write the wheelhouse). Yields the root; undone on exit."""
@@ -112,11 +128,11 @@ def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log
         raise BundleError("building the .deb closure needs root (mount, chroot); run it as root")
     work = cache / "bundle-debs"
     archives = work / f"archives-{suite}"
-    lists = work / f"lists-{suite}"
+    lists = work / (f"lists-{suite}-release" if release_only else f"lists-{suite}")  # one per sources list
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
     with _root_view(base, work, log) as root:
-        (root / "etc/apt/sources.list").write_text(sources_list(mirrors, suite))
+        (root / "etc/apt/sources.list").write_text(sources_list(mirrors, suite, release_only))
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile(Path("/etc/resolv.conf").resolve(), resolv)
@@ -134,7 +150,8 @@ def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log
                 _bind(src, dst)
                 done.append(dst)
             log(f"apt-get update in the {suite} base tree ({mirrors.main}"
-                + (f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
+                + ("; release only: no -updates, no -security)" if release_only else
+                   f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
             r = _chroot(root, "apt-get", "-q", "update")
             if r.returncode != 0:
                 raise BundleError(f"apt-get update in the {suite} base tree failed: {r.stderr.strip()[-600:]}")

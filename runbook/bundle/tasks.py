@@ -3,7 +3,8 @@
 Config (all optional; the tasks work with no ``runbook`` key at all), validated by
 runbook.inventory.settings: ``runbook.bundle_dir`` (default "bundle", relative to the project),
 ``runbook.inventory`` ("hosts.yml"), ``runbook.etcd_url`` + ``runbook.etcd_sha256``,
-``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.pip_index`` (default: pip's own configuration),
+``runbook.wheel_python`` ("/usr/bin/python3"), ``runbook.patroni_version`` ("4.1.5"),
+``runbook.pip_index`` (default: pip's own configuration),
 ``runbook.debian_mirror`` / ``runbook.debian_security_mirror`` (default: this machine's apt
 sources), ``runbook.manifest_sha256`` (the approved manifest.json; checked by verify and
 bundle.push), ``runbook.cache`` ($RUNBOOK_CACHE or /var/cache/pg-ha-runbook).
@@ -23,6 +24,7 @@ from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bu
 from runbook.bundle.etcd import build_from_debian
 from runbook.bundle.manifest import BundleError, Manifest, approved, verify_bundle
 from runbook.inventory.distros import DISTROS
+from runbook.bundle.wheels import requirements_for
 from runbook.inventory.settings import Settings, SettingsError, settings_of
 
 console = Console(highlight=False)
@@ -96,13 +98,18 @@ def summary(m: Manifest) -> Table:
           "only); default: the distributions and roles of the inventory's hosts",
     "wheel_check": "install the wheelhouse offline into a fresh venv and run patroni --version "
                    "(default on; --no-wheel-check skips it)",
+    "release_only": "packages from the Debian release's own suite only, without -updates and -security "
+                    "(an older bundle, e.g. to drill inv cluster.update); default off",
+    "pg_version": "pin PostgreSQL's packages (postgresql-N, postgresql-client-N, libpq5) to this Debian version, "
+                  "e.g. 15.18-0+deb12u1: an older point release with everything else current",
     "recommends": "include apt Recommends in the .deb closure, as apt does on a host (default on; "
                   "--no-recommends leaves them out)",
 })
 def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = None,
           etcd_url: str | None = None,
           etcd_sha256: str | None = None, bundle_dir: str | None = None, inventory: str | None = None,
-          os: str | None = None, wheel_check: bool = True, recommends: bool = True) -> None:
+          os: str | None = None, wheel_check: bool = True, recommends: bool = True,
+          release_only: bool = False, pg_version: str | None = None) -> None:
     """Build the air-gapped bundle: etcd tarball, .deb closure, wheelhouse and manifest.json.
 
     Run it on a machine that reaches a Debian mirror and a Python index (its own apt sources and pip
@@ -125,12 +132,15 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
         etcd_tarball=etcd_tarball or "",
         cache=_cache(s),
         wheel_python=s.wheel_python,
+        requirements=requirements_for(s.patroni_version),
         index_url=s.pip_index or "",
         debian_mirror=s.debian_mirror or "",
         debian_security_mirror=s.debian_security_mirror or "",
         check_wheels=wheel_check,
         recommends=recommends,
         targets={} if os else cluster.get("targets", {}),
+        release_only=release_only,
+        pg_version=pg_version or "",
     )
     what = ", ".join(f"{o}: {'+'.join(r)}" for o, r in opts.targets.items()) or opts.os_name
     console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({what}, PostgreSQL "

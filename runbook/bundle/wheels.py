@@ -28,7 +28,17 @@ from pathlib import Path
 
 from runbook.bundle.manifest import BundleError, sha256_file
 
-DEFAULT_REQUIREMENTS = ("patroni[etcd3]==4.1.5", "psycopg2-binary==2.9.13")
+PATRONI_VERSION = "4.1.5"  # the default of runbook.patroni_version
+PSYCOPG2_VERSION = "2.9.13"
+
+
+def requirements_for(patroni_version: str = PATRONI_VERSION) -> tuple[str, ...]:
+    """The wheelhouse's top-level requirements for one Patroni release (runbook.patroni_version): a lab can
+    build an older bundle and a newer one, e.g. to drill `inv cluster.update` from 4.1.4 to 4.1.5."""
+    return (f"patroni[etcd3]=={patroni_version}", f"psycopg2-binary=={PSYCOPG2_VERSION}")
+
+
+DEFAULT_REQUIREMENTS = requirements_for()
 RESOLVED = "resolved.txt"
 TARGET_PYTHON = (3, 11)  # Debian 12's; a target passes its own (runbook.inventory.distros)
 TARGET_GLIBC = (2, 36)  # Debian 12

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "etcd_url": None,               # bundle.build: where to fetch the etcd tarball (with etcd_sha256)
     "etcd_sha256": None,            # bundle.build: the etcd tarball's sha256
     "wheel_python": "/usr/bin/python3",  # bundle.build: the python the wheelhouse is built for
+    "patroni_version": "4.1.5",     # bundle.build: the Patroni release the wheelhouse holds
     "pip_index": None,              # bundle.build: Python index (default: pip's own configuration)
     "debian_mirror": None,          # bundle.build: Debian mirror (default: this machine's apt sources)
     "debian_security_mirror": None,  # bundle.build: Debian security mirror (default: this machine's apt sources)
@@ -81,11 +82,19 @@ class SettingsFile(BaseModel):
     etcd_url: str | None = None
     etcd_sha256: str | None = None
     wheel_python: str
+    patroni_version: str = "4.1.5"
     pip_index: str | None = None
     debian_mirror: str | None = None
     debian_security_mirror: str | None = None
     manifest_sha256: str | None = None
     allow_downgrade: bool = False
+
+    @field_validator("patroni_version", mode="before")
+    @classmethod
+    def _release(cls, v: object) -> str:
+        if not isinstance(v, str) or not re.fullmatch(r"\d+(\.\d+){1,3}", v.strip()):
+            raise ValueError("must be a Patroni release number such as 4.1.5 (as on the Python index)")
+        return v.strip()
 
     @field_validator("inventory", "state_dir", "bundle_dir", "wheel_python", mode="before")
     @classmethod
@@ -152,6 +161,7 @@ class Settings(BaseModel):
     etcd_url: str | None = None
     etcd_sha256: str | None = None
     wheel_python: str = "/usr/bin/python3"
+    patroni_version: str = "4.1.5"
     pip_index: str | None = None
     debian_mirror: str | None = None
     debian_security_mirror: str | None = None
@@ -311,7 +321,8 @@ def load_settings(section: object, *, root: Path | None = None, files: Sequence[
         root=root, inventory=resolve(spec.inventory), state_dir=state, bundle_dir=resolve(spec.bundle_dir),
         lab_dir=resolve(spec.lab_dir) if spec.lab_dir else state / "lab", parallel=spec.parallel,
         cache=resolve(spec.cache) if spec.cache else None, etcd_url=spec.etcd_url, etcd_sha256=spec.etcd_sha256,
-        wheel_python=spec.wheel_python, pip_index=spec.pip_index, debian_mirror=spec.debian_mirror,
+        wheel_python=spec.wheel_python, patroni_version=spec.patroni_version, pip_index=spec.pip_index,
+        debian_mirror=spec.debian_mirror,
         debian_security_mirror=spec.debian_security_mirror, manifest_sha256=spec.manifest_sha256,
         allow_downgrade=spec.allow_downgrade, origins=origins)
 

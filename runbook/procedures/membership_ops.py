@@ -50,9 +50,11 @@ def with_operation(steps: list[Step], op_id: str) -> list[Step]:
     return out
 
 
-def run_operation(ctx: Ctx, op: str, target: str, steps: list[Step]) -> tuple[Report, str, bool]:
-    """Apply `steps` as one operation on `target`; (report, operation id, resumed)."""
-    op_id, resumed = operation_id(ctx, op, target)
+def run_operation(ctx: Ctx, op: str, target: str, steps: list[Step],
+                  known: tuple[str, bool] | None = None) -> tuple[Report, str, bool]:
+    """Apply `steps` as one operation on `target`; (report, operation id, resumed). `known`: the (id, resumed)
+    the caller took from operation_id() already (its steps were built with that id)."""
+    op_id, resumed = known or operation_id(ctx, op, target)
     key = op_key(op, target)
     steps = with_operation(steps, op_id)
     if not ctx.options.dry:
