@@ -206,13 +206,20 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
             if opts.os_name == "debian12":
                 base = base_tree(opts.cache, rep.log)
                 mirrors = _mirrors(opts)
-                for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
-                                          opts.recommends, rep.log):
+                # one closure per role (runbook.bundle.debs.PACKAGES), each against a bare host; a .deb in
+                # several closures is one entry naming every role that installs it
+                by_file: dict[str, tuple[debs_mod.Deb, tuple[str, ...]]] = {}
+                for role in debs_mod.PACKAGES[opts.os_name]:
+                    for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
+                                              opts.recommends, rep.log, role=role):
+                        prev = by_file.get(d.filename)
+                        by_file[d.filename] = (d, (prev[1] if prev else ()) + (role,))
+                for d, roles in by_file.values():
                     rel = f"debs/{opts.os_name}/{d.filename}"
                     _copy(d.path, stage / rel)
                     entries.append(make_entry(stage, rel, kind="deb", version=d.version, name=d.name,
                                               source=f"{mirrors.main} {d.origin}: {d.name}={d.version}",
-                                              roles=("postgres",)))
+                                              roles=roles))
                 notes.append(f"Debian mirror {mirrors.main}, security {mirrors.security or '(none known)'}")
             else:
                 rel = f"rpms/{opts.os_name}/COMMANDS-UNTESTED.sh"

@@ -45,8 +45,24 @@ def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
     return "\n".join(lines) + "\n"
 
 
-def packages(major: int) -> list[str]:
-    return [f"postgresql-{major}", f"postgresql-client-{major}", "python3-venv"]
+# What each role installs from the bundle, per target OS: one mapping to extend (a new OS is one more key).
+# "{major}" is the inventory's postgres_major. Balancer hosts (HAProxy + keepalived) are the PostgreSQL
+# hosts themselves when the inventory names none: they then install both closures.
+PACKAGES: dict[str, dict[str, tuple[str, ...]]] = {
+    "debian12": {
+        "postgres": ("postgresql-{major}", "postgresql-client-{major}", "python3-venv", "pgbouncer"),
+        "balancer": ("haproxy", "keepalived"),
+    },
+}
+
+
+def packages(major: int, role: str = "postgres", os_name: str = "debian12") -> list[str]:
+    try:
+        names = PACKAGES[os_name][role]
+    except KeyError:
+        raise BundleError(f"no package list for role {role!r} on {os_name}; known: "
+                          f"{', '.join(f'{o}/{r}' for o, rs in PACKAGES.items() for r in rs)}") from None
+    return [n.format(major=major) for n in names]
 
 
 def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -103,8 +119,8 @@ def deb_filename(name: str, version: str, arch: str) -> str:
 
 
 def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
-            recommends: bool = True, log=print) -> list[Deb]:
-    """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host.
+            recommends: bool = True, log=print, role: str = "postgres") -> list[Deb]:
+    """Download the dependency closure of ``role``'s packages (PACKAGES) for a bare ``os_name`` host.
 
     ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
     """
@@ -117,7 +133,7 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
     lists = work / "lists-bookworm"
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
-    want = packages(major)
+    want = packages(major, role, os_name)
     rec = [] if recommends else ["--no-install-recommends"]
     with _root_view(base, work, log) as root:
         (root / "etc/apt/sources.list").write_text(sources_list(mirrors))
@@ -146,7 +162,7 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
             if not plan:
                 raise BundleError("apt's plan is empty: the base tree already has PostgreSQL? "
                                   "rebuild the base tree (runbook.lab.base)")
-            log(f"apt-get install --download-only: {len(plan)} packages")
+            log(f"apt-get install --download-only ({role}): {len(plan)} packages")
             r = _chroot(root, "apt-get", "install", "--download-only", "-y", "-q",
                         *rec, *want)
             if r.returncode != 0:

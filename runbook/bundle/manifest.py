@@ -24,7 +24,7 @@ from runbook.errors import RunbookError
 MANIFEST = "manifest.json"
 FORMAT = 1
 KINDS = ("etcd", "deb", "wheel", "meta")
-ROLES = ("etcd", "postgres")
+ROLES = ("etcd", "postgres", "balancer")
 REQUIREMENTS = "wheels/requirements.txt"
 RESOLVED = "wheels/resolved.txt"  # the build's lock: what pip resolved, each with its sha256 (not pushed)
 REBUILD_HINT = "re-copy the bundle from the build machine, or rebuild it with `inv bundle.build`"
@@ -90,8 +90,9 @@ class Manifest:
                 return e
         raise BundleError(f"{self.root / MANIFEST}: no {REQUIREMENTS} entry; rebuild with `inv bundle.build`")
 
-    def debs(self) -> list[Entry]:
-        return self.of_kind("deb")
+    def debs(self, role: str | None = None) -> list[Entry]:
+        """The .deb entries (of one role's closure when given: what that role's hosts install)."""
+        return [e for e in self.of_kind("deb") if role is None or role in e.roles]
 
     def wheels(self) -> list[Entry]:
         return self.of_kind("wheel")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run, Section
 from runbook.inventory import Host
-from runbook.sections.bundle_files import manifest, remote, sums
+from runbook.sections.bundle_files import dpkg_install, manifest, remote, sums
 from runbook.sections.tls_files import tls_check, tls_files
 
 section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
@@ -20,7 +20,7 @@ def packages(ctx: Ctx, host: Host) -> list:
     """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
     Every file is checked first (a missing one fails before anything is installed); no
     default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
-    debs = manifest(ctx).debs()
+    debs = manifest(ctx).debs("postgres")
     files = " ".join(remote(e) for e in debs)  # exactly the manifest's list: never a glob of the directory
     guard = [] if allow_downgrade(ctx) else [Run(
         # name and bundled version on stdin; an installed package newer than the bundle's stops the step
@@ -38,12 +38,7 @@ def packages(ctx: Ctx, host: Host) -> list:
     return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
             *guard,
-            # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
-            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it.
-            Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
-                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
-                ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
-                "tail -20 $log >&2; exit 1", timeout=1800)]
+            dpkg_install(files)]
 
 
 def allow_downgrade(ctx: Ctx) -> bool:
