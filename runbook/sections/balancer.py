@@ -191,7 +191,12 @@ def settled(ctx: Ctx, host: Host) -> list:
 
     def run() -> str:
         why: list[str] = []
-        if not wait(lambda: not why.append(_settled(ctx) or "") and not why[-1], WAIT, 1):
+
+        def ok() -> bool:
+            why.append(_settled(ctx) or "")
+            return not why[-1]
+
+        if not wait(ok, WAIT, 1):
             raise RuntimeError(f"not settled after {WAIT} s: {why[-1]}")
         return f"VIP {ctx.inventory.cluster.vip} on {vip_holders(ctx)[0]}"
 

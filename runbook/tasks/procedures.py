@@ -179,6 +179,35 @@ def drill_switchover(c, count=2, frontdoor=False):
         ui.console.print(f"[bold green]✓[/] drill.switchover: {count} switchovers, 0 rows lost")
 
 
+@task(help={"write_wait": "seconds to wait for writes through the VIP before booting the host again",
+            "rejoin_timeout": "seconds to wait for the host (a PostgreSQL host) to stream again after it boots"})
+def drill_vip(c, write_wait=15, rejoin_timeout=240):
+    """Lab drill: hard power-off of the balancer holding the VIP under a writer on VIP:5000 (cluster.vip); time
+    until another balancer holds the VIP and writes resume; boot it again, wait until the front door settled;
+    then prove no acknowledged row was lost."""
+    from runbook.procedures.frontdoor_drill import vip_drill
+
+    with session(c, "drill.vip") as ctx:
+        require_lab(ctx, "drill.vip")
+        _writer_dsn(ctx, True)  # refuses an inventory without cluster.vip
+        res = vip_drill(ctx, float(write_wait), float(rejoin_timeout))
+        ok = res["lost"] == 0 and res.get("settled") and res.get("writable_s") is not None
+        ctx.ledger.event(res["killed"], "drill.vip", "result", json.dumps(res), 0 if ok else 1)
+        t = Table("figure", "value", title=f"drill.vip: {res['killed']} (VIP holder) powered off", title_justify="left")
+        for label, key in (("VIP moved to", "vip_moved_to"), ("VIP moved after s", "vip_moved_s"),
+                           ("the host was the leader", "was_leader"), ("writes resumed after s", "writable_s"),
+                           ("longest write gap s", "longest_write_gap_s"), ("rows acknowledged", "acknowledged"),
+                           ("rows present on the primary", "present"), ("lost", "lost"),
+                           ("write errors (retried)", "write_errors"), ("settled after the boot", "settled"),
+                           ("VIP holder at the end", "vip_holder_after")):
+            t.add_row(label, str(res.get(key)))
+        ui.console.print(t)
+        if not ok:
+            raise Exit(f"drill.vip failed: lost {res['lost']}, settled {res.get('settled')}, "
+                       f"writable {res.get('writable_s')}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.vip: {res['acknowledged']} rows acknowledged, 0 lost")
+
+
 def _writer_dsn(ctx, frontdoor: bool) -> str | None:
     """--frontdoor: the writer's DSN through the VIP; refused when the inventory has no cluster.vip."""
     if not frontdoor:
@@ -193,6 +222,7 @@ def _writer_dsn(ctx, frontdoor: bool) -> str | None:
 drill = Collection("drill")
 drill.add_task(drill_failover, name="failover")
 drill.add_task(drill_switchover, name="switchover")
+drill.add_task(drill_vip, name="vip")
 
 
 # -- secrets.rotate (password rotation) ---------------------------------------------------------
