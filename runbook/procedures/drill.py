@@ -238,6 +238,16 @@ def restore_names(ctx: Ctx, h: Host) -> bool:
     return True
 
 
+def boot_back(inv, name: str) -> None:
+    """Never leave the lab with a host powered off (a drill that failed before booting it again)."""
+    from runbook.lab import lab as labmod
+
+    try:
+        labmod.start(inv, name)
+    except Exception as exc:
+        ui.console.print(f"[red]could not boot {name} again: {exc}; run `inv lab.start {name}`[/]")
+
+
 def _fresh_transport(ctx: Ctx) -> None:
     """Drop every cached SSH connection (a killed host's is dead); the others reconnect on demand."""
     ctx.transport.close()
@@ -304,11 +314,8 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str 
         res["rewind"] = rewind_verdict(res["rewind_log"], old_tl, new_tl)
     finally:
         res["writer_stopped"] = w.stop(30)
-        if not booted:  # never leave the lab with a host powered off
-            try:
-                labmod.start(inv, old.name)
-            except Exception as exc:
-                ui.console.print(f"[red]could not boot {old.name} again: {exc}; run `inv lab.start {old.name}`[/]")
+        if not booted:
+            boot_back(inv, old.name)
     res.update(prove(ctx, w))
     return res
 

@@ -13,6 +13,7 @@ from runbook.cluster.readers import host_of, members, wait
 from runbook.errors import ProcedureFailed
 from runbook.procedures.drill import (
     _fresh_transport,
+    boot_back,
     one_leader,
     prepare_table,
     prove,
@@ -93,11 +94,7 @@ def vip_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         wait(lambda: sum(at > t_mark for _, at in list(w.acked)) >= 5, 10, 0.5)
     finally:
         res["writer_stopped"] = w.stop(30)
-        if not booted:  # never leave the lab with a host powered off
-            try:
-                labmod.start(inv, victim.name)
-            except Exception as exc:
-                ui.console.print(f"[red]could not boot {victim.name} again: {exc}; "
-                                 f"run `inv lab.start {victim.name}`[/]")
+        if not booted:
+            boot_back(inv, victim.name)
     res.update(prove(ctx, w))
     return res

@@ -263,3 +263,18 @@ def test_audit_checks_of_the_pooler():
     assert len(bad) == 3 and "pool_mode is session, want transaction" in bad
     assert check_plain_refused('psql: error: connection to server ... failed: FATAL:  SSL required') == []
     assert check_plain_refused(" 1\n") != []
+
+
+# -- drills ----------------------------------------------------------------------------------------
+def test_frontdoor_writer_goes_to_the_vip_and_needs_one(fctx, ctx):
+    from invoke.exceptions import Exit
+
+    from runbook.tasks.procedures import _writer_dsn
+
+    assert _writer_dsn(ctx, False) is None  # the hosts themselves (libpq multi-host)
+    with pytest.raises(Exit) as exc:
+        _writer_dsn(ctx, True)
+    assert exc.value.code == 2 and "--frontdoor needs cluster.vip" in str(exc.value.message)
+    dsn = dict(kv.split("=", 1) for kv in _writer_dsn(fctx, True).split())
+    assert (dsn["host"], dsn["port"], dsn["sslmode"]) == ("192.168.60.100", "5000", "verify-ca")
+    assert "target_session_attrs" not in dsn  # HAProxy chooses the primary
