@@ -51,8 +51,9 @@ def sources_list(mirrors: DebianMirrors, suite: str = "bookworm", release_only: 
     return "\n".join(lines) + "\n"
 
 
-def packages(major: int, os_name: str = "debian12") -> list[str]:
-    return DISTROS[os_name].packages_for(["postgres"], major)
+def packages(major: int, role: str = "postgres", os_name: str = "debian12") -> list[str]:
+    """What a host of ``role`` on ``os_name`` installs from the bundle (runbook.inventory.distros)."""
+    return DISTROS[os_name].packages_for([role], major)
 
 
 def pin_postgres(want: list[str], major: int, pg_version: str) -> list[str]:

@@ -190,7 +190,10 @@ def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
     cl = inv.cluster
     targets: dict[str, tuple[str, ...]] = {}
     for h in inv.hosts:  # only what the inventory's hosts need: their distributions and roles
-        targets[h.os] = tuple(sorted({*targets.get(h.os, ()), *h.roles}))
+        # a PostgreSQL host becomes a balancer as soon as cluster.vip is set without balancer hosts: the bundle
+        # carries HAProxy and keepalived for it, so that turning the front door on needs no other bundle
+        roles = {*h.roles, "balancer"} if h.has("postgres") else set(h.roles)
+        targets[h.os] = tuple(sorted({*targets.get(h.os, ()), *roles}))
     return {"postgres_major": cl.postgres_major, "etcd_version": cl.etcd_version, "os": cl.os,
             "targets": targets}
 

@@ -202,12 +202,16 @@ def pg_hba(inv: Inventory, replication_user: str, networks: list[str] | None = N
     """The fixed pg_hba: peer locally, hostssl + scram-sha-256 only, everything non-TLS rejected.
 
     The superuser logs in over TCP only from localhost and the PostgreSQL hosts themselves; its reject
-    line comes before the client networks' line (pg_hba: the first matching line decides)."""
+    line comes before the client networks' line (pg_hba: the first matching line decides). With the front
+    door (cluster.vip), PgBouncer logs in on the local socket with its clients' SCRAM keys: the socket then
+    asks every role but the superuser (still peer) for scram-sha-256."""
     nets = client_networks(inv) if networks is None else networks
     for n in nets:
         ipaddress.ip_network(n)  # raises ValueError on garbage
+    local = (["local all all peer"] if inv.cluster.vip is None
+             else [f"local all {superuser} peer", "local all all scram-sha-256"])
     rules = [
-        "local all all peer",
+        *local,
         "hostnossl all all 0.0.0.0/0 reject",
         "hostnossl replication all 0.0.0.0/0 reject",
         f"hostssl replication {replication_user} 127.0.0.1/32 scram-sha-256",

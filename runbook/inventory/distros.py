@@ -48,15 +48,19 @@ class Distro:
         return out
 
 
-_POSTGRES = ("postgresql-{major}", "postgresql-client-{major}", "python3-venv")
+# PgBouncer (the front door's pooler) runs on every PostgreSQL host; HAProxy and keepalived on the balancer
+# hosts (the PostgreSQL hosts themselves when the inventory names none: they then install both closures)
+_POSTGRES = ("postgresql-{major}", "postgresql-client-{major}", "python3-venv", "pgbouncer")
+_BALANCER = ("haproxy", "keepalived")
 
 DISTROS: dict[str, Distro] = {
     "debian12": Distro(name="debian12", title="Debian 12", suite="bookworm", python=(3, 11), glibc=(2, 36),
                        postgres_majors=(15,), etcd_source="tarball",
-                       packages={"postgres": _POSTGRES}),
+                       packages={"postgres": _POSTGRES, "balancer": _BALANCER}),
     "debian13": Distro(name="debian13", title="Debian 13", suite="trixie", python=(3, 13), glibc=(2, 41),
                        postgres_majors=(17,), etcd_source="deb",
-                       packages={"postgres": _POSTGRES, "etcd": ("etcd-server", "etcd-client")}),
+                       packages={"postgres": _POSTGRES, "balancer": _BALANCER,
+                                 "etcd": ("etcd-server", "etcd-client")}),
 }
 DEFAULT_OS: Final = "debian12"
 # Accepted by the schema so that the message can say "not supported yet" instead of "unknown"

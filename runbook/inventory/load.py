@@ -43,8 +43,14 @@ def load_inventory(path: str | Path) -> Inventory:
     def _path(p: str | None) -> Path | None:
         return None if p is None else (base / Path(p).expanduser())
 
+    # No balancer host named: HAProxy and keepalived run on the PostgreSQL hosts (only with a vip).
+    implicit = spec.cluster.vip is not None and not any("balancer" in h.roles for h in spec.hosts.values())
+
+    def _roles(h) -> tuple[str, ...]:
+        return tuple(h.roles) + (("balancer",) if implicit and "postgres" in h.roles else ())
+
     hosts = tuple(
-        Host(name=n, address=h.address, roles=tuple(h.roles), fqdn=h.fqdn, user=h.user or spec.ssh.user,
+        Host(name=n, address=h.address, roles=_roles(h), fqdn=h.fqdn, user=h.user or spec.ssh.user,
              port=h.port or spec.ssh.port, key=_path(spec.ssh.key), known_hosts=_path(spec.ssh.known_hosts),
              sudo=spec.ssh.sudo, connect_timeout=spec.ssh.connect_timeout,
              os=h.os or spec.cluster.os)

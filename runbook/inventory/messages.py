@@ -15,6 +15,7 @@ from runbook.inventory.model import (
     ClusterSpec,
     HostSpec,
     InventoryFile,
+    PortsSpec,
     SshSpec,
     _did_you_mean,
 )
@@ -33,6 +34,8 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         return ClusterSpec
     if loc == ("ssh",):
         return SshSpec
+    if loc == ("cluster", "ports"):
+        return PortsSpec
     if len(loc) == 2 and loc[0] == "hosts":
         return HostSpec
     return None
@@ -61,6 +64,10 @@ def _describe(value: object) -> str:
 
 RANGE_HINTS = {
     "port": "use a TCP port 1-65535",
+    "rw": "use a TCP port 1-65535 (default 5000)",
+    "ro": "use a TCP port 1-65535 (default 5001)",
+    "pgbouncer": "use a TCP port 1-65535 (default 6432)",
+    "vip_prefix": "use a prefix length 8-30 (the balancer hosts' subnet, default 24)",
     "postgres_major": "use a PostgreSQL major version 12-18",
     "connect_timeout": "use seconds, more than 0 and at most 120",
 }
@@ -116,7 +123,7 @@ def _message(err: dict) -> str:
         return f"required key {last!r} is missing; {hint}"
     if typ == "literal_error":
         if len(loc) == 4 and loc[0] == "hosts" and loc[2] == "roles":
-            return f"{_show(value)} is not a role; use etcd or postgres"
+            return f"{_show(value)} is not a role; use etcd, postgres or balancer"
         what = "a supported OS" if loc[-1] == "os" else "allowed here"
         return f"{_show(value)} is not {what}; use {ctx.get('expected', 'one of the documented values')}"
     if typ == "string_pattern_mismatch":
@@ -218,6 +225,39 @@ def _semantic_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
     if len(pg) < 2:
         errs.append((("hosts",), (f"{len(pg)} postgres host(s) ({', '.join(pg) or 'none'}); Patroni needs "
                                   ">= 2 (a leader and a standby): add a host with roles: [postgres]")))
+    errs += _vip_errors(spec)
+    return errs
+
+
+def _vip_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
+    """The front door: a balancer host needs a vip; the vip lies in every balancer host's subnet and is no
+    host's address (nor the subnet's network or broadcast address)."""
+    import ipaddress
+
+    c = spec.cluster
+    explicit = [n for n, h in spec.hosts.items() if "balancer" in h.roles]
+    if c.vip is None:
+        return [(("hosts", n, "roles"), "the balancer role needs a floating address: add cluster.vip (a free "
+                                        "address of this host's subnet), or drop the role") for n in explicit]
+    errs: list[tuple[tuple, str]] = []
+    vip = ipaddress.ip_address(c.vip)
+    names = explicit or [n for n, h in spec.hosts.items() if "postgres" in h.roles]
+    for n, h in spec.hosts.items():
+        if h.address == c.vip:
+            errs.append((("cluster", "vip"), f"{c.vip} is the address of host {n}; the VIP must be a free "
+                                             "address that only keepalived assigns"))
+    for n in names:
+        net = ipaddress.ip_network(f"{spec.hosts[n].address}/{c.vip_prefix}", strict=False)
+        if vip not in net:
+            errs.append((("cluster", "vip"), f"{c.vip} is not in {net}, the subnet of balancer host {n} "
+                                             f"({spec.hosts[n].address}); VRRP moves the VIP between hosts "
+                                             f"of one subnet: pick a free address in {net} (or set "
+                                             "cluster.vip_prefix)"))
+            break
+        if vip in (net.network_address, net.broadcast_address):
+            errs.append((("cluster", "vip"), f"{c.vip} is the network or broadcast address of {net}; pick a "
+                                             "free host address in it"))
+            break
     return errs
 
 

@@ -28,7 +28,7 @@ from pydantic import (
 from runbook.errors import InventoryError
 from runbook.inventory.distros import DEFAULT_OS, DISTROS, UNSUPPORTED, distro, major_choices
 
-ROLES = ("etcd", "postgres")
+ROLES = ("etcd", "postgres", "balancer")
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 # Host names the runbook itself uses: a host called `local` would run its steps on this machine.
 RESERVED_NAMES = ("local",)
@@ -106,6 +106,26 @@ class PatroniSpec(_Strict):
         return self
 
 
+class PortsSpec(_Strict):
+    """The front door's TCP ports: HAProxy's listeners on the balancer hosts and PgBouncer's on the PostgreSQL hosts."""
+
+    rw: int = Field(default=5000, ge=1, le=65535)  # HAProxy -> the primary's PgBouncer
+    ro: int = Field(default=5001, ge=1, le=65535)  # HAProxy -> a replica's PgBouncer
+    pgbouncer: int = Field(default=6432, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PortsSpec":
+        used = {"rw": self.rw, "ro": self.ro, "pgbouncer": self.pgbouncer}
+        reserved = {5432: "PostgreSQL", 8008: "Patroni's REST API", 2379: "etcd", 2380: "etcd peers", 22: "ssh"}
+        if len(set(used.values())) != 3:
+            raise ValueError(f"rw, ro and pgbouncer must be three different ports (got {used}); e.g. the "
+                             "defaults 5000, 5001, 6432")
+        taken = [f"{k}: {v} is {reserved[v]}'s port" for k, v in used.items() if v in reserved]
+        if taken:
+            raise ValueError(f"{'; '.join(taken)}; choose another port (defaults: rw 5000, ro 5001, pgbouncer 6432)")
+        return self
+
+
 class ClusterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")
     namespace: str = Field(default="/patroni", pattern=r"^/[A-Za-z0-9_/-]*$")
@@ -125,6 +145,30 @@ class ClusterSpec(_Strict):
     # Patroni's dynamic configuration (ttl, synchronous mode, PostgreSQL parameters): one place for
     # bootstrap.dcs and the running cluster's DCS
     patroni: PatroniSpec = Field(default_factory=PatroniSpec)
+    # The front door (HAProxy + keepalived on the balancer hosts, PgBouncer on the PostgreSQL hosts): on when a
+    # vip is set. The VIP must lie in the balancer hosts' subnet (vip_prefix) and be no host's address.
+    vip: str | None = None
+    vip_prefix: int = Field(default=24, ge=8, le=30)
+    vip_interface: str = Field(default="eth0", pattern=r"^[A-Za-z0-9_.:-]{1,15}$")  # where keepalived adds it
+    ports: PortsSpec = Field(default_factory=PortsSpec)
+    # the most a replica may lag (bytes) and still get read-only connections (Patroni's /replica?lag=)
+    max_replica_lag: int = Field(default=1048576, ge=0)
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = str(v).strip()
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IPv4 address; write the floating address applications connect "
+                             "to, e.g. 192.0.2.100 (in the balancer hosts' subnet, no host's own address)") from None
+        if ip.version != 4 or ip.is_unspecified or ip.is_multicast or ip.is_loopback or ip.is_reserved:
+            raise ValueError(f"{v} cannot be a floating address; use a free IPv4 address of the balancer "
+                             "hosts' subnet, e.g. 192.0.2.100")
+        return str(ip)
 
     @field_validator("permanent_slots")
     @classmethod
@@ -213,7 +257,7 @@ FQDN_PATTERN = rf"^{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*\.?$"
 
 class HostSpec(_Strict):
     address: str
-    roles: list[Literal["etcd", "postgres"]] = Field(min_length=1)
+    roles: list[Literal["etcd", "postgres", "balancer"]] = Field(min_length=1)
     fqdn: str | None = Field(default=None, pattern=FQDN_PATTERN)
     user: str | None = Field(default=None, pattern=USER_PATTERN)
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -360,3 +404,9 @@ class Inventory(BaseModel):
     @property
     def postgres(self) -> list[Host]:
         return self.role("postgres")
+
+    @property
+    def balancers(self) -> list[Host]:
+        """HAProxy + keepalived hosts: the `balancer` role, or the PostgreSQL hosts when no host has it
+        (load_inventory gives them the role then, when cluster.vip is set); none without a vip."""
+        return self.role("balancer")

@@ -254,7 +254,10 @@ class Machine:
         cmd = ["setsid", "-f", "sh", "-c", script, "sh",
                "systemd-nspawn", "-D", str(self.root), "-b", "--register=no", "--keep-unit", "-M", self.name,
                f"--network-namespace-path=/run/netns/{self.name}", "--resolv-conf=off", "--timezone=off",
-               "--link-journal=no", "--console=read-only"]
+               "--link-journal=no", "--console=read-only",
+               # keepalived adds and removes the floating address (VRRP): CAP_NET_ADMIN, confined to the
+               # host's own network namespace (CAP_NET_RAW, for VRRP's raw socket, is nspawn's default)
+               "--capability=CAP_NET_ADMIN"]
         with open(self.console, "ab") as log:
             log.write(f"\n==== lab boot {time.strftime('%F %T')} ====\n".encode())
             log.flush()

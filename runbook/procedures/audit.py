@@ -270,6 +270,7 @@ def audit_local(ctx: Ctx) -> list[Check]:
 def run_audit(ctx: Ctx) -> list[Check]:
     from runbook.credentials.secrets import secret_values
     from runbook.procedures.audit_health import audit_etcd_capacity, audit_wal_retention
+    from runbook.procedures.frontdoor_audit import audit_balancer, audit_pooler
 
     if not (ctx.state_dir / "secrets.yml").exists():
         raise ProcedureFailed(f"{ctx.state_dir}/secrets.yml does not exist: nothing was installed from this "
@@ -284,6 +285,10 @@ def run_audit(ctx: Ctx) -> list[Check]:
             if h.has("postgres"):
                 checks += audit_postgres(ctx, h)
                 checks.append(audit_wal_retention(ctx, h))
+                if ctx.inventory.cluster.vip is not None:
+                    checks += audit_pooler(ctx, h)
+            if h.has("balancer"):
+                checks += audit_balancer(ctx, h)
             checks.append(audit_logs(ctx, h, values))
         except Exception as exc:  # an unreachable host is a finding, the others are still audited
             checks.append(Check(h.name, "reachable over SSH", [str(exc).splitlines()[0]]))

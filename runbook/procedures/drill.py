@@ -73,7 +73,9 @@ class Writer:
             seq += 1
             try:
                 if conn is None:
-                    conn = psycopg.connect(self.dsn, autocommit=True)
+                    # no server-side prepared statements: through PgBouncer's transaction pooling the next
+                    # statement may run on another server connection
+                    conn = psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None)
                     conn.add_notice_handler(lambda d: warned.append(d.message_primary or ""))
                 warned.clear()
                 conn.execute(f"INSERT INTO {TABLE} (run, seq) VALUES (%s, %s)", (self.run, seq))
@@ -183,8 +185,10 @@ def one_leader(ms: list[Member]) -> Member:
     return leaders[0]
 
 
-def start_writer(ctx: Ctx, kind: str) -> Writer:
-    w = Writer(writer_dsn(ctx), f"{kind}-{ctx.ledger.run_id}-{int(time.time())}")
+def start_writer(ctx: Ctx, kind: str, dsn: str | None = None) -> Writer:
+    """The writer on `dsn` (default: libpq multi-host to the PostgreSQL hosts; the front door drills pass
+    VIP:5000, runbook.procedures.frontdoor.frontdoor_dsn)."""
+    w = Writer(dsn or writer_dsn(ctx), f"{kind}-{ctx.ledger.run_id}-{int(time.time())}")
     w.start()
     if not wait(lambda: len(w.acked) >= 5, 30, 0.2):
         w.stop(5)
@@ -234,13 +238,23 @@ def restore_names(ctx: Ctx, h: Host) -> bool:
     return True
 
 
+def boot_back(inv, name: str) -> None:
+    """Never leave the lab with a host powered off (a drill that failed before booting it again)."""
+    from runbook.lab import lab as labmod
+
+    try:
+        labmod.start(inv, name)
+    except Exception as exc:
+        ui.console.print(f"[red]could not boot {name} again: {exc}; run `inv lab.start {name}`[/]")
+
+
 def _fresh_transport(ctx: Ctx) -> None:
     """Drop every cached SSH connection (a killed host's is dead); the others reconnect on demand."""
     ctx.transport.close()
     ctx.transport = SshTransport()
 
 
-def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
+def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str | None = None) -> dict:
     from runbook.lab import lab as labmod
 
     inv = ctx.inventory
@@ -249,7 +263,7 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
     survivors = [h for h in inv.postgres if h.name != old.name]
     since = log_lines(ctx, old)
     prepare_table(ctx, old)
-    w = start_writer(ctx, "failover")
+    w = start_writer(ctx, "failover", dsn)
     res: dict = {"killed": old.name}
     booted = False
 
@@ -300,22 +314,19 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         res["rewind"] = rewind_verdict(res["rewind_log"], old_tl, new_tl)
     finally:
         res["writer_stopped"] = w.stop(30)
-        if not booted:  # never leave the lab with a host powered off
-            try:
-                labmod.start(inv, old.name)
-            except Exception as exc:
-                ui.console.print(f"[red]could not boot {old.name} again: {exc}; run `inv lab.start {old.name}`[/]")
+        if not booted:
+            boot_back(inv, old.name)
     res.update(prove(ctx, w))
     return res
 
 
 # -- switchover ---------------------------------------------------------------------------------
-def switchover_drill(ctx: Ctx, count: int) -> dict:
+def switchover_drill(ctx: Ctx, count: int, dsn: str | None = None) -> dict:
     from runbook.procedures.switchover import do_switchover, prechecks
 
     lead = one_leader(members(ctx))
     prepare_table(ctx, host_of(ctx, lead.name))
-    w = start_writer(ctx, "switchover")
+    w = start_writer(ctx, "switchover", dsn)
     rounds: list[dict] = []
     try:
         for i in range(count):

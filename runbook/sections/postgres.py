@@ -4,7 +4,7 @@ from __future__ import annotations
 from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run, Section
 from runbook.inventory import Host
-from runbook.sections.bundle_files import manifest, remote, sums
+from runbook.sections.bundle_files import dpkg_install, manifest, remote, sums
 from runbook.sections.tls_files import tls_check, tls_files
 
 section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
@@ -40,18 +40,9 @@ def packages(ctx: Ctx, host: Host) -> list:
             Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
             *guard,
             # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
-            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it. A package whose
-            # Pre-Depends was only unpacked in the same dpkg call is installed by the next pass (at most 3).
-            Run(dpkg_install(files), timeout=1800)]
-
-
-def dpkg_install(files: str) -> str:
-    """dpkg -i of exactly ``files`` (in apt's order), waiting for a held lock, one more pass for Pre-Depends."""
-    return ("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); pre=0; for i in $(seq 150); do "
-            f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
-            ">$log 2>&1 && exit 0; if grep -q 'pre-dependency problem' $log && [ $pre -lt 3 ]; then "
-            "pre=$((pre+1)); continue; fi; grep -q 'lock was locked by another process' $log || break; sleep 2; "
-            "done; tail -20 $log >&2; exit 1")
+            # stop remote commands): dpkg_install waits for its lock; a package whose Pre-Depends was only
+            # unpacked in the same dpkg call is installed by the next pass (at most 3); no service starts.
+            dpkg_install(files)]
 
 
 def allow_downgrade(ctx: Ctx) -> bool:

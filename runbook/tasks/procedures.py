@@ -128,13 +128,14 @@ FAILOVER_FIGURES = [
 
 @task(help={"write_wait": "seconds to wait for writes on the new primary before booting the old leader "
                           "(with synchronous_mode_strict they only resume once it streams again)",
-            "rejoin_timeout": "seconds to wait for the old leader to stream again after it boots"})
-def drill_failover(c, write_wait=15, rejoin_timeout=240):
+            "rejoin_timeout": "seconds to wait for the old leader to stream again after it boots",
+            "frontdoor": "the writer connects to VIP:5000 (HAProxy -> PgBouncer) instead of the hosts (cluster.vip)"})
+def drill_failover(c, write_wait=15, rejoin_timeout=240, frontdoor=False):
     """Lab drill: hard power-off of the leader under a writer; time until a new primary accepts writes,
     boot the old leader and wait until it streams again (pg_rewind), then prove no acknowledged row was lost."""
     with session(c, "drill.failover") as ctx:
         require_lab(ctx, "drill.failover")
-        res = failover_drill(ctx, float(write_wait), float(rejoin_timeout))
+        res = failover_drill(ctx, float(write_wait), float(rejoin_timeout), _writer_dsn(ctx, frontdoor))
         ok = res["lost"] == 0 and res.get("rejoined") and res.get("writable_s") is not None
         ctx.ledger.event(res["killed"], "drill.failover", "result", json.dumps(res), 0 if ok else 1)
         t = Table("figure", "value", title=f"drill.failover: {res['killed']} powered off", title_justify="left")
@@ -150,8 +151,9 @@ def drill_failover(c, write_wait=15, rejoin_timeout=240):
 
 
 
-@task(help={"count": "how many switchovers in a row (each back to the previous leader's standby)"})
-def drill_switchover(c, count=2):
+@task(help={"count": "how many switchovers in a row (each back to the previous leader's standby)",
+            "frontdoor": "the writer connects to VIP:5000 (HAProxy -> PgBouncer) instead of the hosts (cluster.vip)"})
+def drill_switchover(c, count=2, frontdoor=False):
     """Lab drill: N switchovers in a row under a writer; per switchover the command time, until writable,
     until the old leader streams, the writer's longest gap; then proves no acknowledged row was lost."""
     count = int(count)
@@ -159,7 +161,7 @@ def drill_switchover(c, count=2):
         raise Exit("error: --count must be at least 1", code=2)
     with session(c, "drill.switchover") as ctx:
         require_lab(ctx, "drill.switchover")
-        res = switchover_drill(ctx, count)
+        res = switchover_drill(ctx, count, _writer_dsn(ctx, frontdoor))
         ok = res["lost"] == 0
         ctx.ledger.event("local", "drill.switchover", "result", json.dumps(res), 0 if ok else 1)
         t = Table(title=f"drill.switchover x{count}", title_justify="left")
@@ -177,9 +179,50 @@ def drill_switchover(c, count=2):
         ui.console.print(f"[bold green]✓[/] drill.switchover: {count} switchovers, 0 rows lost")
 
 
+@task(help={"write_wait": "seconds to wait for writes through the VIP before booting the host again",
+            "rejoin_timeout": "seconds to wait for the host (a PostgreSQL host) to stream again after it boots"})
+def drill_vip(c, write_wait=15, rejoin_timeout=240):
+    """Lab drill: hard power-off of the balancer holding the VIP under a writer on VIP:5000 (cluster.vip); time
+    until another balancer holds the VIP and writes resume; boot it again, wait until the front door settled;
+    then prove no acknowledged row was lost."""
+    from runbook.procedures.frontdoor_drill import vip_drill
+
+    with session(c, "drill.vip") as ctx:
+        require_lab(ctx, "drill.vip")
+        _writer_dsn(ctx, True)  # refuses an inventory without cluster.vip
+        res = vip_drill(ctx, float(write_wait), float(rejoin_timeout))
+        ok = res["lost"] == 0 and res.get("settled") and res.get("writable_s") is not None
+        ctx.ledger.event(res["killed"], "drill.vip", "result", json.dumps(res), 0 if ok else 1)
+        t = Table("figure", "value", title=f"drill.vip: {res['killed']} (VIP holder) powered off", title_justify="left")
+        for label, key in (("VIP moved to", "vip_moved_to"), ("VIP moved after s", "vip_moved_s"),
+                           ("the host was the leader", "was_leader"), ("writes resumed after s", "writable_s"),
+                           ("longest write gap s", "longest_write_gap_s"), ("rows acknowledged", "acknowledged"),
+                           ("rows present on the primary", "present"), ("lost", "lost"),
+                           ("write errors (retried)", "write_errors"), ("settled after the boot", "settled"),
+                           ("VIP holder at the end", "vip_holder_after")):
+            t.add_row(label, str(res.get(key)))
+        ui.console.print(t)
+        if not ok:
+            raise Exit(f"drill.vip failed: lost {res['lost']}, settled {res.get('settled')}, "
+                       f"writable {res.get('writable_s')}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.vip: {res['acknowledged']} rows acknowledged, 0 lost")
+
+
+def _writer_dsn(ctx, frontdoor: bool) -> str | None:
+    """--frontdoor: the writer's DSN through the VIP; refused when the inventory has no cluster.vip."""
+    if not frontdoor:
+        return None
+    if ctx.inventory.cluster.vip is None:
+        raise Exit(f"error: --frontdoor needs cluster.vip in {ctx.inventory.path} (the front door is off)", code=2)
+    from runbook.procedures.frontdoor import frontdoor_dsn
+
+    return frontdoor_dsn(ctx)
+
+
 drill = Collection("drill")
 drill.add_task(drill_failover, name="failover")
 drill.add_task(drill_switchover, name="switchover")
+drill.add_task(drill_vip, name="vip")
 
 
 # -- secrets.rotate (password rotation) ---------------------------------------------------------

@@ -100,9 +100,12 @@ def etcd_health(c):
             raise Exit(f"unhealthy etcd member(s): {', '.join(bad)}", code=1)
 
 
-@task(help={"json": JSON_HELP + ": {cluster, etcd: {endpoints, unreachable}, members, error}"})
+@task(help={"json": JSON_HELP + ": {cluster, etcd: {endpoints, unreachable}, members, frontdoor, error}"})
 def cluster_status(c, json=False):
-    """Show the etcd endpoint table and the Patroni members (role, state, timeline, lag)."""
+    """Show the etcd endpoint table, the Patroni members (role, state, timeline, lag) and, with cluster.vip,
+    the front door: which balancer holds the VIP and which backend each HAProxy listener sends clients to."""
+    from runbook.procedures.frontdoor import frontdoor_doc, frontdoor_table
+
     with session(c, "cluster.status", lock=False) as ctx:
         doc: dict = {"cluster": ctx.inventory.cluster.name, "etcd": etcd_doc(ctx), "members": None, "error": None}
         if not json:
@@ -111,10 +114,13 @@ def cluster_status(c, json=False):
             doc["members"] = members_doc(ctx)
         except RuntimeError as exc:
             doc["error"] = str(exc)
+        doc["frontdoor"] = frontdoor_doc(ctx) if ctx.inventory.balancers else None
         if json:
             print_json(doc)
         elif doc["members"] is not None:
             ui.console.print(_members_table(ctx, doc["members"]))
+        if doc["frontdoor"] and not json:
+            ui.console.print(frontdoor_table(doc["frontdoor"]))
         if doc["error"]:
             raise Exit(f"error: {doc['error']}", code=1)
 
@@ -148,12 +154,17 @@ def collections() -> list[Collection]:
 
     for t in (switchover, restart, reload):
         patroni.add_task(_task(t))
+    pooler = section_collection("pooler", "Install PgBouncer on the postgres hosts (lookup role and function on the "
+                                          "leader, config, TLS, login proof); needs cluster.vip; resumable.")
+    balancer = section_collection("balancer", "Install HAProxy and keepalived on the balancer hosts (the postgres "
+                                              "hosts when none is named); needs cluster.vip; resumable.")
     cluster = Collection("cluster")
     cluster.add_task(section_install("cluster.up", all_steps,
                                      "Run the whole runbook in order (push bundle, etcd, postgres, patroni, "
-                                     "verify); after a failure or interruption, run it again to resume."),
+                                     "verify, and with cluster.vip: pooler, balancer); after a failure or "
+                                     "interruption, run it again to resume."),
                      name="up")
     cluster.add_task(cluster_status, name="status")
     cluster.add_task(section_install("cluster.verify", lambda: section_steps("cluster"),
                                      "Write a row on the leader and read it on every replica."), name="verify")
-    return [etcd, postgres, patroni, cluster]
+    return [etcd, postgres, patroni, pooler, balancer, cluster]

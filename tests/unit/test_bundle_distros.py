@@ -81,7 +81,7 @@ def test_targets_are_the_inventorys_distributions_and_roles(tmp_path):
     (tmp_path / "hosts.yml").write_text(MIXED)
     s = load_settings({"inventory": str(tmp_path / "hosts.yml")}, root=tmp_path, files=[], environ={})
     cl = _inventory_cluster(s, None)
-    assert cl["targets"] == {"debian13": ("etcd",), "debian12": ("etcd", "postgres")}
+    assert cl["targets"] == {"debian13": ("etcd",), "debian12": ("balancer", "etcd", "postgres")}
     assert targets_of(BuildOptions(bundle_dir=tmp_path, targets=cl["targets"])) == cl["targets"]
     assert targets_of(BuildOptions(bundle_dir=tmp_path, os_name="debian13")) == {"debian13": ("etcd", "postgres")}
 
@@ -165,6 +165,6 @@ def test_debs_install_in_apts_order_and_a_pre_depends_gets_another_pass(tmp_path
     assert [e.path for e in m.debs("debian13")] == ["debs/debian13/libext2fs2t64_1.47_amd64.deb",
                                                     "debs/debian13/e2fsprogs_1.47_amd64.deb"]
     assert [e.order for e in m.debs("debian13")] == [1, 2]
-    cmd = postgres.dpkg_install("a.deb b.deb")
+    cmd = postgres.dpkg_install("a.deb b.deb").cmd
     assert "dpkg -i --skip-same-version a.deb b.deb" in cmd and "'pre-dependency problem'" in cmd
     assert "[ $pre -lt 3 ]" in cmd  # bounded

@@ -50,7 +50,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "hosts_list.yml": ("hosts: expected a mapping of host name", "got a list",
                        "one 'name: {address: ..., roles: [...]}' line per host"),
     "host_without_settings.yml": ("hosts.node02:", "has no settings", "give it {address: <IPv4>, roles:"),
-    "bad_role.yml": ("hosts.etcd01.roles.0: 'etc' is not a role; use etcd or postgres",),
+    "bad_role.yml": ("hosts.etcd01.roles.0: 'etc' is not a role; use etcd, postgres or balancer",),
     "empty_roles.yml": ("hosts.node02.roles:", "no roles", "give at least one of etcd, postgres"),
     "roles_not_list.yml": ("hosts.etcd01.roles:", "expected a list of roles", "roles: [etcd]"),
     "repeated_role.yml": ("hosts.etcd01.roles:", "etcd listed twice", "list each role once"),
@@ -87,6 +87,12 @@ EXPECT: dict[str, tuple[str, ...]] = {
                           "remove the extra '---'"),
     "empty.yml": ("the file is empty", "needs cluster:", "hosts:", "complete example"),
     "comments_only.yml": ("the file is empty (or only comments)", "needs cluster:"),
+    "vip_outside_subnet.yml": ("cluster.vip:", "192.168.60.7 is not in 192.0.2.0/24", "balancer host node01",
+                               "pick a free address in 192.0.2.0/24"),
+    "vip_is_host_address.yml": ("cluster.vip:", "192.0.2.21 is the address of host node01", "a free address"),
+    "vip_not_address.yml": ("cluster.vip:", "'front.example.org' is not an IPv4 address", "e.g. 192.0.2.100"),
+    "ports_clash.yml": ("cluster.ports:", "three different ports", "5000, 5001, 6432"),
+    "balancer_without_vip.yml": ("hosts.lb01.roles:", "needs a floating address", "add cluster.vip"),
     "not_utf8.yml": (":2: not UTF-8 text", "byte 0xe9", "save the file as UTF-8"),
 }
 

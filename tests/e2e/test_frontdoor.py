@@ -1,0 +1,206 @@
+"""The front door on real hosts (one address for applications): the session's inventory plus cluster.vip,
+so HAProxy and keepalived run on the PostgreSQL hosts (no balancer host) and PgBouncer on each.
+
+A client through VIP:5000 reaches the primary (PgBouncer, TLS, SCRAM via auth_query), VIP:5001 a replica;
+`cluster.status` shows which backend each listener points at; the audit passes with the front door's checks;
+a switchover under the writer connected to VIP:5000 loses no acknowledged row and the client follows it.
+With RUNBOOK_SOAK=1 (`make soak`): a hard power-off of the leader, then of the balancer holding the VIP,
+each under the writer on VIP:5000. At the end the front door's services are stopped and the VIP released:
+the modules after this one find the cluster as the session's inventory describes it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import INV, REPO, SCALE, env, wait_for
+
+from runbook.inventory import Inventory, load_inventory
+
+pytestmark = pytest.mark.e2e
+SOAK = os.environ.get("RUNBOOK_SOAK") == "1"
+SERVICES = ("keepalived", "haproxy", "pgbouncer")
+
+
+def run(state: Path, inventory: Inventory, *args: str, check: bool = True, timeout: float = 900):
+    p = subprocess.run([INV, *args], cwd=REPO, env=env(state, inventory.path), capture_output=True, text=True,
+                       timeout=timeout * SCALE, stdin=subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise AssertionError(f"inv {' '.join(args)} exited {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def free_vip(base: Inventory) -> str:
+    """A free address of the PostgreSQL hosts' /24, from the top (extra hosts of other modules count up)."""
+    used = {h.address for h in base.hosts}
+    net = ipaddress.ip_network(f"{base.postgres[0].address}/24", strict=False)
+    return next(str(a) for a in reversed(list(net.hosts())) if str(a) not in used and int(a) & 0xFF < 250)
+
+
+def with_vip(base: Inventory, dest: Path) -> Path:
+    doc = yaml.safe_load(base.path.read_text())
+    for k in ("key", "known_hosts"):
+        doc["ssh"][k] = str((base.path.parent / doc["ssh"][k]).resolve())
+    doc["cluster"]["vip"] = base.cluster.vip or free_vip(base)
+    dest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def front(converged, tmp_path_factory):
+    """(inventory with cluster.vip, state): the converged cluster with the front door installed by cluster.up."""
+    from runbook.core.transport import SshTransport
+
+    base, state = converged
+    inventory = load_inventory(with_vip(base, tmp_path_factory.mktemp("frontdoor") / "hosts-vip.yml"))
+    t0 = time.monotonic()
+    out = run(state, inventory, "cluster.up", timeout=900).stdout
+    print(f"\nfront door installed by cluster.up in {time.monotonic() - t0:.1f}s")
+    assert "pooler.config" in out and "balancer.settled" in out, out[-3000:]
+    yield inventory, state
+    if base.cluster.vip is None:  # the session's inventory has no front door: leave none running
+        t = SshTransport()
+        try:
+            for h in inventory.balancers:
+                t.run(h, f"systemctl disable --now {' '.join(SERVICES)}", timeout=60)
+        finally:
+            t.close()
+        run(state, base, "cluster.up", timeout=900)  # pg_hba as the session's inventory has it
+
+
+def _dsn(inventory: Inventory, state: Path, port: int) -> str:
+    from runbook.credentials.secrets import load_secrets
+
+    admin = load_secrets(state)["admin"]
+    return (f"host={inventory.cluster.vip} port={port} dbname=postgres user={admin['username']} "
+            f"password={admin['password']} sslmode=verify-ca sslrootcert={state / 'pki' / 'ca.crt'} connect_timeout=3")
+
+
+def ask(inventory: Inventory, state: Path, port: int, sql: str = "select pg_is_in_recovery()"):
+    import psycopg
+
+    with psycopg.connect(_dsn(inventory, state, port), prepare_threshold=None) as conn:
+        row = conn.execute(sql).fetchone()
+        tls = conn.pgconn.ssl_in_use
+    return row[0] if row else None, tls
+
+
+def status(state: Path, inventory: Inventory) -> dict:
+    return json.loads(run(state, inventory, "cluster.status", "--json").stdout)
+
+
+def leader_host(doc: dict) -> str:
+    return next(m["name"] for m in doc["members"] if m["leader"]).removeprefix("patroni_")
+
+
+def test_client_through_the_vip_reaches_the_primary_and_a_replica(front):
+    inventory, state = front
+    assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)  # the primary, over TLS
+    assert ask(inventory, state, inventory.cluster.ports.ro) == (True, True)  # a replica, over TLS
+    # through PgBouncer's local socket: PostgreSQL sees no TCP peer
+    assert ask(inventory, state, inventory.cluster.ports.rw, "select inet_server_addr() is null")[0] is True
+
+
+def test_status_shows_the_vip_holder_and_each_listeners_backend(front):
+    inventory, state = front
+    doc = status(state, inventory)
+    fd = doc["frontdoor"]
+    assert fd["vip"] == inventory.cluster.vip
+    assert sum(b["holds_vip"] for b in fd["balancers"]) == 1, fd
+    lead = leader_host(doc)
+    for b in fd["balancers"]:
+        assert b["listeners"]["postgres_rw"]["up"] == [lead], fd
+        assert b["listeners"]["postgres_ro"]["up"] == [h.name for h in inventory.postgres if h.name != lead], fd
+    from runbook.procedures.frontdoor import frontdoor_table
+    from runbook.console import console
+
+    with console.capture() as cap:  # the table cluster.status prints from the same document
+        console.print(frontdoor_table(fd))
+    assert "holds it" in cap.get() and lead in cap.get()
+
+
+def test_audit_passes_with_the_front_door(front):
+    inventory, state = front
+    out = run(state, inventory, "cluster.audit", "--verbose", timeout=300).stdout
+    assert "no findings" in out, out[-3000:]
+    assert "PgBouncer refuses a client without TLS" in out and "lookup role pgbouncer_auth" in out
+
+
+def frontdoor_doc(ctx) -> dict:
+    from runbook.procedures.frontdoor import frontdoor_doc as doc
+
+    return doc(ctx)
+
+
+def drill_ctx(inventory: Inventory, state: Path):
+    """An in-process context on the session's state for the drills: `inv drill.*` runs only against the lab
+    of the inventory the lab was made from, and this module's inventory is a copy with cluster.vip."""
+    from runbook.cluster.context import Ctx
+    from runbook.core.ledger import Ledger
+    from runbook.core.transport import SshTransport
+
+    ctx = Ctx(inventory=inventory, transport=SshTransport(), state_dir=state, bundle_dir=REPO / "bundle")
+    ctx.ledger = Ledger(state / f"{inventory.cluster.name}.db", redact=ctx.redact)
+    return ctx
+
+
+def show(title: str, res: dict) -> None:
+    print(f"\n{title}: longest write gap {res['longest_write_gap_s']} s; rows acknowledged {res['acknowledged']}, "
+          f"present {res['present']}, lost {res['lost']}; write errors (retried) {res['write_errors']}")
+
+
+def test_switchover_through_the_vip_loses_nothing_and_the_client_follows(front):
+    from runbook.cluster.readers import members
+    from runbook.procedures.drill import switchover_drill
+    from runbook.procedures.frontdoor import frontdoor_dsn
+
+    inventory, state = front
+    ctx = drill_ctx(inventory, state)
+    try:
+        before = next(m.name for m in members(ctx) if m.is_leader).removeprefix("patroni_")
+        res = switchover_drill(ctx, 1, frontdoor_dsn(ctx))
+        show("front door switchover (writer on VIP:5000)", res)
+        assert res["lost"] == 0 and res["acknowledged"] == res["present"] > 0, res
+        after = res["final_primary"]
+        assert after != before
+        # the read-write listener follows: every balancer sends clients to the new primary only
+        wait_for(lambda: all(b["listeners"]["postgres_rw"]["up"] == [after]
+                             for b in frontdoor_doc(ctx)["balancers"]), 30)
+    finally:
+        ctx.transport.close()
+    assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)
+
+
+if SOAK:  # `make soak` only (minutes each): the power-off drills through the VIP
+    def test_soak_failover_by_power_off_of_the_leader_through_the_vip(front):
+        from runbook.procedures.drill import failover_drill
+        from runbook.procedures.frontdoor import frontdoor_dsn
+
+        inventory, state = front
+        ctx = drill_ctx(inventory, state)
+        try:
+            res = failover_drill(ctx, 5, 240, frontdoor_dsn(ctx))
+        finally:
+            ctx.transport.close()
+        show(f"front door failover ({res['killed']}, the leader, powered off)", res)
+        assert res["lost"] == 0 and res["acknowledged"] == res["present"] > 0 and res["rejoined"], res
+
+    def test_soak_power_off_of_the_vip_holder(front):
+        from runbook.procedures.frontdoor_drill import vip_drill
+
+        inventory, state = front
+        ctx = drill_ctx(inventory, state)
+        try:
+            res = vip_drill(ctx, 5, 240)
+        finally:
+            ctx.transport.close()
+        show(f"front door: {res['killed']} (VIP holder) powered off, VIP on {res['vip_moved_to']} after "
+             f"{res['vip_moved_s']} s", res)
+        assert res["lost"] == 0 and res["acknowledged"] == res["present"] > 0 and res["settled"], res
+        assert res["vip_moved_to"] != res["killed"]
