@@ -206,13 +206,19 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
             if opts.os_name == "debian12":
                 base = base_tree(opts.cache, rep.log)
                 mirrors = _mirrors(opts)
-                for d in debs_mod.closure(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
-                                          opts.recommends, rep.log):
+                roles_of: dict[str, tuple[str, ...]] = {}  # one file per .deb, with the roles of every closure
+                found: dict[str, debs_mod.Deb] = {}
+                for roles, debs in debs_mod.closures(base, opts.pg_major, opts.cache, mirrors, opts.os_name,
+                                                     opts.recommends, rep.log).items():
+                    for d in debs:
+                        found[d.filename] = d
+                        roles_of[d.filename] = tuple(dict.fromkeys(roles_of.get(d.filename, ()) + roles))
+                for d in found.values():
                     rel = f"debs/{opts.os_name}/{d.filename}"
                     _copy(d.path, stage / rel)
                     entries.append(make_entry(stage, rel, kind="deb", version=d.version, name=d.name,
                                               source=f"{mirrors.main} {d.origin}: {d.name}={d.version}",
-                                              roles=("postgres",)))
+                                              roles=roles_of[d.filename]))
                 notes.append(f"Debian mirror {mirrors.main}, security {mirrors.security or '(none known)'}")
             else:
                 rel = f"rpms/{opts.os_name}/COMMANDS-UNTESTED.sh"

@@ -45,8 +45,17 @@ def sources_list(mirrors: DebianMirrors, suite: str = "bookworm") -> str:
     return "\n".join(lines) + "\n"
 
 
-def packages(major: int) -> list[str]:
-    return [f"postgresql-{major}", f"postgresql-client-{major}", "python3-venv"]
+# What the hosts of each role install from the bundle ({major}: cluster.postgres_major). One closure is
+# resolved per entry against a bare host; a .deb in several closures is one file with the roles of each.
+# pgBackRest must be the same version on the repository and the PostgreSQL hosts: it comes from one archive.
+ROLE_PACKAGES: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("postgres", "restore"): ("postgresql-{major}", "postgresql-client-{major}", "python3-venv", "pgbackrest"),
+    ("backup",): ("pgbackrest",),
+}
+
+
+def packages(major: int, roles: tuple[str, ...] = ("postgres", "restore")) -> list[str]:
+    return [p.format(major=major) for p in ROLE_PACKAGES[roles]]
 
 
 def _sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -104,7 +113,13 @@ def deb_filename(name: str, version: str, arch: str) -> str:
 
 def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
             recommends: bool = True, log=print) -> list[Deb]:
-    """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host.
+    """Download the dependency closure of PostgreSQL ``major`` for a bare ``os_name`` host."""
+    return closures(base, major, cache, mirrors, os_name, recommends, log)[("postgres", "restore")]
+
+
+def closures(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name: str = "debian12",
+             recommends: bool = True, log=print) -> dict[tuple[str, ...], list[Deb]]:
+    """Download the dependency closure of each ROLE_PACKAGES entry for a bare ``os_name`` host.
 
     ``recommends`` (default, as apt does on a host) includes Recommends: the set the lab tested.
     """
@@ -117,7 +132,6 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
     lists = work / "lists-bookworm"
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
-    want = packages(major)
     rec = [] if recommends else ["--no-install-recommends"]
     with _root_view(base, work, log) as root:
         (root / "etc/apt/sources.list").write_text(sources_list(mirrors))
@@ -132,36 +146,42 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
             r = _chroot(root, "apt-get", "-q", "update")
             if r.returncode != 0:
                 raise BundleError(f"apt-get update in the base tree failed: {r.stderr.strip()[-600:]}")
-            r = _chroot(root, "apt-get", "install", "-s", "-y", *rec, *want)
-            if r.returncode != 0:
-                err = (r.stderr + r.stdout).strip()
-                if f"Unable to locate package postgresql-{major}" in err or \
-                        f"Package postgresql-{major} is not available" in err:
-                    raise BundleError(
-                        f"postgresql-{major} is not in Debian 12's own repository (it has 15); "
-                        f"{major} comes from PGDG, which this build machine cannot "
-                        "reach. Use --pg-major 15 (or set cluster.postgres_major: 15 in hosts.yml).")
-                raise BundleError(f"apt-get install -s {' '.join(want)} failed: {err[-800:]}")
-            plan = parse_simulation(r.stdout)
-            if not plan:
-                raise BundleError("apt's plan is empty: the base tree already has PostgreSQL? "
-                                  "rebuild the base tree (runbook.lab.base)")
-            log(f"apt-get install --download-only: {len(plan)} packages")
-            r = _chroot(root, "apt-get", "install", "--download-only", "-y", "-q",
-                        *rec, *want)
-            if r.returncode != 0:
-                raise BundleError(f"apt-get --download-only failed: {r.stderr.strip()[-800:]}")
+            plans = {}
+            for roles in ROLE_PACKAGES:
+                want = packages(major, roles)
+                r = _chroot(root, "apt-get", "install", "-s", "-y", *rec, *want)
+                if r.returncode != 0:
+                    err = (r.stderr + r.stdout).strip()
+                    if f"Unable to locate package postgresql-{major}" in err or \
+                            f"Package postgresql-{major} is not available" in err:
+                        raise BundleError(
+                            f"postgresql-{major} is not in Debian 12's own repository (it has 15); "
+                            f"{major} comes from PGDG, which this build machine cannot "
+                            "reach. Use --pg-major 15 (or set cluster.postgres_major: 15 in hosts.yml).")
+                    raise BundleError(f"apt-get install -s {' '.join(want)} failed: {err[-800:]}")
+                plan = parse_simulation(r.stdout)
+                if not plan:
+                    raise BundleError("apt's plan is empty: the base tree already has PostgreSQL? "
+                                      "rebuild the base tree (runbook.lab.base)")
+                log(f"apt-get install --download-only: {len(plan)} packages")
+                r = _chroot(root, "apt-get", "install", "--download-only", "-y", "-q",
+                            *rec, *want)
+                if r.returncode != 0:
+                    raise BundleError(f"apt-get --download-only failed: {r.stderr.strip()[-800:]}")
+                plans[roles] = plan
         finally:
             for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
                 if _sh(["umount", str(root / sub)]).returncode != 0:
                     _sh(["umount", "-l", str(root / sub)])
-    debs = []
-    for name, version, origin, arch in plan:
-        p = archives / deb_filename(name, version, arch)
-        if not p.is_file():
-            raise BundleError(f"{p}: apt planned {name} {version} but the archive is not there")
-        debs.append(Deb(name=name, version=version, arch=arch, origin=origin, path=p))
-    return debs
+    out: dict[tuple[str, ...], list[Deb]] = {}
+    for roles, plan in plans.items():
+        out[roles] = []
+        for name, version, origin, arch in plan:
+            p = archives / deb_filename(name, version, arch)
+            if not p.is_file():
+                raise BundleError(f"{p}: apt planned {name} {version} but the archive is not there")
+            out[roles].append(Deb(name=name, version=version, arch=arch, origin=origin, path=p))
+    return out
 
 
 def rhel_commands(major: int, os_name: str) -> str:

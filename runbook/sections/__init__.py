@@ -5,7 +5,7 @@ from importlib import import_module
 
 from runbook.core.step import Section, Step
 
-MODULES = ("push", "etcd", "postgres", "patroni", "verify")
+MODULES = ("push", "etcd", "postgres", "patroni", "verify", "backup")
 
 
 def sections() -> list[Section]:

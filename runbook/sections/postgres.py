@@ -9,6 +9,7 @@ from runbook.sections.tls_files import tls_check, tls_files
 
 section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
 CREATECLUSTER = "/etc/postgresql-common/createcluster.conf"
+CREATECLUSTER_CONTENT = b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"
 
 
 def major(ctx: Ctx) -> int:
@@ -20,7 +21,7 @@ def packages(ctx: Ctx, host: Host) -> list:
     """Packages: PostgreSQL and python3-venv from the bundle's .deb files, offline
     Every file is checked first (a missing one fails before anything is installed); no
     default cluster is created (createcluster.conf), the rest of the walk-through's step 1."""
-    debs = manifest(ctx).debs()
+    debs = [e for e in manifest(ctx).debs() if "postgres" in e.roles]  # not the backup host's own
     files = " ".join(remote(e) for e in debs)  # exactly the manifest's list: never a glob of the directory
     guard = [] if allow_downgrade(ctx) else [Run(
         # name and bundled version on stdin; an installed package newer than the bundle's stops the step
@@ -36,14 +37,18 @@ def packages(ctx: Ctx, host: Host) -> list:
         "\"$bad\" >&2; "
         "exit 1", stdin="".join(f"{e.name} {e.version}\n" for e in debs).encode())]
     return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
-            Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
+            Put(CREATECLUSTER, CREATECLUSTER_CONTENT),
             *guard,
-            # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
-            # stop remote commands): wait for its lock (up to 5 min) instead of failing on it.
-            Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
-                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
-                ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
-                "tail -20 $log >&2; exit 1", timeout=1800)]
+            dpkg_install(files)]
+
+
+def dpkg_install(files: str) -> Run:
+    """dpkg -i of bundle files, offline. An interrupted run's dpkg may still be running on the host (kill -9
+    of the runbook does not stop remote commands): wait for its lock (up to 5 min) instead of failing on it."""
+    return Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
+               f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
+               ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; done; "
+               "tail -20 $log >&2; exit 1", timeout=1800)
 
 
 def allow_downgrade(ctx: Ctx) -> bool:

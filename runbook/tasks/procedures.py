@@ -39,7 +39,10 @@ def audit(c, verbose=False):
             for ch in checks:
                 if not ch.problems:
                     t.add_row(ch.host, ch.name, "[green]ok[/]")
-        if findings or verbose:
+        for ch in checks:
+            for w in ch.warnings:
+                t.add_row(ch.host, ch.name, f"[yellow]warning: {w}[/]")
+        if findings or verbose or any(ch.warnings for ch in checks):
             ui.console.print(t)
         hosts = len({ch.host for ch in checks})
         if findings:
