@@ -12,11 +12,11 @@ import shlex
 
 from runbook.cluster.commands import psql
 from runbook.cluster.context import Ctx
-from runbook.core.step import Run, Section, Step, wait_for
+from runbook.core.step import Run, Section, Step
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.procedures.backup_ops import ORDER, require_repo
-from runbook.sections.backup import RESTORE_PGDATA, pgbr, repo_host
+from runbook.sections.backup import RESTORE_PGDATA, leader_host, pgbr
 
 UNIT = "runbook-restored"  # the restored server: a transient systemd unit on the restore host
 START_WAIT = 900  # seconds for the replay up to T and the promotion
@@ -76,10 +76,15 @@ def restore_steps(ctx: Ctx, host: Host, target: dt.datetime) -> list[Step]:
     bin_dir = ctx.paths.pg_bin_dir(ctx.inventory.cluster.postgres_major)
     promoted = psql(ctx, "-tAc 'select not pg_is_in_recovery()'") + " | grep -qx t"
 
-    @sec.step("archived", role="backup", only=repo_host)
+    target_dep = lambda ctx, h: [f"target {t}"]  # noqa: E731  (a resumed run with another T redoes them)
+
+    @sec.step("archived", role="postgres", only=leader_host, depends_on=target_dep)
     def archived(ctx: Ctx, h: Host) -> list:
-        """WAL up to now in the repository: pgbackrest check (switches a segment, waits until it is archived)"""
-        return [Run(pgbr(ctx, "check"), user="postgres", timeout=300)]
+        """WAL up to now in the repository, on the leader: a commit after T (recovery to a time stops at the
+        first commit past it; without one it fails at the end of the WAL), then pgbackrest check (switches
+        the WAL segment, waits until the repository has it)"""
+        return [Run(psql(ctx, "-tAc 'select txid_current()'") + " >/dev/null", user="postgres", timeout=60),
+                Run(pgbr(ctx, "check"), user="postgres", timeout=300)]
 
     @sec.step("wipe", role="restore", only=on,
               irreversible=f"deletes the previous restored copy in {RESTORE_PGDATA} on {host.name}")
@@ -93,18 +98,24 @@ def restore_steps(ctx: Ctx, host: Host, target: dt.datetime) -> list[Step]:
         """pgbackrest restore --type=time: the newest backup before T, then WAL replay up to T and a promotion;
         archive_mode off and the standalone settings in postgresql.auto.conf"""
         extra = "".join(f"{k} = '{v}'\n" for k, v in STANDALONE.items())
-        return [Run(pgbr(ctx, f"--pg1-path={RESTORE_PGDATA} --type=time --target={shlex.quote(t)} "
+        # --delta: a resumed (or repeated) restore fixes up what an interrupted one left
+        return [Run(f"systemctl stop {UNIT} 2>/dev/null; systemctl reset-failed {UNIT} 2>/dev/null; true"),
+                Run(pgbr(ctx, f"--pg1-path={RESTORE_PGDATA} --delta --type=time --target={shlex.quote(t)} "
                               "--target-action=promote --archive-mode=off restore"), user="postgres", timeout=6 * 3600),
                 Run(f"printf '%s' {shlex.quote('# pg-ha-runbook: a standalone restored copy' + chr(10) + extra)} "
                     f">> {RESTORE_PGDATA}/postgresql.auto.conf", user="postgres")]
 
-    @sec.step("start", role="restore", only=on)
+    @sec.step("start", role="restore", only=on, depends_on=target_dep)
     def start(ctx: Ctx, h: Host) -> list:
         """Start the copy (transient unit runbook-restored, as postgres) and wait until it is promoted"""
         return [Run(f"systemd-run --unit={UNIT} --property=User=postgres --property=Group=postgres "
                     f"{bin_dir}/postgres -D {RESTORE_PGDATA}"),
-                Run(wait_for(promoted, START_WAIT, 2) + f" || {{ journalctl -u {UNIT} -n 20 --no-pager >&2; exit 1; }}",
-                    user="postgres", timeout=START_WAIT + 60)]
+                # bounded; a copy that stopped (e.g. the WAL ends before T) fails the step at once, with its log
+                Run(f"for i in $(seq {START_WAIT // 2}); do {_as_postgres(promoted)} && exit 0; "
+                    f"systemctl is-active -q {UNIT} || break; sleep 2; done; "
+                    f"journalctl -u {UNIT} -n 40 --no-pager | grep -E 'FATAL|PANIC' | grep -v 57P03 | tail -5 >&2; "
+                    f" echo '{host.name}: the restored copy is not promoted (log above)' >&2; exit 1",
+                    timeout=START_WAIT + 60)]
 
     @start.check
     def _start_check(ctx: Ctx, h: Host) -> str:
@@ -119,10 +130,13 @@ def restore_steps(ctx: Ctx, host: Host, target: dt.datetime) -> list[Step]:
     return [archived, wipe, restore, start]
 
 
+RECOVERED_SQL = ("select coalesce(to_char(pg_last_xact_replay_timestamp() at time zone 'UTC', "
+                 "'YYYY-MM-DD\"T\"HH24:MI:SS.US+00:00'), '')")
+
+
 def recovered_at(ctx: Ctx, host: Host) -> str:
     """The time of the last transaction the restored copy replayed (pg_last_xact_replay_timestamp)."""
-    r = ctx.transport.run(host, psql(ctx, "-tAc \"select coalesce(pg_last_xact_replay_timestamp()::text, '')\""),
-                          user="postgres", timeout=60)
+    r = ctx.transport.run(host, psql(ctx, "-tAc " + shlex.quote(RECOVERED_SQL)), user="postgres", timeout=60)
     if not r.ok:
         raise ProcedureFailed(f"{host.name}: the restored copy does not answer: {r.stderr.strip()[-300:]}", 1)
     return r.stdout.strip()

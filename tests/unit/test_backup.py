@@ -169,9 +169,15 @@ def test_restore_steps_mark_the_wipe_irreversible(bctx, binv):
     assert [s.name for s in steps] == ["backup.restore.archived", "backup.restore.wipe", "backup.restore.restore",
                                        "backup.restore.start"]
     assert [s.name for s in steps if s.irreversible] == ["backup.restore.wipe"]
-    cmd = steps[2].actions_fn(bctx, binv.get("spare01"))[0].cmd
+    cmd = steps[2].actions_fn(bctx, binv.get("spare01"))[1].cmd
     assert "--type=time --target='2026-11-29 23:01:02.500000+00'" in cmd and "--archive-mode=off" in cmd
     assert [h.name for h in steps[1].hosts(bctx, list(binv.hosts))] == ["spare01"]
+    assert "select txid_current()" in steps[0].actions_fn(bctx, binv.get("node01"))[0].cmd  # a commit after T
+    other = restore.restore_steps(bctx, binv.get("spare01"), t + dt.timedelta(seconds=1))
+    for a, b in zip(steps, other, strict=True):  # a resumed run with another T: all but the wipe run again
+        h = a.hosts(bctx, list(binv.hosts))[0]
+        same = a.fingerprint(bctx, h, a.actions_fn(bctx, h)) == b.fingerprint(bctx, h, b.actions_fn(bctx, h))
+        assert same == (a.name == "backup.restore.wipe"), a.name
 
 
 def test_restore_refuses_a_cluster_member(bctx):
