@@ -16,6 +16,7 @@ for col in collections():
     ns.add_collection(col)
 ns.add_collection(records.ns)
 ns.add_collection(backup.ns)
+drill.add_task(backup.drill_restore, name="restore")
 ns.add_collection(drill)
 ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)

@@ -133,3 +133,31 @@ ns.add_task(run)
 ns.add_task(list_, name="list")
 ns.add_task(check)
 ns.add_task(restore)
+
+
+@task(help={"before": "seconds of writes before T", "after": "seconds of writes after T (then DROP TABLE)",
+            "on": "the restore host (role restore); default: the first one"})
+def drill_restore(c, before=5, after=5, on=None):
+    """Lab drill: rows under the writer, a time T, more rows, DROP TABLE, then backup.restore to T on a restore
+    host: every row acknowledged before T present, none written after T; prints the time to restore."""
+    import json as jsonlib
+
+    from runbook.procedures.restore_drill import restore_drill
+
+    with session(c, "drill.restore") as ctx:
+        try:
+            res = restore_drill(ctx, float(before), float(after), on)
+        except RunbookError as exc:
+            raise Exit(f"error: drill.restore: {exc}", code=getattr(exc, "code", 1) or 1) from None
+        ok = res["missing"] == 0 and res["restored_after_t"] == 0
+        ctx.ledger.event(res["restored_on"], "drill.restore", "result", jsonlib.dumps(res), 0 if ok else 1)
+        t = Table("figure", "value", title=f"drill.restore: to T on {res['restored_on']}", title_justify="left")
+        for k in ("target_time", "recovered_at", "restore_s", "rows_written", "acknowledged_before_t",
+                  "present_before_t", "written_after_t", "restored_after_t", "restored_rows", "write_errors"):
+            t.add_row(k, str(res[k]))
+        ui.console.print(t)
+        if not ok:
+            raise Exit(f"drill.restore failed: {res['missing']} acknowledged rows missing {res['missing_seqs']}, "
+                       f"{res['restored_after_t']} rows from after T restored {res['leaked_seqs']}", code=1)
+        ui.console.print(f"[bold green]✓[/] drill.restore: {res['present_before_t']} rows acknowledged before T "
+                         f"present, none after; restored in {res['restore_s']} s")
