@@ -12,6 +12,7 @@ import time
 from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.prompt import Confirm
+from rich.markup import escape
 from rich.table import Table
 
 from runbook import console as ui
@@ -41,7 +42,7 @@ def audit(c, verbose=False):
                     t.add_row(ch.host, ch.name, "[green]ok[/]")
         for ch in checks:
             for w in ch.warnings:
-                t.add_row(ch.host, ch.name, f"[yellow]warning: {w}[/]")
+                t.add_row(ch.host, ch.name, f"[yellow]warning: {escape(w)}[/]")
         if findings or verbose or any(ch.warnings for ch in checks):
             ui.console.print(t)
         hosts = len({ch.host for ch in checks})
