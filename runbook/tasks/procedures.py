@@ -11,8 +11,8 @@ import time
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
-from rich.prompt import Confirm
 from rich.markup import escape
+from rich.prompt import Confirm
 from rich.table import Table
 
 from runbook import console as ui
