@@ -183,13 +183,16 @@ ARCHIVE_ON = "select current_setting('archive_mode') = 'on' and current_setting(
 @section.step("archive", role="postgres", only=leader_host)
 def archive(ctx: Ctx, host: Host) -> list:
     """Archiving on: the members restarted where archive_mode waits for a restart (patronictl restart
-    --pending, one member at a time); archive_mode and archive_command come from the DCS (patroni.dynamic)"""
+    --pending), until the leader archives and no member is pending (bounded: 3 min); archive_mode and
+    archive_command come from the DCS (patroni.dynamic). Members flag "pending restart" at their next loop
+    after edit-config, not at once: the loop waits for that too."""
     pending = (f"{patronictl(ctx, 'list -f json')} | python3 -c 'import json,sys; "
                "sys.exit(0 if any(m.get(\"Pending restart\") for m in json.load(sys.stdin)) else 1)'")
-    return [Run(f"if {pending}; then {patronictl(ctx, f'restart {ctx.inventory.cluster.name} --pending --force')}; "
-                "fi", user="postgres", timeout=300),
-            Run(wait_for(f"{psql(ctx, '-tAc ' + shlex.quote(ARCHIVE_ON))} | grep -qx t", 120, 2),
-                user="postgres", timeout=180)]
+    on = f"{psql(ctx, '-tAc ' + shlex.quote(ARCHIVE_ON))} | grep -qx t"
+    restart = patronictl(ctx, f"restart {ctx.inventory.cluster.name} --pending --force")
+    return [Run(f"for i in $(seq 60); do if {pending}; then {restart} >/dev/null || true; elif {on}; then exit 0; "
+                "fi; sleep 3; done; echo 'archive_mode is not on on the leader after 3 min (see patronictl list "
+                "-e)' >&2; exit 1", user="postgres", timeout=300)]
 
 
 @archive.check
