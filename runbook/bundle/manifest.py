@@ -24,7 +24,7 @@ from runbook.errors import RunbookError
 MANIFEST = "manifest.json"
 FORMAT = 1
 KINDS = ("etcd", "deb", "wheel", "meta")
-ROLES = ("etcd", "postgres", "balancer")
+ROLES = ("etcd", "postgres", "balancer", "backup", "restore")
 REQUIREMENTS = "wheels/requirements.txt"
 RESOLVED = "wheels/resolved.txt"  # the build's lock: what pip resolved, each with its sha256 (not pushed)
 REBUILD_HINT = "re-copy the bundle from the build machine, or rebuild it with `inv bundle.build`"

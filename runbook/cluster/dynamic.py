@@ -48,6 +48,8 @@ def desired_dynamic(inv: Inventory, log_dir: str = "/data/log") -> dict[str, Any
     p = inv.cluster.patroni
     params: dict[str, Any] = {**WALKTHROUGH_PARAMETERS, "log_directory": log_dir,
                               "max_slot_wal_keep_size": inv.cluster.max_slot_wal_keep_size}
+    if inv.backup is not None:  # WAL to the pgBackRest repository (runbook.sections.backup); restart: archive_mode
+        params.update(archive_mode="on", archive_command=f"pgbackrest --stanza={inv.cluster.name} archive-push %p")
     params.update(p.parameters)
     return {"failsafe_mode": True, "ttl": p.ttl, "loop_wait": p.loop_wait, "retry_timeout": p.retry_timeout,
             "maximum_lag_on_failover": p.maximum_lag_on_failover, "synchronous_mode": p.synchronous_mode,

@@ -286,5 +286,8 @@ def patroni_context(inv: Inventory, host: Host, secrets: dict[str, dict[str, str
         "post_bootstrap": paths.post_bootstrap if post_bootstrap else None,
         "venv": paths.patroni_venv,
         "patroni_conf": paths.patroni_conf,
+        # with a backup host, a new replica is restored from the pgBackRest repository first (then catches
+        # up by streaming); pg_basebackup from the leader stays the fallback
+        "pgbackrest_stanza": inv.cluster.name if inv.backup is not None else None,
         "paths": asdict(paths),
     }

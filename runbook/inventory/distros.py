@@ -50,16 +50,19 @@ class Distro:
 
 # PgBouncer (the front door's pooler) runs on every PostgreSQL host; HAProxy and keepalived on the balancer
 # hosts (the PostgreSQL hosts themselves when the inventory names none: they then install both closures)
-_POSTGRES = ("postgresql-{major}", "postgresql-client-{major}", "python3-venv", "pgbouncer")
+_POSTGRES = ("postgresql-{major}", "postgresql-client-{major}", "python3-venv", "pgbouncer", "pgbackrest")
 _BALANCER = ("haproxy", "keepalived")
+# pgBackRest must be the same version on the repository host and the PostgreSQL hosts: one archive gives it
+_BACKUP = {"backup": ("pgbackrest",),
+           "restore": ("postgresql-{major}", "postgresql-client-{major}", "python3-venv", "pgbackrest")}
 
 DISTROS: dict[str, Distro] = {
     "debian12": Distro(name="debian12", title="Debian 12", suite="bookworm", python=(3, 11), glibc=(2, 36),
                        postgres_majors=(15,), etcd_source="tarball",
-                       packages={"postgres": _POSTGRES, "balancer": _BALANCER}),
+                       packages={"postgres": _POSTGRES, "balancer": _BALANCER, **_BACKUP}),
     "debian13": Distro(name="debian13", title="Debian 13", suite="trixie", python=(3, 13), glibc=(2, 41),
                        postgres_majors=(17,), etcd_source="deb",
-                       packages={"postgres": _POSTGRES, "balancer": _BALANCER,
+                       packages={"postgres": _POSTGRES, "balancer": _BALANCER, **_BACKUP,
                                  "etcd": ("etcd-server", "etcd-client")}),
 }
 DEFAULT_OS: Final = "debian12"

@@ -123,7 +123,7 @@ def _message(err: dict) -> str:
         return f"required key {last!r} is missing; {hint}"
     if typ == "literal_error":
         if len(loc) == 4 and loc[0] == "hosts" and loc[2] == "roles":
-            return f"{_show(value)} is not a role; use etcd, postgres or balancer"
+            return f"{_show(value)} is not a role; use etcd, postgres, balancer, backup or restore"
         what = "a supported OS" if loc[-1] == "os" else "allowed here"
         return f"{_show(value)} is not {what}; use {ctx.get('expected', 'one of the documented values')}"
     if typ == "string_pattern_mismatch":
@@ -222,6 +222,15 @@ def _semantic_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
                "one less)" if len(etcd) >= 4 else "give 3 (or 5) hosts roles: [etcd]")
         errs.append((("hosts",), (f"{len(etcd)} etcd host(s) ({', '.join(etcd) or 'none'}); etcd needs an "
                                   f"odd number >= 3 for quorum: {fix}")))
+    backup = [n for n, h in spec.hosts.items() if "backup" in h.roles]
+    if len(backup) > 1:
+        errs.append((("hosts",), f"{len(backup)} backup hosts ({', '.join(backup)}); pgBackRest uses one "
+                                 "repository host: keep roles: [backup] on one of them"))
+    for name, h in spec.hosts.items():
+        if len({"postgres", "backup", "restore"} & set(h.roles)) > 1:
+            errs.append((("hosts", name, "roles"), f"{', '.join(h.roles)}: a backup (repository) or restore "
+                                                   "host is a host of its own, not a cluster member; keep one "
+                                                   "of postgres, backup, restore on it"))
     if len(pg) < 2:
         errs.append((("hosts",), (f"{len(pg)} postgres host(s) ({', '.join(pg) or 'none'}); Patroni needs "
                                   ">= 2 (a leader and a standby): add a host with roles: [postgres]")))

@@ -28,7 +28,9 @@ from pydantic import (
 from runbook.errors import InventoryError
 from runbook.inventory.distros import DEFAULT_OS, DISTROS, UNSUPPORTED, distro, major_choices
 
-ROLES = ("etcd", "postgres", "balancer")
+ROLES = ("etcd", "postgres", "balancer", "backup", "restore")
+# balancer: HAProxy + keepalived (the front door); backup: the pgBackRest repository host (optional, at most
+# one); restore: a spare host that takes point-in-time restores (PostgreSQL + pgBackRest, never a member)
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 # Host names the runbook itself uses: a host called `local` would run its steps on this machine.
 RESERVED_NAMES = ("local",)
@@ -126,6 +128,37 @@ class PortsSpec(_Strict):
         return self
 
 
+CALENDAR = re.compile(r"^[A-Za-z0-9*.,:/ ~-]{1,80}$")  # a systemd OnCalendar expression (checked on the host too)
+
+
+class BackupSpec(_Strict):
+    """pgBackRest settings, used when a host has role backup: full weekly, differential daily, 2 fulls kept."""
+
+    retention_full: int = Field(default=2, ge=1, le=100)
+    full_schedule: str = "Sun *-*-* 01:00:00"  # systemd OnCalendar
+    diff_schedule: str = "Mon..Sat *-*-* 01:00:00"
+    # pg_wal may hold this much WAL not yet archived; past it pgBackRest drops WAL (a dead repository never
+    # fills the disk) and says so in the PostgreSQL log; PITR then has a gap until the next full backup
+    archive_push_queue_max: str = "4GiB"
+    repo_path: str = Field(default="/var/lib/pgbackrest", pattern=r"^/[A-Za-z0-9_./-]+$")
+    compress_type: Literal["gz", "lz4", "zst", "bz2", "none"] = "zst"
+
+    @field_validator("full_schedule", "diff_schedule")
+    @classmethod
+    def _calendar(cls, v: str) -> str:
+        if not CALENDAR.match(v.strip()):
+            raise ValueError(f"{v!r} is not a systemd calendar expression; write e.g. 'Sun *-*-* 01:00:00' "
+                             "(see man systemd.time)")
+        return v.strip()
+
+    @field_validator("archive_push_queue_max")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        if not re.fullmatch(r"[1-9][0-9]*(KiB|MiB|GiB|TiB|KB|MB|GB|TB)", str(v).strip()):
+            raise ValueError(f"{v!r} is not a size; write a number with MiB or GiB, e.g. 4GiB")
+        return str(v).strip()
+
+
 class ClusterSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,63}$")
     namespace: str = Field(default="/patroni", pattern=r"^/[A-Za-z0-9_/-]*$")
@@ -169,6 +202,8 @@ class ClusterSpec(_Strict):
             raise ValueError(f"{v} cannot be a floating address; use a free IPv4 address of the balancer "
                              "hosts' subnet, e.g. 192.0.2.100")
         return str(ip)
+    # pgBackRest (used only when a host has role backup)
+    backup: BackupSpec = Field(default_factory=BackupSpec)
 
     @field_validator("permanent_slots")
     @classmethod
@@ -257,7 +292,7 @@ FQDN_PATTERN = rf"^{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*\.?$"
 
 class HostSpec(_Strict):
     address: str
-    roles: list[Literal["etcd", "postgres", "balancer"]] = Field(min_length=1)
+    roles: list[Literal["etcd", "postgres", "balancer", "backup", "restore"]] = Field(min_length=1)
     fqdn: str | None = Field(default=None, pattern=FQDN_PATTERN)
     user: str | None = Field(default=None, pattern=USER_PATTERN)
     port: int | None = Field(default=None, ge=1, le=65535)
@@ -410,3 +445,9 @@ class Inventory(BaseModel):
         """HAProxy + keepalived hosts: the `balancer` role, or the PostgreSQL hosts when no host has it
         (load_inventory gives them the role then, when cluster.vip is set); none without a vip."""
         return self.role("balancer")
+
+    @property
+    def backup(self) -> Host | None:
+        """The pgBackRest repository host, or None: no backups configured."""
+        hosts = self.role("backup")
+        return hosts[0] if hosts else None

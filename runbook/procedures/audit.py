@@ -12,7 +12,7 @@ import fnmatch
 import shlex
 import sqlite3
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runbook.cluster.context import Ctx
@@ -35,6 +35,7 @@ class Check:
     host: str
     name: str
     problems: list[str]
+    warnings: list[str] = field(default_factory=list)  # shown, never a finding (e.g. no backups configured)
 
 
 # -- pure checks ---------------------------------------------------------------------------------
@@ -275,7 +276,10 @@ def run_audit(ctx: Ctx) -> list[Check]:
     if not (ctx.state_dir / "secrets.yml").exists():
         raise ProcedureFailed(f"{ctx.state_dir}/secrets.yml does not exist: nothing was installed from this "
                               "state dir", 2)
+    from runbook.procedures.backup_ops import audit_backup
+
     checks = audit_local(ctx)
+    checks.append(audit_backup(ctx))
     values = secret_values(ctx.secrets)
     for h in ctx.inventory.hosts:
         try:

@@ -5,7 +5,7 @@ from importlib import import_module
 
 from runbook.core.step import Section, Step
 
-MODULES = ("push", "etcd", "postgres", "patroni", "verify", "pooler", "balancer")
+MODULES = ("push", "etcd", "postgres", "patroni", "verify", "backup", "pooler", "balancer")
 
 
 def sections() -> list[Section]:

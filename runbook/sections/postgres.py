@@ -9,6 +9,7 @@ from runbook.sections.tls_files import tls_check, tls_files
 
 section = Section("postgres", 30, "PostgreSQL: packages, directories and certificates for Patroni")
 CREATECLUSTER = "/etc/postgresql-common/createcluster.conf"
+CREATECLUSTER_CONTENT = b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"
 
 
 def major(ctx: Ctx) -> int:
@@ -37,7 +38,7 @@ def packages(ctx: Ctx, host: Host) -> list:
         "\"$bad\" >&2; "
         "exit 1", stdin="".join(f"{e.name} {e.version}\n" for e in debs).encode())]
     return [Run("sha256sum --quiet -c -", stdin=sums(debs)),
-            Put(CREATECLUSTER, b"# pg-ha-runbook: Patroni owns the clusters\ncreate_main_cluster = false\n"),
+            Put(CREATECLUSTER, CREATECLUSTER_CONTENT),
             *guard,
             # An interrupted run's dpkg may still be running on the host (kill -9 of the runbook does not
             # stop remote commands): dpkg_install waits for its lock; a package whose Pre-Depends was only

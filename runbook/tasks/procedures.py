@@ -11,6 +11,7 @@ import time
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
+from rich.markup import escape
 from rich.prompt import Confirm
 from rich.table import Table
 
@@ -39,7 +40,10 @@ def audit(c, verbose=False):
             for ch in checks:
                 if not ch.problems:
                     t.add_row(ch.host, ch.name, "[green]ok[/]")
-        if findings or verbose:
+        for ch in checks:
+            for w in ch.warnings:
+                t.add_row(ch.host, ch.name, f"[yellow]warning: {escape(w)}[/]")
+        if findings or verbose or any(ch.warnings for ch in checks):
             ui.console.print(t)
         hosts = len({ch.host for ch in checks})
         if findings:

@@ -181,7 +181,7 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 2 + 3 * (5 + 3) + 2 * (8 + 1)  # security + capacity checks per etcd / postgres host
+    assert len(checks) == 3 + 3 * (5 + 3) + 2 * (8 + 1)  # local (+ backups) + security + capacity per host
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
 

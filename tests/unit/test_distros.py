@@ -96,11 +96,13 @@ def test_ctx_paths_per_host(tmp_path):
 def test_package_mapping_per_role():
     d12, d13 = distro("debian12"), distro("debian13")
     assert d12.packages_for(["postgres"], 15) == ["postgresql-15", "postgresql-client-15", "python3-venv",
-                                                  "pgbouncer"]
+                                                  "pgbouncer", "pgbackrest"]
+    assert d12.packages_for(["backup"], 15) == ["pgbackrest"]
     assert d12.packages_for(["balancer"], 15) == d13.packages_for(["balancer"], 17) == ["haproxy", "keepalived"]
     assert d12.packages_for(["etcd"], 15) == []  # Debian 12: the etcd tarball, no packages
     assert d13.packages_for(["etcd", "postgres"], 17) == ["etcd-server", "etcd-client", "postgresql-17",
-                                                         "postgresql-client-17", "python3-venv", "pgbouncer"]
+                                                         "postgresql-client-17", "python3-venv", "pgbouncer",
+                                                         "pgbackrest"]
     assert (d12.suite, d13.suite, d12.etcd_source, d13.etcd_source) == ("bookworm", "trixie", "tarball", "deb")
     with pytest.raises(ValueError, match="not a supported OS; use one of debian12, debian13"):
         distros_mod.distro("debian11")

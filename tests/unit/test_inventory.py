@@ -50,7 +50,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "hosts_list.yml": ("hosts: expected a mapping of host name", "got a list",
                        "one 'name: {address: ..., roles: [...]}' line per host"),
     "host_without_settings.yml": ("hosts.node02:", "has no settings", "give it {address: <IPv4>, roles:"),
-    "bad_role.yml": ("hosts.etcd01.roles.0: 'etc' is not a role; use etcd, postgres or balancer",),
+    "bad_role.yml": ("hosts.etcd01.roles.0: 'etc' is not a role; use etcd, postgres, balancer, backup or restore",),
     "empty_roles.yml": ("hosts.node02.roles:", "no roles", "give at least one of etcd, postgres"),
     "roles_not_list.yml": ("hosts.etcd01.roles:", "expected a list of roles", "roles: [etcd]"),
     "repeated_role.yml": ("hosts.etcd01.roles:", "etcd listed twice", "list each role once"),

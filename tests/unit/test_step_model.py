@@ -164,7 +164,7 @@ def test_export_runs_each_step_on_the_hosts_the_engine_plans(ctx, inv, bundle):
     for s in all_steps():
         exported = re.findall(rf"^#### {re.escape(s.name)} on (\S+)$", text, re.M)
         assert exported == [h.name for h in s.hosts(ctx, inv.hosts)], s.name
-        assert sorted(exported) == sorted(plan.get(s.name, [])), s.name  # front door: no host without a vip
+        assert sorted(exported) == sorted(plan.get(s.name, [])), s.name  # front door, backup: no host without one
     assert re.findall(r"^#### patroni\.bootstrap on (\S+)$", text, re.M) == ["node01"]
     assert re.findall(r"^#### patroni\.replicas on (\S+)$", text, re.M) == ["node02"]
 

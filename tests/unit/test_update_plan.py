@@ -137,7 +137,7 @@ def test_bundles_for_an_update_drill_older_patroni_older_postgresql():
     assert requirements_for("4.1.4")[0] == "patroni[etcd3]==4.1.4"
     v = "15.18-0+deb12u1"
     assert pin_postgres(packages(15), 15, v) == [f"postgresql-15={v}", f"postgresql-client-15={v}", "python3-venv",
-                                                 "pgbouncer", f"libpq5={v}"]
+                                                 "pgbouncer", "pgbackrest", f"libpq5={v}"]
     assert pin_postgres(packages(15), 15, "") == packages(15)
     m = DebianMirrors("http://mirror.invalid/debian", "http://mirror.invalid/debian-security")
     assert sources_list(m, release_only=True) == "deb http://mirror.invalid/debian bookworm main\n"
