@@ -124,6 +124,9 @@ class Manifest:
                     missing.append(f"{h.name} ({h.os}): the wheelhouse for Python {d.python[0]}.{d.python[1]}")
                 if not self.debs(h.os, "postgres"):
                     missing.append(f"{h.name} ({h.os}): the PostgreSQL .deb files")
+            for role in ("balancer", "backup", "restore"):
+                if h.has(role) and not self.debs(h.os, role):
+                    missing.append(f"{h.name} ({h.os}): the .deb files of role {role}")
             if h.has("etcd"):
                 if d.etcd_source == "deb" and not self.debs(h.os, "etcd"):
                     missing.append(f"{h.name} ({h.os}): the etcd .deb files")

@@ -28,6 +28,7 @@ from runbook.bundle.wheels import requirements_for
 from runbook.inventory.settings import Settings, SettingsError, settings_of
 
 console = Console(highlight=False)
+OPTIONAL_ROLES = ("balancer", "backup", "restore")  # carried for every distribution that runs PostgreSQL
 
 
 def _settings(c: Context) -> Settings:
@@ -190,9 +191,11 @@ def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
     cl = inv.cluster
     targets: dict[str, tuple[str, ...]] = {}
     for h in inv.hosts:  # only what the inventory's hosts need: their distributions and roles
-        # a PostgreSQL host becomes a balancer as soon as cluster.vip is set without balancer hosts: the bundle
-        # carries HAProxy and keepalived for it, so that turning the front door on needs no other bundle
-        roles = {*h.roles, "balancer"} if h.has("postgres") else set(h.roles)
+        # the optional roles of a distribution that runs PostgreSQL travel with it: a PostgreSQL host becomes a
+        # balancer as soon as cluster.vip is set, and a backup or restore host may be added later; their
+        # closures (HAProxy + keepalived, pgBackRest, PostgreSQL + pgBackRest) are small or already there, so
+        # turning the front door or backups on needs no other bundle
+        roles = {*h.roles, *OPTIONAL_ROLES} if h.has("postgres") else set(h.roles)
         targets[h.os] = tuple(sorted({*targets.get(h.os, ()), *roles}))
     return {"postgres_major": cl.postgres_major, "etcd_version": cl.etcd_version, "os": cl.os,
             "targets": targets}

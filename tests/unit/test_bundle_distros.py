@@ -81,7 +81,7 @@ def test_targets_are_the_inventorys_distributions_and_roles(tmp_path):
     (tmp_path / "hosts.yml").write_text(MIXED)
     s = load_settings({"inventory": str(tmp_path / "hosts.yml")}, root=tmp_path, files=[], environ={})
     cl = _inventory_cluster(s, None)
-    assert cl["targets"] == {"debian13": ("etcd",), "debian12": ("balancer", "etcd", "postgres")}
+    assert cl["targets"] == {"debian13": ("etcd",), "debian12": ("backup", "balancer", "etcd", "postgres", "restore")}
     assert targets_of(BuildOptions(bundle_dir=tmp_path, targets=cl["targets"])) == cl["targets"]
     assert targets_of(BuildOptions(bundle_dir=tmp_path, os_name="debian13")) == {"debian13": ("etcd", "postgres")}
 
@@ -168,3 +168,16 @@ def test_debs_install_in_apts_order_and_a_pre_depends_gets_another_pass(tmp_path
     cmd = postgres.dpkg_install("a.deb b.deb").cmd
     assert "dpkg -i --skip-same-version a.deb b.deb" in cmd and "'pre-dependency problem'" in cmd
     assert "[ $pre -lt 3 ]" in cmd  # bounded
+
+
+def test_a_bundle_without_an_optional_roles_closure_is_refused_for_its_host(tmp_path):
+    """A backup host added to an inventory whose bundle never had the backup closure: refused by name, before
+    anything is pushed (not an empty checksum list on the host)."""
+    text = MIXED.replace(", os: debian13}", "}") + "  backup01: {address: 192.0.2.31, roles: [backup]}\n"
+    c = _ctx(tmp_path, text, {k: v for k, v in FILES.items() if "debian13" not in v[2]})
+    with pytest.raises(BundleError, match=r"backup01 \(debian12\): the .deb files of role backup"):
+        load_manifest(c.bundle_dir).check_for(c.inventory.hosts)
+    with_backup = dict(FILES, **{"debs/debian12/pgbackrest_2.45_amd64.deb": ("deb", ("backup", "postgres"),
+                                                                             ("debian12",))})
+    c = _ctx(tmp_path, text, {k: v for k, v in with_backup.items() if "debian13" not in v[2]})
+    load_manifest(c.bundle_dir).check_for(c.inventory.hosts)
