@@ -43,7 +43,8 @@ def test_push_removes_a_stale_file_from_the_hosts_bundle(converged, lab_transpor
     first = load_manifest(REPO / "bundle").debs()[0]
     stale = f"{REMOTE}/debs/debian12/postgresql-15_15.0-0+old1_amd64.deb"  # what an older bundle left
     assert lab_transport.run(node, f"cp {REMOTE}/{first.path} {stale}").ok
-    out = inv(state, "bundle.push", "--hosts", node.name).stdout
+    # the ledger says done: a plain run contacts no host; --verify probes it and finds the stray file
+    out = inv(state, "bundle.push", "--hosts", node.name, "--verify").stdout
     assert executed(out) >= 1, out
     assert lab_transport.run(node, f"test -e {stale}").rc == 1, "the stale .deb is still on the host"
     assert lab_transport.run(node, f"sha256sum --quiet -c {REMOTE}/SHA256SUMS").ok

@@ -41,14 +41,21 @@ def _steps():
     return sections()
 
 
-def kill_points(inventory) -> list[tuple[str, str]]:
-    """(step, 'running' | 'done') in runbook order: every step with RUNBOOK_SOAK=1, else a sample. The front
-    door's sections have no host without cluster.vip (the soak's inventory has none): test_frontdoor.py."""
+def optional_and_off(section: str, inventory) -> bool:
+    """A section the inventory does not turn on: no host runs its steps."""
     from runbook.sections.frontdoor import SECTIONS
 
+    return (section in SECTIONS and inventory.cluster.vip is None) or \
+        (section == "backup" and inventory.backup is None)
+
+
+def kill_points(inventory) -> list[tuple[str, str]]:
+    """(step, 'running' | 'done') in runbook order: every step with RUNBOOK_SOAK=1, else a sample. The optional
+    sections have no host in the soak's inventory: the front door without cluster.vip (test_frontdoor.py),
+    backup without a backup host (test_backup.py)."""
     out = []
     for sec in _steps():
-        if sec.name in SECTIONS and inventory.cluster.vip is None:
+        if optional_and_off(sec.name, inventory):
             continue
         picks = range(len(sec.steps)) if SOAK else sorted({0, len(sec.steps) // 2, len(sec.steps) - 1})
         steps = [sec.steps[i] for i in picks]
@@ -213,11 +220,10 @@ def rollback_plan(soak) -> list[tuple[str, str, bool]]:
                 ("patroni.config", other, False), ("patroni.replicas", other, False),
                 ("patroni.bootstrap", first, False)]
     from runbook.sections import all_steps
-    from runbook.sections.frontdoor import SECTIONS
 
     plan = []
     for i, s in enumerate(all_steps()):
-        if s.section in SECTIONS and inventory.cluster.vip is None:
+        if optional_and_off(s.section, inventory):
             continue
         if s.role == "local":
             plan.append((s.name, "local", False))
