@@ -191,10 +191,12 @@ def failure_summary(step: Step, errors: dict[str, str], report: Report, stopped:
     return "\n".join(lines)
 
 
-def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
+def apply(ctx: RunContext, steps: list[Step], selected: list[Host], in_order: bool = False) -> Report:
     """Run `steps` on the selected hosts. A plain run starts every step once the steps it needs are done
     (runbook.core.schedule: sections that do not need each other overlap); --dry, --step and --verify walk
-    them one at a time in order. A failure stops what needs the failed step; the run then fails."""
+    them one at a time in order, and so does a day-2 procedure (in_order): its steps come from several
+    sections and its list order is its plan (etcd.add.start before etcd.start on the new member). A failure
+    stops what needs the failed step; the run then fails."""
     report = Report()
     notice = getattr(ctx.observer, "notice", None)
     noop = ledger_noop(ctx, steps, selected)
@@ -207,7 +209,7 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host]) -> Report:
                 notice(NOT_CONTACTED)
         return report
     run = _Run(ctx, steps, selected, report)
-    if ctx.options.dry or ctx.options.step or ctx.options.verify:
+    if in_order or ctx.options.dry or ctx.options.step or ctx.options.verify:
         for i, step in enumerate(steps):
             errors = run.step(i)
             if errors:

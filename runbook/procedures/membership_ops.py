@@ -61,7 +61,7 @@ def run_operation(ctx: Ctx, op: str, target: str, steps: list[Step],
         ctx.ledger.set(OP_HOST, key, "running", note=op_id, mode="procedure")
         ctx.ledger.event(OP_HOST, key, "operation", f"{'resume' if resumed else 'start'} {op_id}")
     try:
-        report = apply(ctx, steps, list(ctx.inventory.hosts))
+        report = apply(ctx, steps, list(ctx.inventory.hosts), in_order=True)  # the list is the plan
     except Exception as exc:
         if not ctx.options.dry:
             ctx.ledger.set(OP_HOST, key, "failed", note=op_id, error=str(exc), mode="procedure")

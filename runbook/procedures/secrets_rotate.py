@@ -270,7 +270,7 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
     ctx._secrets = None  # re-read: the configs render the new passwords
     if not phase_done(ctx, rot, "configs"):
         t0 = time.time()
-        apply(ctx, [config, validate, roles], ctx.inventory.postgres)  # raises RunFailed with what to do
+        apply(ctx, [config, validate, roles], ctx.inventory.postgres, in_order=True)  # raises RunFailed with what to do
         record(ctx, rot, "configs", t0, "patroni.config re-rendered and reloaded on "
                + ", ".join(h.name for h in ctx.inventory.postgres))
     if not phase_done(ctx, rot, "verify"):

@@ -152,3 +152,18 @@ def test_runbook_parallel_bounds_the_hosts_worked_on_at_once(ctx, inv):
     ctx.transport.on(r"^do ", slow)
     apply(ctx, _chains({}), inv.hosts)
     assert peak[0] == 2
+
+
+def test_a_procedure_walks_its_steps_in_list_order(ctx, inv):
+    """in_order (day-2 procedures): no overlap even where the needs would allow it; each step starts after the
+    one before it in the list has finished on every host."""
+    spans: dict = {}
+    _timed(ctx, spans)
+    steps = _chains(spans)
+    apply(ctx, steps, inv.hosts, in_order=True)
+    order = [s.name for s in steps]
+    first = {n: min(t0 for (m, _), (t0, _) in spans.items() if m == n) for n in order if n != "a0.zero"}
+    last = {n: max(t1 for (m, _), (_, t1) in spans.items() if m == n) for n in order if n != "a0.zero"}
+    walked = [n for n in order if n != "a0.zero"]
+    for before, after in zip(walked, walked[1:], strict=False):
+        assert first[after] >= last[before], (before, after)  # b.one did not overlap a.one, a.two
