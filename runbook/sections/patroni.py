@@ -114,7 +114,9 @@ def _logdir_undo(ctx: Ctx, host: Host) -> list:
     return [Run(f"rmdir {ctx.paths.patroni_log_dir} 2>/dev/null || true")]
 
 
-@section.step("validate", role="postgres", depends_on=lambda ctx, host: [_config(ctx, host)])  # re-validate on change
+# validate-config checks that the etcd hosts answer: never while etcd.existing restarts them one at a time
+@section.step("validate", role="postgres", depends_on=lambda ctx, host: [_config(ctx, host)],  # re-validate on change
+              needs=("patroni.logdir", "etcd.existing"))
 def validate(ctx: Ctx, host: Host) -> list:
     """Validate: patroni --validate-config --ignore-listen-port on the rendered config"""
     v = ctx.paths.patroni_venv
