@@ -9,7 +9,8 @@ slot and every replica its copy in the next loop), then the previous value back.
 not retained again (Patroni retains only slots of members it sees), so restoring the value at once is safe.
 Setting 0 would also forget every other absent member's slot: the step refuses while any other is absent.
 
-One step, `<section>.slot`, on every remaining member: set 0 while the slot (or its copy) is there, wait
+One step, `<section>.slot`, on every remaining member, one host at a time (two hosts editing /config at
+once abort each other's compare-and-set): set 0 while the slot (or its copy) is there, wait
 (bounded) until it is gone here, restore. It needs no leader: run on a replica first, it makes the leader
 forget too, and the leader then finds nothing to do.
 """
@@ -42,7 +43,16 @@ def slots():
 def config():
     return yaml.safe_load(run(ctl + ["show-config"])) or {}
 def patch(value):
-    run(ctl + ["edit-config", "--force", "--quiet", "--apply", "-"], json.dumps({"member_slots_ttl": value}))
+    # edit-config is a compare-and-set on /config: another writer in between aborts it; bounded retry
+    for attempt in range(5):
+        r = subprocess.run(ctl + ["edit-config", "--force", "--quiet", "--apply", "-"],
+                           input=json.dumps({"member_slots_ttl": value}), capture_output=True, text=True,
+                           timeout=60)
+        if not r.returncode:
+            return
+        if "concurrent changes" not in r.stderr + r.stdout or attempt == 4:
+            sys.exit("patronictl failed: " + (r.stderr or r.stdout).strip()[-300:])
+        time.sleep(1 + attempt)
 cfg = config()
 prev = cfg.get("member_slots_ttl")
 prev = None if str(prev) == "0" else prev  # 0 is what an interrupted run left: Patroni's default comes back
@@ -96,7 +106,7 @@ def slot_step(sec: Section, ctx: Ctx, member: str,
                                               slot, str(SLOT_WAIT)))
     forget = f"{ctx.paths.patroni_venv}/bin/python -c {shlex.quote(_FORGET)} {args}"
 
-    @sec.step("slot", role="postgres", only=on,
+    @sec.step("slot", role="postgres", only=on, kind="serial",
               irreversible=f"drops the replication slot {slot}: the WAL it held back is recycled")
     def drop(ctx: Ctx, h: Host) -> list:
         """Drop the removed member's replication slot (and each replica's copy)

@@ -22,6 +22,12 @@ if args[0] == "show-config":
 elif args[0] == "list":
     print(json.dumps([{"Member": m} for m in json.load(open(state + "/members.json"))]))
 elif args[0] == "edit-config":
+    import os
+    busy = state + "/busy"  # another writer changed /config in between: the compare-and-set aborts
+    left = int(open(busy).read()) if os.path.exists(busy) else 0
+    if left > 0:
+        open(busy, "w").write(str(left - 1))
+        sys.exit("Error: Config modification aborted due to concurrent changes")
     for k, v in json.load(sys.stdin).items():
         if v is None:
             cfg.pop(k, None)
@@ -111,3 +117,27 @@ def test_the_step_runs_the_script_as_postgres(ctx):
     step = remove_steps(ctx, target_host(ctx, "node02"))[-1]
     cmd = step.actions_fn(ctx, ctx.inventory.get("node01"))[0].cmd
     assert cmd.startswith("sudo -u postgres sh -c ") and "patroni_node02" in shlex.split(cmd)[-1]
+
+
+def test_a_concurrent_config_change_is_retried(tmp_path):
+    """edit-config is a compare-and-set: an abort because /config changed in between is tried again."""
+    ctl, sql = fake(tmp_path, ["patroni_node03"], ["patroni_node01"], {})
+    (tmp_path / "busy").write_text("2")
+    r = forget(ctl, sql, "patroni_node03")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "edits").read_text().split() == ["0", "null"]
+
+
+def test_an_endless_conflict_fails_bounded(tmp_path):
+    ctl, sql = fake(tmp_path, ["patroni_node03"], ["patroni_node01"], {})
+    (tmp_path / "busy").write_text("99")
+    r = forget(ctl, sql, "patroni_node03")
+    assert r.returncode != 0 and "concurrent changes" in r.stderr
+    assert "patroni_node03" in (tmp_path / "slots").read_text()
+
+
+def test_the_step_runs_one_host_at_a_time(ctx):
+    """Two members editing /config at once abort each other (the landing CI saw it): the step is serial."""
+    from runbook.procedures.membership_patroni import remove_steps, target_host
+
+    assert remove_steps(ctx, target_host(ctx, "node02"))[-1].kind == "serial"
