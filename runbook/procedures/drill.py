@@ -151,11 +151,13 @@ def prove(ctx: Ctx, w: Writer) -> dict:
 
 
 # -- lab guard and helpers ----------------------------------------------------------------------
-def lab_problems(ctx: Ctx) -> list[str]:
-    """Why this inventory's hosts are not (running) lab machines of this inventory; empty when they are."""
+def lab_problems(ctx: Ctx, power: bool = True) -> list[str]:
+    """Why this inventory's hosts are not (running) lab machines; empty when they are. *power*: the drill powers
+    hosts off and on, so it needs root and the lab of this very inventory file; without it (a drill that only
+    drops a table) the file may be a copy that adds hosts (the backup and restore hosts)."""
     from runbook.lab import lab as labmod
 
-    out = [] if os.geteuid() == 0 else ["the lab's kill/start need root"]
+    out = [] if not power or os.geteuid() == 0 else ["the lab's kill/start need root"]
     for h in ctx.inventory.hosts:
         m = labmod.machine(ctx.inventory, h)
         try:
@@ -163,18 +165,19 @@ def lab_problems(ctx: Ctx) -> list[str]:
         except (OSError, ValueError):
             out.append(f"{h.name}: not a lab host (no {m.meta})")
             continue
-        if meta.get("address") != h.address or meta.get("inventory") != str(ctx.inventory.path):
+        if meta.get("address") != h.address or (power and meta.get("inventory") != str(ctx.inventory.path)):
             out.append(f"{h.name}: its lab record {m.meta} belongs to another address or inventory")
         elif not m.running():
             out.append(f"{h.name}: lab host is not running (`inv lab.up`)")
     return out
 
 
-def require_lab(ctx: Ctx, what: str) -> None:
-    problems = lab_problems(ctx)
+def require_lab(ctx: Ctx, what: str, power: bool = True) -> None:
+    problems = lab_problems(ctx, power)
     if problems:
-        raise ProcedureFailed(f"{what} refused: it powers lab hosts off and on, and only runs against the lab "
-                   f"(runbook/lab) of {ctx.inventory.path}:\n  " + "\n  ".join(problems), 2)
+        does = "powers lab hosts off and on" if power else "changes data on the cluster"
+        raise ProcedureFailed(f"{what} refused: it {does}, and only runs against the lab "
+                              f"(runbook/lab) of {ctx.inventory.path}:\n  " + "\n  ".join(problems), 2)
 
 
 def one_leader(ms: list[Member]) -> Member:
@@ -254,6 +257,26 @@ def _fresh_transport(ctx: Ctx) -> None:
     ctx.transport = SshTransport()
 
 
+def boot(ctx: Ctx, h: Host, res: dict) -> None:
+    """Power a killed lab host on again; res gets boot_s and names_reapplied (the lab's boot resets
+    /etc/hosts: etcd.names re-applied through the engine)."""
+    from runbook.lab import lab as labmod
+
+    t_boot = time.monotonic()
+    labmod.start(ctx.inventory, h.name)
+    _fresh_transport(ctx)
+    res["boot_s"] = round(time.monotonic() - t_boot, 2)
+    if h.has("etcd") or h.has("postgres"):
+        res["names_reapplied"] = restore_names(ctx, h)
+
+
+def writes_go_on(w: Writer, rows: int = 5, seconds: float = 10) -> None:
+    """Wait (bounded) for a few more acknowledged writes: the proof then covers writes made with every host
+    back, not only those made while one was down."""
+    t_mark = time.monotonic()
+    wait(lambda: sum(at > t_mark for _, at in list(w.acked)) >= rows, seconds, 0.5)
+
+
 def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str | None = None) -> dict:
     from runbook.lab import lab as labmod
 
@@ -289,12 +312,9 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str 
             ui.console.print(f"  no write acknowledged within {write_wait:.0f} s of the promotion (a synchronous "
                              "commit needs a sync standby); booting the old leader")
         t_boot = time.monotonic()
-        labmod.start(inv, old.name)
+        boot(ctx, old, res)
         booted = True
-        _fresh_transport(ctx)
-        res["boot_s"] = round(time.monotonic() - t_boot, 2)
         ui.console.print(f"  {old.name} booted again in {res['boot_s']} s; waiting until it streams")
-        res["names_reapplied"] = restore_names(ctx, old)
         if res["names_reapplied"]:
             ui.console.print(f"  {old.name}: the lab boot reset /etc/hosts; etcd.names re-applied")
         back = wait(lambda: streams(lead.name), rejoin_timeout, 1)
@@ -304,8 +324,7 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str 
             res["old_leader_streaming_s"] = round(time.monotonic() - t0, 2)
         writable = writable or wait(lambda: w.first_ack_after(t_off), 60, 0.2)
         res["writable_s"] = round(writable - t0, 2) if writable else None
-        t_mark = time.monotonic()
-        wait(lambda: sum(at > t_mark for _, at in list(w.acked)) >= 5, 10, 0.5)  # writes with both back
+        writes_go_on(w)
         ms = members(ctx, via=survivors)
         new_tl = next((m.timeline for m in ms if m.is_leader), None)
         old_tl = next((m.timeline for m in ms if m.name == lead.name), None)

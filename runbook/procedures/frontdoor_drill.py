@@ -13,12 +13,13 @@ from runbook.cluster.readers import host_of, members, wait
 from runbook.errors import ProcedureFailed
 from runbook.procedures.drill import (
     _fresh_transport,
+    boot,
     boot_back,
     one_leader,
     prepare_table,
     prove,
-    restore_names,
     start_writer,
+    writes_go_on,
 )
 from runbook.procedures.frontdoor import frontdoor_dsn
 from runbook.sections.balancer import _settled, vip_holders
@@ -61,14 +62,9 @@ def vip_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         lead_now = next((m.name for m in members(ctx, via=others) if m.is_leader), None)
         ui.console.print(f"  {to} holds the VIP after {res['vip_moved_s']} s")
         writable = wait(lambda: w.first_ack_after(t0), write_wait, 0.2)
-        t_boot = time.monotonic()
-        labmod.start(inv, victim.name)
+        boot(ctx, victim, res)
         booted = True
-        _fresh_transport(ctx)
-        res["boot_s"] = round(time.monotonic() - t_boot, 2)
         res["leader_while_down"] = lead_now
-        if victim.has("etcd") or victim.has("postgres"):
-            res["names_reapplied"] = restore_names(ctx, victim)
         if victim.has("postgres"):
             # back in the cluster: streaming again, or still the leader (booted within the leader key's ttl,
             # Patroni keeps its lock: no failover) with a streaming replica
@@ -90,8 +86,7 @@ def vip_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float) -> dict:
         settled = wait(lambda: _settled(ctx) is None, 60, 1)
         res["settled"] = bool(settled)
         res["vip_holder_after"] = (vip_holders(ctx) or ["none"])[0]
-        t_mark = time.monotonic()
-        wait(lambda: sum(at > t_mark for _, at in list(w.acked)) >= 5, 10, 0.5)
+        writes_go_on(w)
     finally:
         res["writer_stopped"] = w.stop(30)
         if not booted:

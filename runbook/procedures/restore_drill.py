@@ -8,7 +8,6 @@ to restore (the whole procedure: WAL switch, restore, replay, promotion) is prin
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shlex
 import time
 
@@ -18,7 +17,7 @@ from runbook.cluster.readers import host_of, members
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.procedures.backup_ops import read_info
-from runbook.procedures.drill import TABLE, one_leader, prepare_table, start_writer, writer_dsn
+from runbook.procedures.drill import TABLE, one_leader, prepare_table, require_lab, start_writer, writer_dsn
 from runbook.procedures.membership_ops import run_operation
 from runbook.procedures.restore import recovered_at, restore_host, restore_steps
 
@@ -41,28 +40,8 @@ def verdict(acked_before: set[int], started_after: set[int], restored: dict[int,
             "restored_after_t": len(leaked), "leaked_seqs": leaked[:20], "restored_rows": len(restored)}
 
 
-def require_lab_hosts(ctx: Ctx) -> None:
-    """Every host a lab host at its address, running. Unlike the fault drills' guard, the inventory file may be
-    a copy that adds hosts (the backup and restore hosts): this drill powers nothing off, it drops a table."""
-    from runbook.lab import lab as labmod
-
-    problems = []
-    for h in ctx.inventory.hosts:
-        m = labmod.machine(ctx.inventory, h)
-        try:
-            meta = json.loads(m.meta.read_text())
-        except (OSError, ValueError):
-            problems.append(f"{h.name}: not a lab host (no {m.meta})")
-            continue
-        if meta.get("address") != h.address or not m.running():
-            problems.append(f"{h.name}: no running lab host at {h.address} (`inv lab.up`)")
-    if problems:
-        raise ProcedureFailed("drill.restore refused: it drops a table on the cluster, and only runs against lab "
-                              "hosts (runbook/lab):\n  " + "\n  ".join(problems), 2)
-
-
 def restore_drill(ctx: Ctx, before: float, after: float, on: str | None) -> dict:
-    require_lab_hosts(ctx)
+    require_lab(ctx, "drill.restore", power=False)  # it drops a table; the inventory may add hosts
     info = read_info(ctx)
     if not any(b.type == "full" for b in info.backups):
         raise ProcedureFailed("drill.restore refused: the repository has no full backup (inv backup.run)", 1)
