@@ -3,9 +3,9 @@
 
 Planted on one node, through the way they happen in real life:
 - Patroni's own config (`postgresql.pg_hba`) gets `host all all 0.0.0.0/0 scram-sha-256` on top and an md5 and
-  an ident rule at the end, then `systemctl reload patroni` (Patroni rewrites pg_hba.conf and reloads
-  PostgreSQL): the audit reads the live rules (pg_hba_file_rules) and the probe from the other node gets an
-  authentication request over a connection without TLS;
+  an ident rule (for addresses no client has) at the end, then `systemctl reload patroni` (Patroni rewrites
+  pg_hba.conf and reloads PostgreSQL): the audit reads the live rules (pg_hba_file_rules), and its probe from
+  the other node gets an authentication request over a connection without TLS;
 - a sudo journal entry carrying the rewind password (sent to `logger -t sudo` on stdin, never in argv).
 Afterwards: the config put back and reloaded, the journal rotated and vacuumed.
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 
 CONF = "/etc/patroni/config.yml"
 ON_TOP = "host all all 0.0.0.0/0 scram-sha-256"
-AT_END = ("hostssl all all 10.99.0.0/16 md5", "local all all ident")
+AT_END = ("hostssl all all 10.99.0.0/16 md5", "hostssl all all 10.98.0.0/16 ident")  # (a local ident is read as peer)
 
 
 def with_bad_hba(conf: str) -> str:
@@ -98,6 +98,7 @@ def test_planted_bad_states_are_each_found_then_the_audit_is_clean_again(converg
         t.run(node, "journalctl --rotate && sleep 2 && journalctl --vacuum-time=1s", timeout=60)
 
     got = findings(doc)
+    print("\n".join(f"  {h} | {c} | {f}" for h, c, f in got))
     assert rc == 1 and doc["findings"] == len(got)
     assert {h for h, _, _ in got} == {node.name}, got
     hba = [f for _, c, f in got if c.startswith("pg_hba")]
