@@ -1,5 +1,6 @@
 """`inv cluster.audit`: read-only security checks over SSH; a Rich findings table, non-zero exit on findings.
-The capacity checks (WAL held by slots, etcd alarms and quota) live in audit_health.
+The capacity checks (WAL held by slots, etcd alarms and quota) live in audit_health, the reading of the live
+pg_hba rules in audit_hba, the probes of a login without TLS and the sudo journal scan in audit_probes.
 
 The check functions are pure: they take command outputs (or local facts) and return the problems
 they find (an empty list is a pass), so they are unit-tested on captured and constructed outputs.

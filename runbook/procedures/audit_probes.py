@@ -71,6 +71,7 @@ BEGIN { while ((getline l < "/dev/fd/3") > 0) { i = index(l, "\t")
     t = ""; u = ""
     if (match($0, /"__REALTIME_TIMESTAMP":"[0-9]+"/)) t = substr($0, RSTART + 24, RLENGTH - 25)
     if (match($0, /"_SYSTEMD_UNIT":"[^"]*"/)) u = substr($0, RSTART + 17, RLENGTH - 18)
+    else if (match($0, /"_PID":"[0-9]+"/)) u = "pid " substr($0, RSTART + 8, RLENGTH - 9)
     print "match|" t "|" u "|" name[k] } }
 END { print "scanned|" NR "|" n }'; } 3<&0"""
 

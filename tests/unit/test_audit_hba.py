@@ -200,6 +200,8 @@ def test_the_sudo_scan_names_host_time_unit_and_secret_never_the_value(tmp_path)
     assert pr.check_sudo_scan(out, "node01") == [
         "node01: a sudo journal entry at 2025-11-30 01:26:41 UTC (unit session-4.scope) holds the rewind password: "
         "rotate it (`inv secrets.rotate`) and vacuum the journal"]
+    no_unit = leak.replace('"_SYSTEMD_UNIT":"session-4.scope"', '"_PID":"4242"')  # logger gone before journald
+    assert "(unit pid 4242)" in pr.check_sudo_scan(_scan(tmp_path, no_unit), "node01")[0]  # asked for its cgroup
     assert pr.check_sudo_scan(_scan(tmp_path, clean), "node01") == []
     assert pr.check_sudo_scan(_scan(tmp_path, ""), "node01") == []  # no sudo entry at all: nothing to find
     assert pr.check_sudo_scan("", "node01") == ["node01: the sudo journal scan returned nothing"]
