@@ -1,5 +1,6 @@
 """`inv cluster.audit`: read-only security checks over SSH; a Rich findings table, non-zero exit on findings.
-The capacity checks (WAL held by slots, etcd alarms and quota) live in audit_health.
+The capacity checks (WAL held by slots, etcd alarms and quota) live in audit_health, the reading of the live
+pg_hba rules in audit_hba, the probes of a login without TLS and the sudo journal scan in audit_probes.
 
 The check functions are pure: they take command outputs (or local facts) and return the problems
 they find (an empty list is a pass), so they are unit-tested on captured and constructed outputs.
@@ -18,8 +19,8 @@ from pathlib import Path
 from runbook.cluster.context import Ctx
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
+from runbook.procedures.audit_hba import HBA_SQL, check_pg_hba
 
-BAD_AUTH = ("md5", "trust", "password")
 STAT_FMT = "%n|%a|%U"
 
 
@@ -110,26 +111,6 @@ def check_rest_probe(out: str) -> list[str]:
 
 def check_ssl(show_out: str) -> list[str]:
     return [] if show_out.strip() == "on" else [f"ssl is {show_out.strip() or 'unknown'}, want on"]
-
-
-def check_pg_hba(rows_out: str) -> list[str]:
-    """pg_hba_file_rules as `line|type|database|user|address|auth|error`: no md5/trust/password,
-    a hostnossl reject, no rule in error."""
-    problems, has_reject = [], False
-    for ln in rows_out.splitlines():
-        f = ln.split("|")
-        if len(f) < 6:
-            continue
-        line, typ, auth, err = f[0], f[1], f[5], (f[6] if len(f) > 6 else "")
-        if auth in BAD_AUTH:
-            problems.append(f"pg_hba line {line}: {typ} {f[2]} {f[3]} {f[4]} {auth}".replace("  ", " "))
-        if typ == "hostnossl" and auth == "reject":
-            has_reject = True
-        if err:
-            problems.append(f"pg_hba line {line}: {err}")
-    if not has_reject:
-        problems.append("pg_hba has no hostnossl ... reject rule")
-    return problems
 
 
 def check_unit_user(show_out: str, want: str) -> list[str]:
@@ -225,9 +206,7 @@ def audit_postgres(ctx: Ctx, h: Host) -> list[Check]:
     probe_args = " ".join(shlex.quote(a) for a in (f"https://{h.address}:8008/switchover", f"{tls}/ca.crt",
                                                      f"{tls}/{h.name}.crt", f"{tls}/{h.name}.key"))
     rest = run(f"{p.patroni_venv}/bin/python - {probe_args}", user="postgres", stdin=REST_PROBE.encode())
-    hba_sql = ("select line_number, type, array_to_string(database, ','), array_to_string(user_name, ','), "
-               "coalesce(address, ''), coalesce(auth_method, ''), coalesce(error, '') from pg_hba_file_rules")
-    hba = run(psql(ctx, f"-tA -F '|' -c {shlex.quote(hba_sql)}"), user="postgres")
+    hba = run(psql(ctx, f"-tA -F '|' -c {shlex.quote(HBA_SQL)}"), user="postgres")
     ssl_on = run(psql(ctx, "-tAc 'show ssl'"), user="postgres")
     leftover = run(f"test ! -e {p.post_bootstrap}")
     return [Check(h.name, "Patroni key, TLS dir, config modes",
@@ -241,7 +220,7 @@ def audit_postgres(ctx: Ctx, h: Host) -> list[Check]:
                   check_rest_probe(rest.stdout) if rest.ok else [f"REST probe failed: {rest.stderr.strip()[-200:]}"]),
             Check(h.name, "PostgreSQL ssl on", check_ssl(ssl_on.stdout) if ssl_on.ok else
                   [f"psql failed: {ssl_on.stderr.strip()[-200:]}"]),
-            Check(h.name, "pg_hba: no md5/trust/password, hostnossl reject",
+            Check(h.name, "pg_hba (live rules): hostssl + scram only, rejects before accepts",
                   check_pg_hba(hba.stdout) if hba.ok else [f"psql failed: {hba.stderr.strip()[-200:]}"]),
             Check(h.name, "patroni unit User=postgres",
                   check_unit_user(run("systemctl show -p User patroni").stdout, "postgres"))]
@@ -271,6 +250,7 @@ def audit_local(ctx: Ctx) -> list[Check]:
 def run_audit(ctx: Ctx) -> list[Check]:
     from runbook.credentials.secrets import secret_values
     from runbook.procedures.audit_health import audit_etcd_capacity, audit_wal_retention
+    from runbook.procedures.audit_probes import audit_plain_logins, audit_sudo_journal
     from runbook.procedures.frontdoor_audit import audit_balancer, audit_pooler
 
     if not (ctx.state_dir / "secrets.yml").exists():
@@ -294,8 +274,9 @@ def run_audit(ctx: Ctx) -> list[Check]:
             if h.has("balancer"):
                 checks += audit_balancer(ctx, h)
             checks.append(audit_logs(ctx, h, values))
+            checks.append(audit_sudo_journal(ctx, h))
         except Exception as exc:  # an unreachable host is a finding, the others are still audited
             checks.append(Check(h.name, "reachable over SSH", [str(exc).splitlines()[0]]))
-    return checks
+    return checks + audit_plain_logins(ctx)
 
 

@@ -23,32 +23,44 @@ from runbook.procedures.switchover import do_switchover, rolling
 from runbook.tasks.session import session
 
 
-@task(help={"verbose": "list the passed checks too, not only the findings"})
-def audit(c, verbose=False):
+@task(help={"verbose": "list the passed checks too, not only the findings",
+            "json": "print every check as JSON (host, check, findings, warnings) instead of the table"})
+def audit(c, verbose=False, json_=False):
     """Read-only security audit over SSH: key and secret file modes, TLS enforced on etcd, the REST API and
-    PostgreSQL (ssl, pg_hba), service users, no secret in the ledger or logs; capacity: inactive slots that
-    retain WAL, etcd alarms, a backend over 80 % of its quota, compaction off. Exit 1 on any finding."""
+    PostgreSQL (ssl; pg_hba as the server reads it: hostssl + scram-sha-256 only, every reject before the rules
+    that would accept what it refuses), a login without TLS probed over the network from another PostgreSQL
+    host (and PgBouncer's port with the front door), service users, no secret in the ledger, the logs or the
+    journal's sudo entries; capacity: inactive slots that retain WAL, etcd alarms, a backend over 80 % of its
+    quota, compaction off. Exit 1 on any finding."""
     with session(c, "cluster.audit", lock=False) as ctx:
         checks = run_audit(ctx)
         findings = [(ch, p) for ch in checks for p in ch.problems]
+        hosts = len({ch.host for ch in checks})
+        summary = f"{len(findings)} finding(s) in {len(checks)} checks on {hosts} host(s)"
+        if json_:
+            doc = {"cluster": ctx.inventory.cluster.name, "findings": len(findings),
+                   "checks": [{"host": ch.host, "check": ch.name, "findings": [ctx.redact(p) for p in ch.problems],
+                               "warnings": [ctx.redact(w) for w in ch.warnings]} for ch in checks]}
+            print(json.dumps(doc, indent=2))
+            if findings:
+                raise Exit(f"cluster.audit: {summary}", code=1)
+            return
         t = Table(title=f"cluster.audit: {ctx.inventory.cluster.name}", title_justify="left")
         for col in ("host", "check", "finding"):
             t.add_column(col)
         for ch, p in findings:
-            t.add_row(ch.host, ch.name, f"[red]{ctx.redact(p)}[/]")
+            t.add_row(ch.host, escape(ch.name), f"[red]{escape(ctx.redact(p))}[/]")
         if verbose:
             for ch in checks:
                 if not ch.problems:
-                    t.add_row(ch.host, ch.name, "[green]ok[/]")
+                    t.add_row(ch.host, escape(ch.name), "[green]ok[/]")
         for ch in checks:
             for w in ch.warnings:
-                t.add_row(ch.host, ch.name, f"[yellow]warning: {escape(w)}[/]")
+                t.add_row(ch.host, escape(ch.name), f"[yellow]warning: {escape(w)}[/]")
         if findings or verbose or any(ch.warnings for ch in checks):
             ui.console.print(t)
-        hosts = len({ch.host for ch in checks})
         if findings:
-            raise Exit(f"cluster.audit: {len(findings)} finding(s) in {len(checks)} checks on {hosts} host(s)",
-                       code=1)
+            raise Exit(f"cluster.audit: {summary}", code=1)
         ui.console.print(f"[bold green]✓[/] cluster.audit: {len(checks)} checks on {hosts} host(s), no findings")
 
 

@@ -91,7 +91,9 @@ def converged(cluster):
 # before every other module that shares that cluster (the `converged` fixture converges it). test_soak.py
 # re-creates the lab hosts and installs its own cluster with its own PKI on them: it runs last, so that no
 # module after it finds hosts running a cluster of another CA (etcd reads its trusted CA only at start).
-MODULE_ORDER = {"test_cluster.py": 0, "test_soak.py": 2}
+# test_audit_findings.py plants bad states, restores them and vacuums a node's journal: after the modules
+# that share the cluster, so that it audits what they left (the audit must be clean once it restored).
+MODULE_ORDER = {"test_cluster.py": 0, "test_audit_findings.py": 1.5, "test_soak.py": 2}
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -16,13 +16,19 @@ from runbook.procedures.drill import Writer, rewind_verdict
 ETCD_STAT = "/etc/etcd/tls|750|etcd\n/etc/etcd/tls/a-etcd01.key|600|etcd\n"
 PATRONI_STAT = ("/opt/patroni/.tls|750|postgres\n/opt/patroni/.tls/a-node01.key|600|postgres\n"
                 "/etc/patroni/config.yml|600|postgres\n")
-HBA = """3|local|all|all||peer|
-4|hostnossl|all|all|0.0.0.0|reject|
-5|hostnossl|replication|all|0.0.0.0|reject|
-6|hostssl|replication|replicator|127.0.0.1|scram-sha-256|
-7|hostssl|replication|replicator|192.168.63.131|scram-sha-256|
-9|hostssl|all|all|127.0.0.1|scram-sha-256|
-10|hostssl|all|all|192.168.63.0|scram-sha-256|
+# pg_hba_file_rules of the runbook's own pg_hba (h12 lab, 2026-11-30): line|type|db|user|address|netmask|method|error
+HBA = """1|local|all|all|||peer|
+2|hostnossl|all|all|0.0.0.0|0.0.0.0|reject|
+3|hostnossl|replication|all|0.0.0.0|0.0.0.0|reject|
+4|hostssl|replication|replicator|127.0.0.1|255.255.255.255|scram-sha-256|
+5|hostssl|replication|replicator|192.168.63.131|255.255.255.255|scram-sha-256|
+6|hostssl|replication|replicator|192.168.63.132|255.255.255.255|scram-sha-256|
+7|hostssl|all|postgres|127.0.0.1|255.255.255.255|scram-sha-256|
+8|hostssl|all|postgres|192.168.63.131|255.255.255.255|scram-sha-256|
+9|hostssl|all|postgres|192.168.63.132|255.255.255.255|scram-sha-256|
+10|hostssl|all|postgres|0.0.0.0|0.0.0.0|reject|
+11|hostssl|all|all|127.0.0.1|255.255.255.255|scram-sha-256|
+12|hostssl|all|all|192.168.63.0|255.255.255.0|scram-sha-256|
 """
 LOG_SCAN_OK = ("journal (patroni, etcd)|0\n/data/log/patroni/patroni.log|0\n"
                "/data/log/postgresql-2026-11-26.log|0\n")
@@ -99,12 +105,15 @@ def test_pg_hba_captured_ok():
 
 
 def test_pg_hba_bad_methods_no_reject_and_errors():
-    bad = ("3|local|all|all||trust|\n11|host|all|all|0.0.0.0|md5|\n12|hostssl|all|all|10.0.0.0|password|\n"
-           "13|hostssl|all|all|10.0.0.0|scram-sha-256|invalid IP address\n")
+    bad = ("3|local|all|all|||trust|\n11|host|all|all|0.0.0.0|0.0.0.0|md5|\n"
+           "12|hostssl|all|all|10.0.0.0|255.0.0.0|password|\n"
+           "13|hostssl|all|all|10.0.0.0||scram-sha-256|invalid IP address\n")
     assert a.check_pg_hba(bad) == [
-        "pg_hba line 3: local all all trust", "pg_hba line 11: host all all 0.0.0.0 md5",
-        "pg_hba line 12: hostssl all all 10.0.0.0 password", "pg_hba line 13: invalid IP address",
-        "pg_hba has no hostnossl ... reject rule"]
+        "pg_hba line 3: `local all all trust` uses trust (want scram-sha-256; peer on the socket)",
+        "pg_hba line 11: `host all all 0.0.0.0/0 md5` uses md5 (want scram-sha-256; peer on the socket)",
+        "pg_hba line 11: `host all all 0.0.0.0/0 md5` accepts connections without TLS (want hostssl, or reject)",
+        "pg_hba line 12: `hostssl all all 10.0.0.0/8 password` uses password (want scram-sha-256; peer on the socket)",
+        "pg_hba line 13: invalid IP address", "pg_hba has no hostnossl ... reject rule"]
 
 
 def test_unit_user():
@@ -152,6 +161,8 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
     t.on(r"verify_client", (0, "  verify_client: required\n"))
     t.on(r"bin/python -", (0, "cert_no_auth=401\nno_cert=refused:URLError\n"))
     t.on(r"pg_hba_file_rules", (0, HBA))
+    t.on(r"bin/python - runbook_audit_probe", lambda h, cmd: (0, "".join(
+        f"{x}|error:28000:pg_hba.conf rejects connection for host, no encryption\n" for x in cmd.split()[3:])))
     t.on(r"show ssl", (0, "on\n"))
     t.on(r"^p=\$\(cat\)", (0, LOG_SCAN_OK))
     t.on(r"endpoint status -w json", (0, '[{"Endpoint":"https://etcd01:2379","Status":{"header":{"member_id":7},'
@@ -162,6 +173,7 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
                                                       'quota-backend-bytes: 2147483648\n'))
     t.on(r"from pg_replication_slots", (0, "patroni_node02|t|0|reserved\n"))
     t.on(r"show max_slot_wal_keep_size", (0, "8GB\n"))
+    t.on(r"SYSLOG_IDENTIFIER=sudo", (0, "scanned|40|12\n"))
 
 
 def _state(ctx) -> None:
@@ -181,7 +193,7 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 3 + 3 * (5 + 3) + 2 * (8 + 1)  # local (+ backups) + security + capacity per host
+    assert len(checks) == 3 + 3 * (6 + 3) + 2 * (10 + 1)  # local (+ backups) + security + capacity per host
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
 

@@ -249,7 +249,8 @@ def test_front_door_files_end_with_newline_and_hold_only_their_own_secret(fctx):
 
 # -- audit -----------------------------------------------------------------------------------------
 def test_audit_checks_of_the_pooler():
-    from runbook.procedures.frontdoor_audit import check_lookup_role, check_pgbouncer_ini, check_plain_refused
+    from runbook.procedures.audit_probes import plain_verdict
+    from runbook.procedures.frontdoor_audit import check_lookup_role, check_pgbouncer_ini
 
     assert check_lookup_role("false|false|false|false|false\n") == []
     assert check_lookup_role("f|f|f|f|f") == []
@@ -261,8 +262,8 @@ def test_audit_checks_of_the_pooler():
     bad = check_pgbouncer_ini(good.replace("transaction", "session").replace("require", "prefer")
                               .replace("auth_query", ";auth_query"))
     assert len(bad) == 3 and "pool_mode is session, want transaction" in bad
-    assert check_plain_refused('psql: error: connection to server ... failed: FATAL:  SSL required') == []
-    assert check_plain_refused(" 1\n") != []
+    assert plain_verdict("10.0.0.1:6432", "error:08P01:SSL required", "node02") == []  # PgBouncer's refusal
+    assert plain_verdict("10.0.0.1:6432", "auth:10", "node02") != []
 
 
 # -- drills ----------------------------------------------------------------------------------------
