@@ -112,7 +112,7 @@ def _addr_within(a: HbaRule, outer: HbaRule) -> bool:
     na, no = a.network, outer.network
     if na is None or no is None:
         return a.address == outer.address and a.netmask == outer.netmask
-    return na.version == no.version and na.subnet_of(no)
+    return na.version == no.version and na.subnet_of(no)  # type: ignore[arg-type]  # same version: checked
 
 
 def overlaps(a: HbaRule, b: HbaRule) -> bool:

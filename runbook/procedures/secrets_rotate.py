@@ -3,11 +3,19 @@
 Phases, each recorded in the ledger (host `local`, step `secrets.rotate.<phase>`, note = the rotation id):
 
     generate  new passwords into state/secrets.rotation.yml (0600), next to the old ones
-    alter     ALTER ROLE ... PASSWORD on the current Patroni leader (SQL on stdin, nothing logged)
+    alter     ALTER ROLE ... PASSWORD on the current Patroni leader (SQL on stdin, nothing logged); the
+              front door's lookup role as a SCRAM secret, only where the role exists
     commit    the new passwords into state/secrets.yml
-    configs   patroni.config (+ validate, roles) re-run through the engine on every postgres host: reload
-    verify    a TLS login with each new password works, the old one is refused (REST API: basic auth)
+    configs   patroni.config (+ validate, roles) re-run through the engine on every postgres host: reload;
+              with the front door deployed, pooler.lookup + pooler.config (userlist.txt, PgBouncer reloaded)
+              and balancer.keepalived (VRRP password, keepalived reloaded on every balancer at once)
+    verify    a TLS login with each new password works, the old one is refused (REST API: basic auth);
+              one balancer holds the VIP after the VRRP password changed
     done      state/secrets.rotation.yml removed
+
+Every entry of state/secrets.yml rotates: the cluster's roles, and the front door's (`pooler`, `vrrp`) once
+they exist. With the front door not deployed (no cluster.vip) its secrets change in the file (and the lookup
+role's password in PostgreSQL, when the role is there): the next install uses the new ones.
 
 The rotation file is the resume point: while it exists a run finishes that rotation with the passwords
 it holds and never generates others. Passwords travel only on stdin; output is masked with old and new.
@@ -26,7 +34,7 @@ from runbook import console as ui
 from runbook.cluster.context import Ctx
 from runbook.cluster.readers import host_of, members
 from runbook.core.fsutil import write_atomic
-from runbook.credentials.secrets import USERS, ensure_secrets, new_password, redact, secrets_path
+from runbook.credentials.secrets import PASSWORD_LENGTH, USERS, ensure_secrets, new_password, redact, secrets_path
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.inventory.yamlio import UniqueKeyLoader
@@ -38,6 +46,17 @@ STEP = "secrets.rotate"
 IRREVERSIBLE = {"alter": " (irreversible: the old passwords stop working on the cluster)",
                 "done": " (irreversible: the old passwords are forgotten)"}
 VERIFY_TRIES, VERIFY_INTERVAL = 15, 2.0  # about 30 s for every host to apply its reload
+
+
+def frontdoor_secrets() -> dict[str, tuple[str, int]]:
+    """The front door's entries of state/secrets.yml: role -> (username, password length)."""
+    from runbook.sections.frontdoor import FRONTDOOR_SECRETS
+
+    return FRONTDOOR_SECRETS
+
+
+def frontdoor_on(ctx: Ctx) -> bool:
+    return ctx.inventory.cluster.vip is not None
 
 
 @dataclass
@@ -79,17 +98,31 @@ def save_rotation(state_dir: Path, rot: Rotation) -> None:
 
 
 def new_rotation(current: dict[str, dict[str, str]], roles: list[str]) -> Rotation:
-    """Fresh passwords for `roles`, next to the current ones (pure but for the random generator)."""
+    """Fresh passwords for `roles`, next to the current ones (pure but for the random generator); each as long
+    as its kind takes (keepalived's VRRP password: 8 characters)."""
+    length = {r: n for r, (_, n) in frontdoor_secrets().items()}
     return Rotation(uuid.uuid4().hex[:12], {r: {"username": current[r]["username"], "old": current[r]["password"],
-                                                "new": new_password()} for r in roles})
+                                                "new": new_password(length.get(r, PASSWORD_LENGTH))} for r in roles})
 
 
-def pick_roles(role: str | None) -> list[str]:
+def pick_roles(role: str | None, current: dict[str, dict[str, str]]) -> list[str]:
+    """The roles to rotate: all of state/secrets.yml's (the front door's once they exist), or the one named."""
+    known = [*USERS, *(r for r in frontdoor_secrets() if r in current)]
     if role is None:
-        return list(USERS)
-    if role not in USERS:
-        raise ProcedureFailed(f"--role {role}: unknown; one of {', '.join(USERS)} (the keys of state/secrets.yml)", 2)
+        return known
+    if role not in known:
+        raise ProcedureFailed(f"--role {role}: unknown; one of {', '.join(known)} (the keys of state/secrets.yml)", 2)
     return [role]
+
+
+def pooler_sql(rot: Rotation) -> str:
+    """The lookup role's new password as a SCRAM secret (the plain password never reaches SQL), where the role
+    exists (the front door may not be deployed yet); the same statement pooler.lookup renders."""
+    from runbook.sections.frontdoor import POOLER_USER, scram_verifier
+
+    verifier = scram_verifier(rot.roles["pooler"]["new"])
+    return (f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{POOLER_USER}') THEN "
+            f"ALTER ROLE {POOLER_USER} WITH PASSWORD '{verifier}'; END IF; END $$;")
 
 
 def alter_sql(rot: Rotation) -> bytes:
@@ -101,6 +134,8 @@ def alter_sql(rot: Rotation) -> bytes:
     for role, v in rot.roles.items():
         if role in PG_ROLES:
             out.append(f"ALTER ROLE \"{v['username']}\" WITH PASSWORD '{v['new']}';")
+    if "pooler" in rot.roles:
+        out.append(pooler_sql(rot))
     return ("\n".join(out) + "\n").encode()
 
 
@@ -120,6 +155,12 @@ def the_leader(ctx: Ctx) -> Host:
 
 
 # -- verification ---------------------------------------------------------------------------------------
+def login_roles(ctx: Ctx, rot: Rotation) -> list[str]:
+    """The roles of the rotation a TLS login proves: PostgreSQL's, the lookup role once the front door is
+    deployed, the REST API's basic auth. VRRP is proven by the VIP (one holder), not by a login."""
+    return [r for r in rot.roles if r in PG_ROLES or r == "restapi" or (r == "pooler" and frontdoor_on(ctx))]
+
+
 def pg_login_script(ctx: Ctx, host: Host, rot: Rotation) -> str:
     """sh on stdin: per PostgreSQL role, a TLS login (verify-full) with the new and with the old password."""
     psql = f"{ctx.paths.pg_bin_dir(ctx.inventory.cluster.postgres_major)}/psql"
@@ -129,7 +170,7 @@ def pg_login_script(ctx: Ctx, host: Host, rot: Rotation) -> str:
              "2>&1 >/dev/null) && echo ok || case $out in *'password authentication failed'*) echo refused;; "
              "*) echo \"error $(echo \"$out\" | head -n 1)\";; esac; }"]
     for role, v in rot.roles.items():
-        if role not in PG_ROLES:
+        if role not in PG_ROLES and not (role == "pooler" and frontdoor_on(ctx)):
             continue
         extra, sql = ("replication=true", "IDENTIFY_SYSTEM") if role == "replication" else ("", "select 1")
         lines.append(f"echo \"{role}|$(try {v['username']} '{extra}' '{v['new']}' '{sql}')|"
@@ -168,9 +209,12 @@ def parse_logins(out: str) -> dict[str, tuple[str, str]]:
     return got
 
 
-def login_problems(rot: Rotation, got: dict[str, tuple[str, str]]) -> list[str]:
+def login_problems(rot: Rotation, got: dict[str, tuple[str, str]], roles: list[str] | None = None) -> list[str]:
+    """What the logins of *roles* (default: all of the rotation's) do not prove."""
     problems = []
     for role, v in rot.roles.items():
+        if roles is not None and role not in roles:
+            continue
         new, old = got.get(role, ("no answer", "no answer"))
         if new != "ok":
             problems.append(f"{role} ({v['username']}): the new password does not log in: {new}")
@@ -181,7 +225,7 @@ def login_problems(rot: Rotation, got: dict[str, tuple[str, str]]) -> list[str]:
 
 def verify_logins(ctx: Ctx, leader: Host, rot: Rotation) -> dict[str, tuple[str, str]]:
     got: dict[str, tuple[str, str]] = {}
-    if any(r in PG_ROLES for r in rot.roles):
+    if any(r != "restapi" for r in login_roles(ctx, rot)):
         r = ctx.transport.run(leader, "sh -s", user="postgres", stdin=pg_login_script(ctx, leader, rot).encode(),
                               timeout=120)
         got.update(parse_logins(rot.mask(r.stdout)))
@@ -198,6 +242,18 @@ def verify_logins(ctx: Ctx, leader: Host, rot: Rotation) -> dict[str, tuple[str,
         if not r.ok:
             got["restapi"] = ("error " + rot.mask(r.stderr.strip())[-200:], got.get("restapi", ("", ""))[1])
     return got
+
+
+def vip_problems(ctx: Ctx, rot: Rotation) -> list[str]:
+    """After a VRRP password change: exactly one balancer holds the VIP (two would mean the balancers no longer
+    hear each other)."""
+    if "vrrp" not in rot.roles or not frontdoor_on(ctx):
+        return []
+    from runbook.sections.balancer import vip_holders
+
+    holders = vip_holders(ctx)
+    return [] if len(holders) == 1 else [f"vrrp: the VIP {ctx.inventory.cluster.vip} is held by {len(holders)} "
+                                         f"balancers ({', '.join(holders) or 'none'}), not one"]
 
 
 # -- the procedure --------------------------------------------------------------------------------------
@@ -217,7 +273,7 @@ def plan(ctx: Ctx, role: str | None) -> list[str]:
     """What a run would do, without changing or generating anything (--dry)."""
     rot = load_rotation(ctx.state_dir)
     if rot is None:
-        roles = pick_roles(role)
+        roles = pick_roles(role, ctx.secrets)
         lead = the_leader(ctx)
         return [f"a new rotation of {', '.join(roles)}; leader {lead.name}"] + \
             [f"{p}: will run{IRREVERSIBLE.get(p, '')}" for p in PHASES]
@@ -237,12 +293,13 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
                                   f"); run `inv secrets.rotate` without --role to finish it first", 2)
         ui.console.print(f"resuming rotation {rot.id} of {', '.join(rot.roles)} (its passwords are kept)")
     else:
-        wanted = pick_roles(role)
+        current = ensure_secrets(ctx.state_dir)
+        wanted = pick_roles(role, current)
         lead = the_leader(ctx)  # refuse before anything is generated
         t0 = time.time()
         for p in PHASES:
             ctx.ledger.forget("local", f"{STEP}.{p}")
-        rot = new_rotation(ensure_secrets(ctx.state_dir), wanted)
+        rot = new_rotation(current, wanted)
         save_rotation(ctx.state_dir, rot)
         record(ctx, rot, "generate", t0, f"new passwords for {', '.join(wanted)} (leader {lead.name})")
     res: dict = {"rotation": rot.id, "roles": list(rot.roles)}
@@ -250,7 +307,7 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
     res["leader"] = lead.name
     if not phase_done(ctx, rot, "alter"):
         t0 = time.time()
-        pg = [r for r in rot.roles if r in PG_ROLES]
+        pg = [r for r in rot.roles if r in PG_ROLES or r == "pooler"]
         if pg:
             from runbook.cluster.commands import psql
 
@@ -270,18 +327,33 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
     ctx._secrets = None  # re-read: the configs render the new passwords
     if not phase_done(ctx, rot, "configs"):
         t0 = time.time()
-        apply(ctx, [config, validate, roles], ctx.inventory.postgres, in_order=True)  # raises RunFailed with what to do
-        record(ctx, rot, "configs", t0, "patroni.config re-rendered and reloaded on "
-               + ", ".join(h.name for h in ctx.inventory.postgres))
+        done = []
+        if any(r in USERS for r in rot.roles):
+            apply(ctx, [config, validate, roles], ctx.inventory.postgres, in_order=True)  # raises RunFailed: what to do
+            done.append("patroni.config re-rendered and reloaded on "
+                        + ", ".join(h.name for h in ctx.inventory.postgres))
+        if frontdoor_on(ctx) and "pooler" in rot.roles:
+            from runbook.sections import pooler
+
+            apply(ctx, [pooler.lookup, pooler.config], ctx.inventory.postgres, in_order=True)
+            done.append("PgBouncer's userlist.txt written and PgBouncer reloaded")
+        if frontdoor_on(ctx) and "vrrp" in rot.roles:
+            from runbook.sections import balancer
+
+            apply(ctx, [balancer.keepalived], ctx.inventory.balancers, in_order=True)
+            done.append("keepalived.conf written and keepalived reloaded on " +
+                        ", ".join(h.name for h in ctx.inventory.balancers))
+        record(ctx, rot, "configs", t0, "; ".join(done) or "no config carries these secrets (front door not deployed)")
     if not phase_done(ctx, rot, "verify"):
         t0 = time.time()
         lead = the_leader(ctx)
         # Patroni applies a reload in its next loop (loop_wait): the REST API may take the old password for
         # a few seconds more; the verification is retried within its own bound
         got: dict = {}
+        checked = login_roles(ctx, rot)
         for _ in range(VERIFY_TRIES):
-            got = verify_logins(ctx, lead, rot)
-            problems = login_problems(rot, got)
+            got = verify_logins(ctx, lead, rot) if checked else {}
+            problems = login_problems(rot, got, checked) + vip_problems(ctx, rot)
             if not problems:
                 break
             time.sleep(VERIFY_INTERVAL)

@@ -105,18 +105,28 @@ def login_proof(ctx: Ctx, host: Host, seconds: int = 30) -> Run:
                stdin=(ctx.secrets["admin"]["password"] + "\n").encode(), timeout=seconds + 30)
 
 
+def reload_or_restart(address: str, port: int) -> str:
+    """Shell: reload PgBouncer when it already listens where the config says (its clients stay connected; a
+    reload re-reads userlist.txt, the pools and the TLS files), restart it otherwise (not running, or a new
+    listen address or port, which only a restart applies)."""
+    return (f"if systemctl is-active -q pgbouncer && ss -Hltn 'sport = :{port}' | grep -qF '{address}:{port}'; "
+            "then systemctl reload pgbouncer; else systemctl restart pgbouncer; fi")
+
+
 @section.step("config", role="postgres", only=when_enabled)
 def config(ctx: Ctx, host: Host) -> list:
     """PgBouncer: /etc/pgbouncer/pgbouncer.ini (transaction pooling, client TLS, auth_query) and the lookup
-    role's password (userlist.txt, 0600 postgres); restarted, enabled, and a login through it proven"""
+    role's password (userlist.txt, 0600 postgres); enabled, reloaded (restarted when not listening there yet),
+    and a login through it proven"""
     pw = secret(ctx, "pooler")["password"]
+    c = pgbouncer_context(ctx, host)
     userlist = template("pgbouncer/userlist.txt.j2", USERLIST, {"user": POOLER_USER, "password": pw},
                         mode="0600", owner="postgres", secret=True)
     return [Run("install -d -m 0755 /etc/pgbouncer"),
-            template("pgbouncer/pgbouncer.ini.j2", CONF, pgbouncer_context(ctx, host), mode="0640",
+            template("pgbouncer/pgbouncer.ini.j2", CONF, c, mode="0640",
                      owner="postgres"),
             userlist,
-            Run("systemctl enable pgbouncer && systemctl restart pgbouncer"),
+            Run(f"systemctl enable pgbouncer && {reload_or_restart(host.address, c['port'])}"),
             login_proof(ctx, host)]
 
 

@@ -177,6 +177,45 @@ def test_switchover_through_the_vip_loses_nothing_and_the_client_follows(front):
     assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)
 
 
+def test_front_door_secrets_rotate_under_a_writer_through_the_vip(front):
+    """`secrets.rotate --role pooler` then `--role vrrp` while a writer goes through VIP:5000: PgBouncer and
+    keepalived reload (no restart: the writer's connection stays), one balancer holds the VIP, nothing lost."""
+    from runbook.cluster.readers import host_of, members
+    from runbook.credentials.secrets import load_secrets
+    from runbook.procedures.drill import one_leader, prepare_table, prove, start_writer, writes_go_on
+    from runbook.procedures.frontdoor import frontdoor_dsn
+
+    inventory, state = front
+    ctx = drill_ctx(inventory, state)
+    old = load_secrets(state)
+    pids = {h.name: ctx.transport.run(h, "systemctl show -p MainPID --value pgbouncer").stdout.strip()
+            for h in inventory.postgres}
+    try:
+        prepare_table(ctx, host_of(ctx, one_leader(members(ctx)).name))
+        w = start_writer(ctx, "frontdoor-rotate", frontdoor_dsn(ctx))
+        try:
+            t0 = time.monotonic()
+            for role in ("pooler", "vrrp"):
+                run(state, inventory, "secrets.rotate", "--role", role, timeout=600)
+            seconds = time.monotonic() - t0
+            writes_go_on(w, 20, 30)
+        finally:
+            w.stop(30)
+        res = prove(ctx, w)
+        after = {h.name: ctx.transport.run(h, "systemctl show -p MainPID --value pgbouncer").stdout.strip()
+                 for h in inventory.postgres}
+        doc = frontdoor_doc(ctx)
+    finally:
+        ctx.transport.close()
+    new = load_secrets(state)
+    show(f"front door secrets rotated in {seconds:.1f} s (writer on VIP:5000)", res)
+    assert all(new[k]["password"] != old[k]["password"] for k in ("pooler", "vrrp"))
+    assert res["lost"] == 0 and res["acknowledged"] == res["present"] > 0, res
+    assert after == pids  # reloaded, not restarted
+    assert sum(b["holds_vip"] for b in doc["balancers"]) == 1, doc
+    assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)  # a new connection logs in
+
+
 if SOAK:  # `make soak` only (minutes each): the power-off drills through the VIP
     def test_soak_failover_by_power_off_of_the_leader_through_the_vip(front):
         from runbook.procedures.drill import failover_drill

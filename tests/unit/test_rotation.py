@@ -154,3 +154,73 @@ def test_rotation_file_mode_and_shape_are_checked(ctx):
     p.chmod(0o644)
     with pytest.raises(ProcedureFailed, match="readable by group/others"):
         sr.load_rotation(ctx.state_dir)
+
+
+def test_the_front_doors_secrets_rotate_too(ctx, cluster):
+    """pooler and vrrp, once in state/secrets.yml, rotate with the rest; without cluster.vip no config carries
+    them: the lookup role's password changes where the role exists, as a SCRAM secret, never in plain."""
+    from runbook.sections.frontdoor import secret
+
+    secret(ctx, "pooler"), secret(ctx, "vrrp")
+    old = ensure_secrets(ctx.state_dir)
+    sqls = []
+    cluster.on(r"psql .* -v ON_ERROR_STOP=1 -f -$", lambda h, c: sqls.append(h.name) or 0)
+    res = sr.rotate(ctx, None)
+    new = ensure_secrets(ctx.state_dir)
+    assert res["roles"][-2:] == ["pooler", "vrrp"]
+    assert all(new[k]["password"] != old[k]["password"] for k in old)
+    assert len(new["vrrp"]["password"]) == 8 and len(new["pooler"]["password"]) == 32  # keepalived takes 8
+    rot = sr.Rotation("x", {"pooler": {"username": "pgbouncer_auth", "old": "o" * 32, "new": "n" * 32}})
+    sql = sr.alter_sql(rot).decode()
+    assert "IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgbouncer_auth')" in sql
+    assert "PASSWORD 'SCRAM-SHA-256$4096:" in sql and "n" * 32 not in sql
+    assert not [c for c in cluster.commands() if "pgbouncer" in c or "keepalived" in c]  # not deployed: no config
+    with pytest.raises(ProcedureFailed, match="--role nope: unknown; one of .*restapi, pooler, vrrp"):
+        sr.rotate(ctx, "nope")
+
+
+def test_with_the_front_door_pgbouncer_and_keepalived_reload_and_are_proven(ctx, cluster, tmp_path, monkeypatch):
+    from test_frontdoor import _inventory
+
+    from runbook.inventory import load_inventory
+    from runbook.sections import pooler
+    from runbook.sections.frontdoor import secret
+
+    monkeypatch.setattr(sr, "VERIFY_TRIES", 1)
+    monkeypatch.setattr(sr, "VERIFY_INTERVAL", 0)
+    ctx.inventory = load_inventory(_inventory(tmp_path))  # cluster.vip: the PostgreSQL hosts balance
+    secret(ctx, "pooler"), secret(ctx, "vrrp")
+    cluster.on(r"^sh -s$", (0, ALL_OK + "pooler|ok|refused\n"))
+    cluster.on(r"ip -4 -o addr show to", lambda h, c: (0, "inet x" if h.name == "node01" else ""))
+    cluster.on(r"ss -Hltn", 0)  # PgBouncer listens: a reload, not a restart
+    res = sr.rotate(ctx, "pooler")
+    assert res["roles"] == ["pooler"]
+    cmds = cluster.commands("node01")
+    assert any(pooler.reload_or_restart("192.168.60.131", 6432) in c for c in cmds)
+    assert not [c for c in cmds if "ALTER" in c or "keepalived" in c]
+    res = sr.rotate(ctx, "vrrp")
+    assert any("reload-or-restart keepalived" in c for c in cluster.commands("node02"))
+    cluster.on(r"ip -4 -o addr show to", (0, "inet x"))  # both balancers claim the VIP: not proven
+    with pytest.raises(ProcedureFailed, match="vrrp: the VIP .* is held by 2 balancers"):
+        sr.rotate(ctx, "vrrp")
+
+
+@pytest.mark.parametrize("active, listening, expected", [
+    (0, "LISTEN 0 128 10.0.0.5:6432 0.0.0.0:*", "reload"),  # running where the config says: clients stay
+    (0, "LISTEN 0 128 10.0.0.9:6432 0.0.0.0:*", "restart"),  # a new listen address: only a restart applies it
+    (3, "", "restart"),  # not running
+])
+def test_pgbouncer_is_reloaded_when_it_listens_there(tmp_path, active, listening, expected):
+    import subprocess
+
+    from runbook.sections.pooler import reload_or_restart
+
+    log = tmp_path / "log"
+    (tmp_path / "systemctl").write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n[ \"$1\" = is-active ] && exit {active}\n"
+                                        "exit 0\n")
+    (tmp_path / "ss").write_text(f"#!/bin/sh\necho '{listening}'\n")
+    for f in ("systemctl", "ss"):
+        (tmp_path / f).chmod(0o755)
+    subprocess.run(["sh", "-c", reload_or_restart("10.0.0.5", 6432)], check=True, timeout=30,
+                   env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert log.read_text().splitlines()[-1] == f"{expected} pgbouncer"
