@@ -160,7 +160,7 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
         ctx.transport.close()
         if lock:
             ledger.release(outcome, summary)
-        ledger.db.conn.close()
+        ledger.conn.close()
 
 
 def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, verify: bool,
