@@ -11,6 +11,15 @@ from . import BenchFailed, ssh
 HOSTS = [("b-etcd01", "192.168.64.141", "etcd"), ("b-etcd02", "192.168.64.142", "etcd"),
          ("b-etcd03", "192.168.64.143", "etcd"), ("b-node01", "192.168.64.131", "postgres"),
          ("b-node02", "192.168.64.132", "postgres")]
+
+
+def inventory_hosts(inventory) -> list[tuple[str, str, str]]:
+    """(name, address, first role) of every host of the inventory: what HOSTS is for the default lab."""
+    from runbook.inventory import load_inventory
+
+    return [(h.name, str(h.address), h.roles[0]) for h in load_inventory(inventory).hosts]
+
+
 PATRONICTL = "/opt/patroni/bin/patronictl -c /etc/patroni/config.yml"
 PSQL = "/usr/lib/postgresql/15/bin/psql -X -q -h /var/run/postgresql -d postgres"
 

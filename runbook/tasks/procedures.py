@@ -74,7 +74,8 @@ def maintain(c, dry=False, disarm=False, no_snapshot=False, health_wait=60):
             "force": "do not ask for confirmation (needed without a terminal)"})
 def switchover(c, candidate=None, force=False):
     """Switch the leader over to the sync standby: pre-checks (sync standby, lag 0, etcd healthy), the
-    switchover, post-checks (new leader writes, old leader streams again); prints the time taken."""
+    switchover, post-checks (new leader writes, old leader streams again and is its synchronous standby, as
+    its PostgreSQL says); prints the time taken. Patroni shows it as "Sync Standby" up to loop_wait later."""
     from runbook.procedures.switchover import do_switchover
 
     if not force:
@@ -83,10 +84,11 @@ def switchover(c, candidate=None, force=False):
         if not Confirm.ask("switch over the leader?"):
             raise Exit("cancelled", code=1)
     with session(c, "patroni.switchover") as ctx:
-        res = do_switchover(ctx, candidate)
+        res = do_switchover(ctx, candidate, settle=False)
         ui.console.print(f"[bold green]✓[/] switchover {res['from']} -> {res['to']}: command {res['command_s']}s, "
                          f"new leader writable after {res['writable_s']}s, old leader streaming after "
-                         f"{res['old_leader_streaming_s']}s")
+                         f"{res['old_leader_streaming_s']}s, its synchronous standby after {res['sync_s']}s "
+                         "(Patroni names it Sync Standby on its next cycle)")
 
 
 
