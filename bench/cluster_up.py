@@ -55,7 +55,8 @@ from benchlib import (  # noqa: E402
     use_inventory,
     write_inventory,
 )
-from benchlib.cluster import HOSTS, PATRONICTL, Writer, ensure_table, host_of, inventory_hosts, wait_healthy  # noqa: E402
+from benchlib.cluster import (  # noqa: E402
+    HOSTS, PATRONICTL, Writer, ensure_table, host_of, inventory_hosts, wait_healthy, wait_sync_named)
 from benchlib.phases import load_noop, phase_ansible, phase_probe  # noqa: E402
 from benchlib.report import con, finish, record, say  # noqa: E402
 from benchlib.targets import critical_path, target  # noqa: E402
@@ -149,6 +150,10 @@ def phase_switchover(a) -> None:
 
     ours = measure(a, "switchover[inv]", inv_switch, lambda lead, rep: rep["Member"])
     _, _, t = wait_healthy(a)
+    # inv returns once PostgreSQL waits for the old leader on commit; Patroni names it "Sync Standby" on its
+    # leader's next HA cycle, and a plain `patronictl switchover` is refused until then: wait for that first
+    t_named = wait_sync_named(a)
+    record("switchover[inv]", "after the command, until Patroni named the sync standby", f"{t_named:.1f}s")
 
     def plain(lead, rep, w):
         h = host_of(lead["Member"])[0]

@@ -54,6 +54,16 @@ def wait_healthy(a, budget: float = 180) -> tuple[dict, dict, float]:
     raise BenchFailed(f"cluster not healthy (leader + streaming replica, lag 0) within {budget}s: {members(a)}")
 
 
+def wait_sync_named(a, budget: float = 60) -> float:
+    """Until Patroni names a streaming "Sync Standby" (what `patronictl switchover` needs); return seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < budget:
+        if any(m.get("Role") == "Sync Standby" and m.get("State") == "streaming" for m in members(a)):
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise BenchFailed(f"Patroni named no sync standby within {budget}s: {members(a)}")
+
+
 def host_of(member: str) -> tuple[str, str]:
     name = member.removeprefix("patroni_")
     return name, dict((n, ad) for n, ad, _ in HOSTS)[name]
