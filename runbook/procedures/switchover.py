@@ -167,7 +167,8 @@ def settled_members(ctx: Ctx, ms: list[Member], bounds: Bounds = Bounds()) -> li
     """The members once Patroni names a sync standby, when a replica streams but none is named yet (right after
     a switchover that did not settle: its leader names it on its next HA cycle, and Patroni switches over only
     to a member it names). Bounded by `bounds.sync`; the pre-checks then judge what they see."""
-    if any(m.role == "Sync Standby" for m in ms) or not any(m.streaming and not m.is_leader for m in ms):
+    if not ctx.inventory.cluster.patroni.synchronous_mode or any(m.role == "Sync Standby" for m in ms) \
+            or not any(m.streaming and not m.is_leader for m in ms):
         return ms
     ui.console.print("waiting for Patroni to name the streaming replica its sync standby (its leader's next HA "
                      f"cycle; at most {bounds.sync:.0f} s)")

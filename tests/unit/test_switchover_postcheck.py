@@ -143,3 +143,16 @@ def test_each_try_is_bounded_well_inside_its_wait(ctx, fake, monkeypatch):
     do_switchover(ctx, None)
     assert seen == [Bounds().try_s] and Bounds().try_s * 3 <= Bounds().writable
     assert so.WRITABLE_SQL.count("statement_timeout") == 1
+
+
+def test_without_synchronous_mode_nothing_is_waited_for(ctx, fake, monkeypatch):
+    inv = ctx.inventory
+    patroni = inv.cluster.patroni.model_copy(update={"synchronous_mode": False})
+    monkeypatch.setattr(ctx, "inventory", inv.model_copy(update={"cluster": inv.cluster.model_copy(
+        update={"patroni": patroni})}))
+    unnamed = [member("node01", "Leader", "running"), member("node02", "Replica", "streaming")]
+    lists = Cluster(unnamed)
+    fake.on(r"list -f json", lists)
+    with pytest.raises(ProcedureFailed, match="no sync standby to switch over to"):
+        do_switchover(ctx, None, FAST, settle=False)
+    assert lists.i == 1  # asked once: no wait for a name Patroni never gives without synchronous_mode
