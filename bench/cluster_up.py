@@ -55,7 +55,8 @@ from benchlib import (  # noqa: E402
     use_inventory,
     write_inventory,
 )
-from benchlib.cluster import HOSTS, PATRONICTL, Writer, ensure_table, host_of, wait_healthy  # noqa: E402
+from benchlib.cluster import (  # noqa: E402
+    HOSTS, PATRONICTL, Writer, ensure_table, host_of, inventory_hosts, wait_healthy, wait_sync_named)
 from benchlib.phases import load_noop, phase_ansible, phase_probe  # noqa: E402
 from benchlib.report import con, finish, record, say  # noqa: E402
 from benchlib.targets import critical_path, target  # noqa: E402
@@ -136,7 +137,7 @@ def measure(a, label: str, action, new_member_of, budget: float = 120) -> dict:
            f"{t_cmd:.2f}s {info or ''}".strip())
     record(label, "longest gap seen by the writer (50 inserts/s)", f"{gap:.2f}s ({w.errors} failed attempts)")
     record(label, "until a write succeeded on the new leader", f"{first:.2f}s (on {who})")
-    return {"lead": lead, "rep": rep, "new": new_member}
+    return {"lead": lead, "rep": rep, "new": new_member, "cmd": t_cmd}
 
 
 def phase_switchover(a) -> None:
@@ -147,8 +148,12 @@ def phase_switchover(a) -> None:
         m = re.search(r"switchover .*", r.out)
         return f"(inv says: {m.group(0).strip()})" if m else ""
 
-    measure(a, "switchover[inv]", inv_switch, lambda lead, rep: rep["Member"])
+    ours = measure(a, "switchover[inv]", inv_switch, lambda lead, rep: rep["Member"])
     _, _, t = wait_healthy(a)
+    # inv returns once PostgreSQL waits for the old leader on commit; Patroni names it "Sync Standby" on its
+    # leader's next HA cycle, and a plain `patronictl switchover` is refused until then: wait for that first
+    t_named = wait_sync_named(a)
+    record("switchover[inv]", "after the command, until Patroni named the sync standby", f"{t_named:.1f}s")
 
     def plain(lead, rep, w):
         h = host_of(lead["Member"])[0]
@@ -158,9 +163,12 @@ def phase_switchover(a) -> None:
             raise BenchFailed(f"patronictl switchover failed: {r.stdout} {r.stderr}")
         return ""
 
-    measure(a, "switchover[patronictl]", plain, lambda lead, rep: rep["Member"])
+    theirs = measure(a, "switchover[patronictl]", plain, lambda lead, rep: rep["Member"])
     _, _, t = wait_healthy(a)
     record("switchover[patronictl]", "until the old leader streamed again (after the command)", f"{t:.1f}s")
+    # issue 16 item 5: our command's own wall <= the plain command + until the old leader streams again + 2 s
+    target("patroni.switchover wall - (patronictl wall + old leader streaming again)", ours["cmd"]
+           - theirs["cmd"] - t, 2.0, unit="s")
 
 
 def phase_failover(a) -> list[str]:
@@ -271,6 +279,7 @@ def main() -> int:
         write_inventory(a.inventory, HOSTS)
     a.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     use_inventory(a.inventory)
+    HOSTS[:] = inventory_hosts(a.inventory)  # a private lab (--inventory) has its own names and addresses
     con.print(f"inventory {a.inventory}, state {a.state}, phases {','.join(phases)}, rounds {a.rounds}; "
               f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     rc = 0

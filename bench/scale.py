@@ -82,7 +82,7 @@ def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
     rep = apply(ctx, step, [i.get(n) for n in names])
     dt = time.monotonic() - t0
     ctx.transport.close()
-    ctx.ledger.db.conn.close()
+    ctx.ledger.conn.close()
     if rep.executed:
         raise BenchFailed(f"etcd.names re-ran on {rep.executed} (expected a no-op)")
     return dt, Counting.n

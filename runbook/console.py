@@ -64,14 +64,25 @@ def plan_table(report: "Report", title: str = "Plan") -> Table:
         if d.host.name not in hosts:
             hosts.append(d.host.name)
         rows.setdefault(d.step.name, {})[d.host.name] = d
-    t = Table(title=title)
+    order = report.order
+    t = Table(title=title, caption="wave: a step starts once the steps it needs are done on their hosts; steps of "
+                                   "one wave may run at the same time" if order else None)
     t.add_column("step")
+    if order:
+        t.add_column("wave", justify="right")
+        t.add_column("needs")
     for h in hosts:
         t.add_column(h)
     irreversible = {d.step.name for d in report.plan if d.step.irreversible}
+    if order:  # in dependency order (the run's order breaks ties)
+        rows = dict(sorted(rows.items(), key=lambda kv: order.get(kv[0], (0, []))[0]))
     for step, cells in rows.items():
         mark = " [bold red](irreversible)[/]" if step in irreversible else ""
-        t.add_row(step + mark, *[_cell(cells.get(h)) for h in hosts])
+        first = [step + mark]
+        if order:
+            wave, needs = order.get(step, (0, []))
+            first += [str(wave), ", ".join(needs) or "[dim]-[/]"]
+        t.add_row(*first, *[_cell(cells.get(h)) for h in hosts])
     return t
 
 

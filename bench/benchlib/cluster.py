@@ -11,6 +11,15 @@ from . import BenchFailed, ssh
 HOSTS = [("b-etcd01", "192.168.64.141", "etcd"), ("b-etcd02", "192.168.64.142", "etcd"),
          ("b-etcd03", "192.168.64.143", "etcd"), ("b-node01", "192.168.64.131", "postgres"),
          ("b-node02", "192.168.64.132", "postgres")]
+
+
+def inventory_hosts(inventory) -> list[tuple[str, str, str]]:
+    """(name, address, first role) of every host of the inventory: what HOSTS is for the default lab."""
+    from runbook.inventory import load_inventory
+
+    return [(h.name, str(h.address), h.roles[0]) for h in load_inventory(inventory).hosts]
+
+
 PATRONICTL = "/opt/patroni/bin/patronictl -c /etc/patroni/config.yml"
 PSQL = "/usr/lib/postgresql/15/bin/psql -X -q -h /var/run/postgresql -d postgres"
 
@@ -43,6 +52,16 @@ def wait_healthy(a, budget: float = 180) -> tuple[dict, dict, float]:
             return lead[0], reps[0], time.monotonic() - t0
         time.sleep(1)
     raise BenchFailed(f"cluster not healthy (leader + streaming replica, lag 0) within {budget}s: {members(a)}")
+
+
+def wait_sync_named(a, budget: float = 60) -> float:
+    """Until Patroni names a streaming "Sync Standby" (what `patronictl switchover` needs); return seconds."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < budget:
+        if any(m.get("Role") == "Sync Standby" and m.get("State") == "streaming" for m in members(a)):
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise BenchFailed(f"Patroni named no sync standby within {budget}s: {members(a)}")
 
 
 def host_of(member: str) -> tuple[str, str]:

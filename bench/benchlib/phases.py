@@ -164,7 +164,7 @@ def phase_probe(a) -> None:
             say(f"[yellow]probe: re-ran {rep.executed}[/]")
         calls = ctx.transport.calls
         ctx.transport.close()
-        ctx.ledger.db.conn.close()
+        ctx.ledger.conn.close()
         # each step applied alone, for its own cost (a --verify batch then covers that one step only)
         ctx = make_ctx(a)
         ctx.options.verify = verify
@@ -175,7 +175,7 @@ def phase_probe(a) -> None:
             apply(ctx, [step], list(ctx.inventory.hosts))
             per_step[step.name] = time.monotonic() - ts
         ctx.transport.close()
-        ctx.ledger.db.conn.close()
+        ctx.ledger.conn.close()
         conns = len({c[0] for c in calls})
         label = "--verify" if verify else "no-op"
         hosts = sorted({c[0] for c in calls})

@@ -6,6 +6,10 @@ Same semantics as checking each step at its turn: the results stand only while n
 (host, step) ran in this run, the checks ahead are taken again (the next step that needs one builds a new
 batch), so a check never answers for a state that an earlier step of this run has since changed.
 A check missing from the answer (the script was cut short, the host dropped) is asked on its own, as before.
+
+A step whose hosts the cluster decides (`only=` asking a host, e.g. patroni.roles on the current leader) is
+asked alongside the batches, not before them: its check goes in the batch of every host of its role that
+the ledger has it on, and only its chosen hosts' answers are ever taken.
 """
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ import re
 import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from runbook.core.context import RunContext
 from runbook.core.identity import IDENTITY_CMD, note_identities
+from runbook.core.offline import NeedsHost, offline
 from runbook.core.step import Step
 from runbook.core.transport import TransportError
 from runbook.inventory import LOCAL, Host
@@ -74,16 +80,27 @@ class CheckBatch:
         """The batched answer for (host, step), once: None when there is none (ask the check itself)."""
         return self.results.pop((host.name, step.name), None)
 
-    def prepare(self, ctx: RunContext, steps: list[Step], selected: list[Host], stamp: int) -> list[str]:
+    def prepare(self, ctx: RunContext, steps: list[Step], selected: list[Host], stamp: int,
+                hosts_of: Callable[[Step], list[Host]] | None = None) -> list[str]:
         """Ask, per host, every check the steps ahead will need, unless already asked since the last change
-        (`stamp`). Returns the identity notices (a host that is a new machine)."""
+        (`stamp`). `hosts_of`: the engine's step.hosts() (it keeps what the cluster answered for the step's
+        turn). Returns the identity notices (a host that is a new machine)."""
         if stamp == self.stamp:
             return []
         self.stamp, self.results = stamp, {}
+        hosts_of = hosts_of or (lambda step: step.hosts(ctx, selected))
         plan: dict[str, tuple[Host, list[tuple[Step, str]]]] = {}
         recs = {(r.host, r.step): r for r in ctx.ledger.all()}
+        names = {h.name for h in selected}
+        ask: list[Step] = []  # steps whose hosts the cluster decides: asked alongside the batches
         for step in steps:
-            for h in step.hosts(ctx, selected):
+            try:
+                with offline(ctx):
+                    step_hosts = hosts_of(step)
+            except NeedsHost:
+                ask.append(step)
+                step_hosts = [h for h in ctx.inventory.role(step.role) if h.name in names]
+            for h in step_hosts:
                 rec = recs.get((h.name, step.name))
                 if h.name == LOCAL.name or rec is None or rec.status not in ("done", "running"):
                     continue
@@ -94,6 +111,8 @@ class CheckBatch:
                 if isinstance(probe, str):
                     plan.setdefault(h.name, (h, []))[1].append((step, probe))
         if not plan:
+            for step in ask:
+                hosts_of(step)
             return []
         asked = ctx.ledger.identities
 
@@ -107,7 +126,15 @@ class CheckBatch:
             mid, rcs = parse_batch(r.stdout)
             return h, mid, ident, rcs
 
-        with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(plan)))) as pool:
+        def cluster_hosts(step: Step) -> None:
+            try:
+                hosts_of(step)
+            except Exception:  # noqa: BLE001 - asked again at the step's turn, and reported there
+                pass
+
+        with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(plan) + len(ask)))) as pool:
+            for step in ask:
+                pool.submit(cluster_hosts, step)
             answers = list(pool.map(lambda hc: one(*hc), plan.values()))
         self.execs += len(answers)
         found = []

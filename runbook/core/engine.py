@@ -11,7 +11,7 @@ from runbook.core.context import RunContext
 from runbook.core.files import UNDO_DIR, files_backup
 from runbook.core.identity import read_identities, voided
 from runbook.core.offline import NOT_CONTACTED, ledger_noop
-from runbook.core.schedule import run_graph
+from runbook.core.schedule import plan_order, run_graph
 from runbook.core.step import Action, Local, Put, Run, Step, Upload
 from runbook.core.transport import TransportError
 from runbook.errors import RunbookError
@@ -48,6 +48,8 @@ class Report:
     failed: list[tuple[str, str, str]] = field(default_factory=list)
     plan: list[Decision] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # e.g. a host that is a new machine
+    # {step: (wave, the steps it needs)} when the steps run by their needs (not a day-2 procedure in list order)
+    order: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
 
 
 def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action] | None = None,
@@ -198,6 +200,8 @@ def apply(ctx: RunContext, steps: list[Step], selected: list[Host], in_order: bo
     sections and its list order is its plan (etcd.add.start before etcd.start on the new member). A failure
     stops what needs the failed step; the run then fails."""
     report = Report()
+    if not in_order:
+        report.order = plan_order(steps)  # also says a Step.needs that points forward, before any work
     notice = getattr(ctx.observer, "notice", None)
     noop = ledger_noop(ctx, steps, selected)
     if noop is not None:  # nothing to do by the ledger: no host is contacted (see runbook.core.offline)
@@ -231,19 +235,34 @@ class _Run:
         self.notice = getattr(ctx.observer, "notice", None)
         self.batch = CheckBatch() if ctx.options.verify else None
         self.gate = threading.BoundedSemaphore(max(1, ctx.options.parallel))  # host work of all steps at once
+        self._hosts: dict[str, tuple[int, list[Host]]] = {}
+
+    def stamp(self) -> int:
+        """What has run so far: an answer taken at the same stamp still stands."""
+        return len(self.report.executed) + len(self.report.failed)
+
+    def hosts(self, step: Step) -> list[Host]:
+        """step.hosts(), asked once while nothing runs: a step whose hosts the cluster decides (`only=`, e.g.
+        patroni.roles on the current leader) asks patronictl once, not for the batch and again at its turn."""
+        stamp = self.stamp()
+        got = self._hosts.get(step.name)
+        if got is not None and got[0] == stamp:
+            return got[1]
+        hosts = step.hosts(self.ctx, self.selected)
+        self._hosts[step.name] = (stamp, hosts)
+        return hosts
 
     def step(self, i: int) -> dict[str, str]:
         """Decide and run steps[i] on its hosts; {host: error} of the hosts where it failed."""
         ctx, step, report = self.ctx, self.steps[i], self.report
-        hosts = step.hosts(ctx, self.selected)
+        hosts = self.hosts(step)
         if not hosts:
             return {}
         # Each host's identity is read once, when a step first reaches it (a local step that fails first,
         # e.g. a bad bundle, touches no host); with --verify in the same remote execution as its checks.
         texts = []
         if self.batch is not None and any(h.name != LOCAL.name for h in hosts):
-            texts = self.batch.prepare(ctx, self.steps[i:], self.selected,
-                                       stamp=len(report.executed) + len(report.failed))
+            texts = self.batch.prepare(ctx, self.steps[i:], self.selected, stamp=self.stamp(), hosts_of=self.hosts)
         for text in texts + read_identities(ctx, hosts):
             report.notices.append(text)
             if self.notice:

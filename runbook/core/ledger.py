@@ -2,6 +2,10 @@
 
 WAL + synchronous=FULL so that a recorded checkpoint survives kill -9 and power loss; every write
 is its own transaction. Text that may carry secrets passes through `redact` before it is stored.
+
+Reads and writes use plain sqlite3: a no-op run reads the ledger and records its run, and importing
+sqlite-utils (~0.1-0.5 s) would cost more than the whole no-op. sqlite-utils creates the tables of a new
+ledger (one definition of the schema, its column types) and serves `Ledger.db` (views, tests).
 """
 from __future__ import annotations
 
@@ -15,12 +19,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from runbook.errors import RunbookError
 
+if TYPE_CHECKING:
+    import sqlite_utils
+
+TABLES = ("runs", "checkpoints", "events", "identities")
 STATUSES = ("pending", "running", "done", "failed", "rolled_back", "manual")
 TAIL = 2000
 
@@ -62,14 +68,27 @@ class Ledger:
             os.chmod(self.path, 0o600)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        self.db = sqlite_utils.Database(conn)
+        self.conn = conn
+        self._db: sqlite_utils.Database | None = None
         self._schema()
         self._lock_fd: int | None = None
         self.run_id: int | None = None
         self.identities: dict[str, str] = {}  # host -> machine-id read in this run; stamped on its records
 
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The same connection through sqlite-utils (imported on first use: views and tests, not a run)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
+
     def _schema(self) -> None:
         with self._mu:
+            have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+            if set(TABLES) <= have and "idx_events_run_id" in have:
+                return  # an existing ledger: nothing to create, and no sqlite-utils import
             self.db.table("runs").create({
                 "id": int, "command": str, "argv": str, "operator": str, "machine": str, "pid": int,
                 "started": float, "finished": float, "outcome": str, "summary": str,
@@ -88,6 +107,27 @@ class Ledger:
                                          pk=("host", "step"), if_not_exists=True)
             if not self.db.table("events").indexes:
                 self.db.table("events").create_index(["run_id"], if_not_exists=True)
+
+    # -- plain SQL (callers hold self._mu) ---------------------------------------------------------
+    def _insert(self, table: str, row: dict) -> int:
+        cols = ", ".join(f'"{c}"' for c in row)
+        with self.conn:
+            cur = self.conn.execute(f'INSERT INTO "{table}" ({cols}) VALUES ({", ".join("?" * len(row))})',
+                                    list(row.values()))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def _upsert(self, table: str, row: dict) -> None:
+        """Insert the row, or update the given columns of the row with its (host, step) key."""
+        cols = ", ".join(f'"{c}"' for c in row)
+        sets = ", ".join(f'"{c}" = excluded."{c}"' for c in row if c not in ("host", "step"))
+        self.conn.execute(f'INSERT INTO "{table}" ({cols}) VALUES ({", ".join("?" * len(row))}) '
+                          f"ON CONFLICT (host, step) DO UPDATE SET {sets}", list(row.values()))
+
+    def _rows(self, sql: str, args: list) -> list[dict]:
+        cur = self.conn.execute(sql, args)
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     # -- run lock ---------------------------------------------------------------------------
     def acquire(self, command: str, argv: list[str]) -> int:
@@ -109,22 +149,23 @@ class Ledger:
         if stale:
             # The previous holder died (kill -9, power loss): its running run is closed as interrupted.
             with self._mu:
-                self.db.execute("UPDATE runs SET outcome='interrupted', finished=? WHERE outcome='running'",
-                                [now()])
-                self.db.conn.commit()
+                with self.conn:
+                    self.conn.execute("UPDATE runs SET outcome='interrupted', finished=? WHERE outcome='running'",
+                                      [now()])
         with self._mu:
-            self.run_id = self.db.table("runs").insert({
+            self.run_id = self._insert("runs", {
                 "command": command, "argv": self.redact(json.dumps(argv)), "operator": getpass.getuser(),
                 "machine": socket.gethostname(), "pid": os.getpid(), "started": now(), "outcome": "running",
-            }).last_pk
+            })
         assert self.run_id is not None  # sqlite assigns the rowid
         return self.run_id
 
     def release(self, outcome: str, summary: str = "") -> None:
         if self.run_id is not None:
             with self._mu:
-                self.db.table("runs").update(self.run_id, {"finished": now(), "outcome": outcome,
-                                                     "summary": self.redact(summary)})
+                with self.conn:
+                    self.conn.execute("UPDATE runs SET finished = ?, outcome = ?, summary = ? WHERE id = ?",
+                                      [now(), outcome, self.redact(summary), self.run_id])
             self.run_id = None
         if self._lock_fd is not None:
             os.ftruncate(self._lock_fd, 0)
@@ -137,7 +178,7 @@ class Ledger:
 
     def _query(self, where: str = "", args: list | None = None) -> list[Checkpoint]:
         with self._mu:
-            cur = self.db.execute(self._SELECT + where, args or [])
+            cur = self.conn.execute(self._SELECT + where, args or [])
             cols = [d[0] for d in cur.description]
             return [Checkpoint(**dict(zip(cols, r, strict=True))) for r in cur.fetchall()]
 
@@ -163,31 +204,31 @@ class Ledger:
             if started is not None:
                 row.update(started=started, duration=round(t - started, 3))
         with self._mu:
-            self.db.table("checkpoints").upsert(row, pk=("host", "step"), alter=False)
-            if self.identities.get(host):
-                self.db.table("identities").upsert({"host": host, "step": step, "machine": self.identities[host]},
-                                             pk=("host", "step"))
+            with self.conn:
+                self._upsert("checkpoints", row)
+                if self.identities.get(host):
+                    self._upsert("identities", {"host": host, "step": step, "machine": self.identities[host]})
 
     def adopt_identity(self, host: str, machine: str) -> int:
         """Stamp `machine` on the host's records that have none (written before identities were kept)."""
         with self._mu:
-            cur = self.db.execute("INSERT OR IGNORE INTO identities (host, step, machine) "
-                                  "SELECT host, step, ? FROM checkpoints WHERE host = ?", [machine, host])
-            self.db.conn.commit()
+            with self.conn:
+                cur = self.conn.execute("INSERT OR IGNORE INTO identities (host, step, machine) "
+                                        "SELECT host, step, ? FROM checkpoints WHERE host = ?", [machine, host])
             return cur.rowcount
 
     def forget(self, host: str, step: str) -> bool:
         with self._mu:
-            self.db.execute("DELETE FROM identities WHERE host = ? AND step = ?", [host, step])
-            cur = self.db.execute("DELETE FROM checkpoints WHERE host = ? AND step = ?", [host, step])
-            self.db.conn.commit()
+            with self.conn:
+                self.conn.execute("DELETE FROM identities WHERE host = ? AND step = ?", [host, step])
+                cur = self.conn.execute("DELETE FROM checkpoints WHERE host = ? AND step = ?", [host, step])
             return cur.rowcount > 0
 
     # -- events ------------------------------------------------------------------------------
     def event(self, host: str, step: str, kind: str, action: str = "", rc: int | None = None,
               stdout: str = "", stderr: str = "", duration: float | None = None) -> None:
         with self._mu:
-            self.db.table("events").insert({
+            self._insert("events", {
                 "run_id": self.run_id, "at": now(), "host": host, "step": step, "kind": kind,
                 "action": self.redact(action), "rc": rc, "duration": duration,
                 # redact first: a secret cut in half by the truncation would no longer match and leak its tail
@@ -196,17 +237,17 @@ class Ledger:
 
     def runs(self, limit: int = 20) -> list[dict]:
         with self._mu:
-            return list(self.db.table("runs").rows_where(order_by="id desc", limit=limit))
+            return self._rows("SELECT * FROM runs ORDER BY id DESC LIMIT ?", [limit])
 
     def events(self, run_id: int | None = None, limit: int = 200) -> Iterator[dict]:
-        where, args = ("run_id = ?", [run_id]) if run_id else (None, None)
+        where, args = (" WHERE run_id = ?", [run_id]) if run_id else ("", [])
         with self._mu:
-            return iter(list(self.db.table("events").rows_where(where, args, order_by="id desc", limit=limit)))
+            return iter(self._rows(f"SELECT * FROM events{where} ORDER BY id DESC LIMIT ?", [*args, limit]))
 
     def integrity(self) -> str:
         with self._mu:
-            return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+            return self.conn.execute("PRAGMA integrity_check").fetchone()[0]
 
     def close(self) -> None:
         self.release("aborted") if self.run_id is not None else None
-        self.db.conn.close()
+        self.conn.close()

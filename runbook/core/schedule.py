@@ -47,6 +47,23 @@ def needs_of(steps: list[Step]) -> dict[int, set[int]]:
     return out
 
 
+def waves(steps: list[Step]) -> dict[int, int]:
+    """{position: wave} in dependency order: wave 1 needs nothing in this run, wave n needs steps of waves below
+    n (one of them n - 1). A step starts when what it needs is done, so steps of one wave may run at once."""
+    needs = needs_of(steps)
+    out: dict[int, int] = {}
+    for i in range(len(steps)):  # needs point backwards only (needs_of says so up front)
+        out[i] = 1 + max((out[j] for j in needs[i]), default=0)
+    return out
+
+
+def plan_order(steps: list[Step]) -> dict[str, tuple[int, list[str]]]:
+    """{step name: (wave, names of the steps of this run it needs)}: the order the plan table shows."""
+    needs = needs_of(steps)
+    wave = waves(steps)
+    return {s.name: (wave[i], [steps[j].name for j in sorted(needs[i])]) for i, s in enumerate(steps)}
+
+
 def run_graph(steps: list[Step], body: Callable[[int], dict[str, str]]) -> tuple[dict[int, dict[str, str]], set[int]]:
     """Run body(i) for every step once its needs are done, several at once. Returns the failures
     ({position: {host: error}}) and the positions never started because a step they need failed. An

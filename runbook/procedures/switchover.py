@@ -27,8 +27,10 @@ def _etcd_healthy(ctx: Ctx) -> list[str]:
     return ["no etcd host answered"]
 
 
-def prechecks(ctx: Ctx, ms: list[Member], candidate: str | None) -> tuple[Member | None, Member | None, list[str]]:
-    """The leader, the candidate and every reason to refuse (empty when it is safe; then both are set)."""
+def prechecks(ctx: Ctx, ms: list[Member], candidate: str | None,
+              etcd_bad: list[str] | None = None) -> tuple[Member | None, Member | None, list[str]]:
+    """The leader, the candidate and every reason to refuse (empty when it is safe; then both are set).
+    `etcd_bad`: the unhealthy etcd endpoints when already asked (else asked here)."""
     problems = []
     leaders = [m for m in ms if m.is_leader]
     if len(leaders) != 1:
@@ -50,7 +52,7 @@ def prechecks(ctx: Ctx, ms: list[Member], candidate: str | None) -> tuple[Member
             problems.append(f"{cand.name} is {cand.state}, not streaming")
         if cand.lag not in (0, "0", None, 0.0):
             problems.append(f"{cand.name} lags by {cand.lag}")
-    bad = _etcd_healthy(ctx)
+    bad = _etcd_healthy(ctx) if etcd_bad is None else etcd_bad
     if bad:
         problems.append(f"etcd unhealthy: {', '.join(bad)}")
     return (leaders[0] if leaders else None), cand, problems
@@ -65,7 +67,8 @@ class Bounds:
     try_s: float = 10  # one psql try
     old_leader: float = 120  # the old leader streams from the new one
     sync: float = 60  # a sync standby is named again
-    interval: float = 0.5
+    interval: float = 0.5  # between two `patronictl list` (each ~0.5 s of Patroni start-up on the host)
+    stream_interval: float = 0.2  # between two psql tries (writable, pg_stat_replication): cheap
 
 
 # pg_current_xact_id() assigns a transaction id: it fails in recovery and, committed with
@@ -90,34 +93,107 @@ def committed_locally(out: str) -> bool:
     return bool(last) and last[0].startswith("f|") and last[0][2:].isdigit()
 
 
-def postcheck(ctx: Ctx, lead: Member, cand: Member, t0: float, bounds: Bounds = Bounds()) -> dict:
+# The old leader as the new leader's PostgreSQL sees it: its walsender's state and sync_state (Patroni names
+# each member's connection after the member). 'sync' (or 'quorum') = commits wait for it again.
+STANDBY_SQL = "SELECT state, sync_state FROM pg_stat_replication WHERE application_name = '{name}'"
+
+
+def standby_state(ctx: Ctx, primary: str, standby: str, try_s: float = 10) -> tuple[str, str]:
+    """(state, sync_state) of `standby`'s replication connection on `primary`; ('', '') when it has none."""
+    from runbook.cluster.commands import psql
+
+    sql = STANDBY_SQL.format(name=standby.replace("'", "''"))
+    try:
+        r = ctx.transport.run(host_of(ctx, primary), psql(ctx, f"-tA -F '|' -c {shlex.quote(sql)}"), user="postgres",
+                              timeout=try_s)
+    except Exception:  # noqa: BLE001 - one try of a bounded wait: the next try asks again
+        return "", ""
+    first = (r.stdout.strip().splitlines() or [""])[0] if r.ok else ""
+    state, _, sync = first.partition("|")
+    return state.strip(), sync.strip()
+
+
+def postcheck(ctx: Ctx, lead: Member, cand: Member, t0: float, bounds: Bounds = Bounds(), settle: bool = True) -> dict:
     """After the switchover command: the candidate leads and writes locally, then (own bound) the old leader
-    streams, then a sync standby is named again. Raises ProcedureFailed naming the check that timed out."""
+    streams, then a sync standby again. Raises ProcedureFailed naming the check that timed out.
+
+    The old leader's stream and its sync state are read on the new leader (pg_stat_replication, one psql per
+    try), the moment they hold. Patroni names the member "Sync Standby" on its leader's next HA cycle (up to
+    loop_wait later) although PostgreSQL already waits for it on commit; `settle` waits for that name too: what
+    comes next in a procedure (another switchover, a restart) needs Patroni to see a sync standby."""
+    from concurrent.futures import ThreadPoolExecutor
+
     iv = bounds.interval
-    if not wait(lambda: any(m.name == cand.name and m.is_leader for m in members(ctx)), bounds.leader, iv):
+    with ThreadPoolExecutor(max_workers=1) as pool:  # Patroni's view (patronictl, slow) beside PostgreSQL's (psql)
+        leads = pool.submit(wait, lambda: any(m.name == cand.name and m.is_leader for m in members(ctx)),
+                            bounds.leader, iv)
+        wrote = wait(lambda: writable(ctx, cand.name, bounds.try_s), bounds.writable, bounds.stream_interval)
+        led = leads.result()
+    if not led:
         raise ProcedureFailed(f"post-check failed: {cand.name} is not the running leader {bounds.leader:.0f} s after "
                               "the switchover; see `inv cluster.status`", 1)
-    if not wait(lambda: writable(ctx, cand.name, bounds.try_s), bounds.writable, iv):
+    if not wrote:
         raise ProcedureFailed(f"post-check failed: {cand.name} leads but did not commit a local write transaction "
                               f"within {bounds.writable:.0f} s (still in recovery?); see `inv cluster.status`", 1)
     t_write = time.monotonic() - t0
-    if not wait(lambda: any(m.name == lead.name and m.streaming for m in members(ctx)), bounds.old_leader, iv):
+    seen = {"sync": ""}
+
+    def streams() -> bool:
+        state, seen["sync"] = standby_state(ctx, cand.name, lead.name, bounds.try_s)
+        return state == "streaming"
+
+    if not wait(streams, bounds.old_leader, bounds.stream_interval):
         raise ProcedureFailed(f"post-check failed: the switchover to {cand.name} succeeded (it leads and writes), "
                               f"but the old leader {lead.name} is not streaming after {bounds.old_leader:.0f} s; "
                               "see `inv cluster.status` and its Patroni log", 1)
     t_back = time.monotonic() - t0
-    # synchronous_mode: the cluster is only as safe as before once a sync standby is named again
-    if not wait(lambda: any(m.role == "Sync Standby" and m.streaming for m in members(ctx)), bounds.sync, iv):
+    # synchronous_mode: the cluster is only as safe as before once commits wait for a standby again
+    if seen["sync"] not in SYNC and not wait(lambda: standby_state(ctx, cand.name, lead.name, bounds.try_s)[1]
+                                             in SYNC, bounds.sync, bounds.stream_interval):
         raise ProcedureFailed(f"post-check failed: the switchover to {cand.name} succeeded, but no sync standby "
                               f"{bounds.sync:.0f} s later", 1)
-    return {"writable_s": round(t_write, 2), "old_leader_streaming_s": round(t_back, 2)}
+    t_sync = time.monotonic() - t0
+    if settle and not wait(lambda: any(m.role == "Sync Standby" and m.streaming for m in members(ctx)),
+                           bounds.sync, iv):
+        raise ProcedureFailed(f"post-check failed: the switchover to {cand.name} succeeded, but no sync standby "
+                              f"{bounds.sync:.0f} s later (Patroni names none)", 1)
+    return {"writable_s": round(t_write, 2), "old_leader_streaming_s": round(t_back, 2), "sync_s": round(t_sync, 2)}
 
 
-def do_switchover(ctx: Ctx, candidate: str | None, bounds: Bounds = Bounds()) -> dict:
+SYNC = ("sync", "quorum")
+
+
+def settled_members(ctx: Ctx, ms: list[Member], bounds: Bounds = Bounds()) -> list[Member]:
+    """The members once Patroni names a sync standby, when a replica streams but none is named yet (right after
+    a switchover that did not settle: its leader names it on its next HA cycle, and Patroni switches over only
+    to a member it names). Bounded by `bounds.sync`; the pre-checks then judge what they see."""
+    if not ctx.inventory.cluster.patroni.synchronous_mode or any(m.role == "Sync Standby" for m in ms) \
+            or not any(m.streaming and not m.is_leader for m in ms):
+        return ms
+    ui.console.print("waiting for Patroni to name the streaming replica its sync standby (its leader's next HA "
+                     f"cycle; at most {bounds.sync:.0f} s)")
+    seen = {"ms": ms}
+
+    def named() -> bool:
+        seen["ms"] = members(ctx)
+        return any(m.role == "Sync Standby" for m in seen["ms"])
+
+    wait(named, bounds.sync, bounds.interval)
+    return seen["ms"]
+
+
+def do_switchover(ctx: Ctx, candidate: str | None, bounds: Bounds = Bounds(), settle: bool = True) -> dict:
+    """Pre-checks, `patronictl switchover`, post-checks (see postcheck; `settle`: also until Patroni names the
+    sync standby). Returns the figures; raises ProcedureFailed."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from runbook.cluster.commands import patronictl
 
-    ms = members(ctx)
-    lead, cand, problems = prechecks(ctx, ms, candidate)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # etcd's health (etcd hosts) beside the members (postgres)
+        etcd = pool.submit(_etcd_healthy, ctx)
+        ms = settled_members(ctx, members(ctx), bounds)
+        etcd_bad = etcd.result()
+    lead, cand, problems = prechecks(ctx, ms, candidate, etcd_bad)
     if problems or lead is None or cand is None:
         raise ProcedureFailed("switchover refused by the pre-checks:\n  " + "\n  ".join(problems), 1)
     ui.console.print(f"pre-checks ok: leader {lead.name}, candidate {cand.name} (sync standby, lag 0), etcd healthy")
@@ -130,7 +206,8 @@ def do_switchover(ctx: Ctx, candidate: str | None, bounds: Bounds = Bounds()) ->
                      r.stdout, r.stderr, round(t_cmd, 3))
     if not r.ok:
         raise ProcedureFailed(f"patronictl switchover failed on {lh.name}: {r.stderr.strip() or r.stdout.strip()}", 1)
-    res = {"from": lead.name, "to": cand.name, "command_s": round(t_cmd, 2), **postcheck(ctx, lead, cand, t0, bounds)}
+    res = {"from": lead.name, "to": cand.name, "command_s": round(t_cmd, 2),
+           **postcheck(ctx, lead, cand, t0, bounds, settle)}
     ctx.ledger.event(lh.name, "patroni.switchover", "result", str(res), 0)
     return res
 

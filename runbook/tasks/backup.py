@@ -3,20 +3,22 @@ resume; the irreversible wipe confirmed unless --yes) and `backup.list` (pgbackr
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
 from runbook import console as ui
-from runbook.cluster.context import Ctx
 from runbook.core.step import Step
 from runbook.errors import RunbookError
 from runbook.sections import section_steps
 from runbook.tasks.membership import COMMON_HELP, _options, confirm_irreversible
 from runbook.tasks.sections import JSON_HELP, print_json
 from runbook.tasks.session import section_install, session, show_plan
+
+if TYPE_CHECKING:
+    from runbook.cluster.context import Ctx
 
 
 def run_procedure(c, command: str, build: Callable[[Ctx], tuple[str, list[Step]]], *, dry: bool, step: bool,

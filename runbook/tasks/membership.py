@@ -5,18 +5,19 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from invoke import task
 from invoke.exceptions import Exit
 from rich.prompt import Confirm
 
 from runbook import console as ui
-from runbook.cluster.context import Ctx
 from runbook.core.context import Options
 from runbook.core.step import Step
-from runbook.procedures.membership_ops import run_operation
 from runbook.tasks.session import session, settings, show_plan
+
+if TYPE_CHECKING:
+    from runbook.cluster.context import Ctx
 
 COMMON_HELP = {
     "dry": "show the plan (steps x hosts, irreversible ones marked); change nothing",
@@ -55,6 +56,7 @@ def run_membership(c, command: str, op: str, name: str, build: Callable[[Ctx], t
     """The shared task body: build the steps for NAME, export or plan or run them as one operation."""
     from runbook.core.export import export_markdown
     from runbook.procedures.membership_ops import operation_id
+    from runbook.procedures.membership_ops import run_operation
 
     options = _options(c, dry, step, export, **opts)
     with session(c, command, lock=not (dry or export), options=options) as ctx:

@@ -16,10 +16,6 @@ from rich.prompt import Confirm
 from rich.table import Table
 
 from runbook import console as ui
-from runbook.procedures.audit import run_audit
-from runbook.procedures.drill import failover_drill, require_lab, switchover_drill
-from runbook.procedures.etcd_maintain import Maintenance
-from runbook.procedures.switchover import do_switchover, rolling
 from runbook.tasks.session import session
 
 
@@ -32,6 +28,8 @@ def audit(c, verbose=False, json_=False):
     host (and PgBouncer's port with the front door), service users, no secret in the ledger, the logs or the
     journal's sudo entries; capacity: inactive slots that retain WAL, etcd alarms, a backend over 80 % of its
     quota, compaction off. Exit 1 on any finding."""
+    from runbook.procedures.audit import run_audit
+
     with session(c, "cluster.audit", lock=False) as ctx:
         checks = run_audit(ctx)
         findings = [(ch, p) for ch in checks for p in ch.problems]
@@ -75,6 +73,7 @@ def maintain(c, dry=False, disarm=False, no_snapshot=False, health_wait=60):
     `etcdutl snapshot status`. Refuses to start when a member is unreachable or unhealthy (an alarm alone
     does not stop it: freeing space is the fix for NOSPACE). Each phase is recorded in the ledger."""
     from runbook.core.context import Options
+    from runbook.procedures.etcd_maintain import Maintenance
 
     with session(c, "etcd.maintain", lock=not dry, options=Options(dry=dry)) as ctx:
         res = Maintenance(ctx, disarm=disarm, snapshot=not no_snapshot, health_wait=float(health_wait)).run()
@@ -87,17 +86,21 @@ def maintain(c, dry=False, disarm=False, no_snapshot=False, health_wait=60):
             "force": "do not ask for confirmation (needed without a terminal)"})
 def switchover(c, candidate=None, force=False):
     """Switch the leader over to the sync standby: pre-checks (sync standby, lag 0, etcd healthy), the
-    switchover, post-checks (new leader writes, old leader streams again); prints the time taken."""
+    switchover, post-checks (new leader writes, old leader streams again and is its synchronous standby, as
+    its PostgreSQL says); prints the time taken. Patroni shows it as "Sync Standby" up to loop_wait later."""
+    from runbook.procedures.switchover import do_switchover
+
     if not force:
         if not sys.stdin.isatty():
             raise Exit("error: no terminal to confirm on; pass --force", code=2)
         if not Confirm.ask("switch over the leader?"):
             raise Exit("cancelled", code=1)
     with session(c, "patroni.switchover") as ctx:
-        res = do_switchover(ctx, candidate)
+        res = do_switchover(ctx, candidate, settle=False)
         ui.console.print(f"[bold green]✓[/] switchover {res['from']} -> {res['to']}: command {res['command_s']}s, "
                          f"new leader writable after {res['writable_s']}s, old leader streaming after "
-                         f"{res['old_leader_streaming_s']}s")
+                         f"{res['old_leader_streaming_s']}s, its synchronous standby after {res['sync_s']}s "
+                         "(Patroni names it Sync Standby on its next cycle)")
 
 
 
@@ -108,6 +111,8 @@ def switchover(c, candidate=None, force=False):
 def restart(c, pending=False, dry=False):
     """Restart PostgreSQL through Patroni, one member at a time, each waited for until it streams (and a sync
     standby is named again). Without --pending: every member, replicas first."""
+    from runbook.procedures.switchover import rolling
+
     if dry and not pending:
         raise Exit("error: --dry goes with --pending (a plain restart restarts every member, replicas first)",
                    code=2)
@@ -127,6 +132,8 @@ def restart(c, pending=False, dry=False):
 @task
 def reload(c):
     """Reload the Patroni/PostgreSQL configuration on every member, replicas first."""
+    from runbook.procedures.switchover import rolling
+
     with session(c, "patroni.reload") as ctx:
         rolling(ctx, "reload")
 
@@ -149,6 +156,8 @@ FAILOVER_FIGURES = [
 def drill_failover(c, write_wait=15, rejoin_timeout=240, frontdoor=False):
     """Lab drill: hard power-off of the leader under a writer; time until a new primary accepts writes,
     boot the old leader and wait until it streams again (pg_rewind), then prove no acknowledged row was lost."""
+    from runbook.procedures.drill import failover_drill, require_lab
+
     with session(c, "drill.failover") as ctx:
         require_lab(ctx, "drill.failover")
         res = failover_drill(ctx, float(write_wait), float(rejoin_timeout), _writer_dsn(ctx, frontdoor))
@@ -172,6 +181,8 @@ def drill_failover(c, write_wait=15, rejoin_timeout=240, frontdoor=False):
 def drill_switchover(c, count=2, frontdoor=False):
     """Lab drill: N switchovers in a row under a writer; per switchover the command time, until writable,
     until the old leader streams, the writer's longest gap; then proves no acknowledged row was lost."""
+    from runbook.procedures.drill import require_lab, switchover_drill
+
     count = int(count)
     if count < 1:
         raise Exit("error: --count must be at least 1", code=2)
@@ -201,6 +212,7 @@ def drill_vip(c, write_wait=15, rejoin_timeout=240):
     """Lab drill: hard power-off of the balancer holding the VIP under a writer on VIP:5000 (cluster.vip); time
     until another balancer holds the VIP and writes resume; boot it again, wait until the front door settled;
     then prove no acknowledged row was lost."""
+    from runbook.procedures.drill import require_lab
     from runbook.procedures.frontdoor_drill import vip_drill
 
     with session(c, "drill.vip") as ctx:

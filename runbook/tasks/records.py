@@ -10,10 +10,6 @@ from rich.table import Table
 
 from runbook import console as ui
 from runbook.core.context import Options
-from runbook.core.export import export_markdown
-from runbook.core.rollback import find_step, step_hosts
-from runbook.core.rollback import mark_done as _mark_done
-from runbook.core.rollback import rollback as _rollback
 from runbook.inventory import InventoryError
 from runbook.sections import all_steps
 from runbook.tasks.session import session
@@ -27,6 +23,8 @@ def _need_hosts(step, hosts):
 
 
 def _step(name):
+    from runbook.core.rollback import find_step
+
     try:
         return find_step(all_steps(), name)
     except InventoryError as exc:
@@ -116,6 +114,8 @@ def _t(ts):
 def export(c, output=None):
     """Export the whole runbook as Markdown: per section, step and host, the exact commands and files
     (secrets masked) for a person to run by hand."""
+    from runbook.core.export import export_markdown
+
     with session(c, "runbook.export", lock=False) as ctx:
         text = export_markdown(ctx, all_steps())
     if output:
@@ -129,6 +129,8 @@ def export(c, output=None):
 @task(help={"name": "the step, e.g. etcd.config", "hosts": HOSTS, "note": "why / what was done by hand"})
 def mark_done(c, name, hosts=None, note=None):
     """Record STEP as done by hand on the hosts (mode manual); automation resumes after it."""
+    from runbook.core.rollback import mark_done as _mark_done, step_hosts
+
     step = _step(name)
     _need_hosts(step, hosts)
     with session(c, "runbook.mark-done", hosts=hosts) as ctx:
@@ -142,6 +144,8 @@ def mark_done(c, name, hosts=None, note=None):
             "destroy_data": "allow deleting a non-empty etcd data dir or PGDATA"})
 def rollback(c, name, hosts=None, cascade=False, destroy_data=False):
     """Run a step's undo on the hosts; refused while later steps are done there unless --cascade."""
+    from runbook.core.rollback import rollback as _rollback
+
     step = _step(name)
     _need_hosts(step, hosts)
     with session(c, "runbook.rollback", options=Options(destroy_data=destroy_data), hosts=hosts) as ctx:
@@ -153,6 +157,8 @@ def rollback(c, name, hosts=None, cascade=False, destroy_data=False):
 @task(help={"name": "the step whose record to drop", "hosts": HOSTS})
 def forget(c, name, hosts=None):
     """Drop the ledger record of STEP on the hosts; nothing on the hosts is touched."""
+    from runbook.core.rollback import step_hosts
+
     step = _step(name)
     _need_hosts(step, hosts)
     with session(c, "runbook.forget", hosts=hosts) as ctx:

@@ -134,8 +134,11 @@ def _task(t: object) -> Task:
 def section_collection(name: str, doc: str) -> Collection:
     col = Collection(name)
     # A section needs the bundle on its hosts: the (idempotent, cheap when done) push steps come first.
-    # the roles it is about (etcd.names also writes /etc/hosts everywhere: not a reason to name node01)
-    roles = {s.role for s in section_steps(name) if s.role not in ("local", "all")}
+    # the roles it is about (etcd.names also writes /etc/hosts everywhere: not a reason to name node01); asked
+    # when the task runs: the section modules (templates, PKI) are not imported to build the collection
+    def roles() -> set[str]:
+        return {s.role for s in section_steps(name) if s.role not in ("local", "all")}
+
     col.add_task(section_install(name, lambda: section_steps("bundle") + section_steps(name), doc, roles),
                  name="install", default=False)
     return col

@@ -7,22 +7,23 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from invoke import task
 from invoke.exceptions import Exit
 
 from runbook import console as ui
-from runbook.cluster.context import Ctx
 from runbook.core.context import Options
-from runbook.core.engine import Quit, RunFailed, apply
-from runbook.core.ledger import Ledger, LedgerLocked
-from runbook.core.transport import SshTransport
 from runbook.errors import RunbookError
 from runbook.inventory import Host, Inventory, InventoryError, load_inventory
 from runbook.inventory.settings import Settings, SettingsError, env_problems, settings_of
 
+if TYPE_CHECKING:
+    from runbook.cluster.context import Ctx
+
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)  # its tracebacks duplicate our TransportError
+
+Roles = set[str] | Callable[[], set[str]] | None  # a section's roles, or what returns them when asked
 
 RUN_HELP = {
     "hosts": "comma-separated host names from the inventory (default: every host of the section)",
@@ -102,13 +103,17 @@ def check_roles(inv: Inventory, selected: list[Host], section: str, roles: set[s
 
 @contextmanager
 def session(c, command: str, *, lock: bool = True, options: Options | None = None,
-            hosts: str | None = None, roles: set[str] | None = None) -> Iterator[Ctx]:
+            hosts: str | None = None, roles: Roles = None) -> Iterator[Ctx]:
     """Validate the settings, the inventory and --hosts first (nothing connects, nothing is written before
     that), then open the ledger and take the run lock. ctx.selected holds the selected hosts.
 
     Without `lock` (a dry run, export, the status views) nothing is created: no state dir, no ledger file
     (an empty in-memory one when there is none yet), no secrets, no CA or certificate."""
     from runbook.bundle.manifest import BundleError
+    from runbook.cluster.context import Ctx
+    from runbook.core.engine import Quit, RunFailed
+    from runbook.core.ledger import Ledger, LedgerLocked
+    from runbook.core.transport import SshTransport
     from runbook.credentials.secrets import SecretsError
 
     s = settings(c)
@@ -118,7 +123,7 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
     except InventoryError as exc:
         raise Exit(f"error: {exc}", code=2) from None
     if hosts and roles is not None:
-        check_roles(inv, selected, command.split(".")[0], roles)
+        check_roles(inv, selected, command.split(".")[0], roles() if callable(roles) else roles)
     sd = state_dir(s, create=lock)
     try:
         _check_secrets(sd)
@@ -160,13 +165,16 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
         ctx.transport.close()
         if lock:
             ledger.release(outcome, summary)
-        ledger.db.conn.close()
+        ledger.conn.close()
 
 
 def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, verify: bool,
-              roles: set[str] | None = None) -> None:
+              roles: Roles = None) -> None:
     """Apply steps on the selected hosts with the operator modes; print plan or summary. `roles`: the
-    roles the section works on (a --hosts name without one of them is refused up front)."""
+    roles the section works on (a --hosts name without one of them is refused up front), or a function
+    that returns them (asked only when --hosts is given)."""
+    from runbook.core.engine import apply
+
     opts = Options(dry=dry, step=step, verify=verify, parallel=settings(c).parallel)
     if step and not sys.stdin.isatty() and os.environ.get("RUNBOOK_STEP_ANSWERS") is None:
         raise Exit("error: --step asks before every step and needs an interactive terminal", code=2)
@@ -196,7 +204,7 @@ def show_plan(ctx: Ctx, report) -> None:
         raise Exit("dry run incomplete: could not reach " + "; ".join(str(e) for e in failed.values()), code=1)
 
 
-def section_install(section_name: str, steps_fn, doc: str, roles: set[str] | None = None):
+def section_install(section_name: str, steps_fn, doc: str, roles: Roles = None):
     """An `install` task for one section (or `up` for the whole runbook); `roles`: see run_steps."""
 
     def install(c, hosts=None, dry=False, step=False, verify=False):

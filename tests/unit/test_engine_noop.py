@@ -188,3 +188,54 @@ def test_the_batch_script_runs_in_a_real_shell(tmp_path):
     assert rcs == {0: 0, 1: 1, 2: 3, 3: 0, 4: 0, 5: 0, 6: 0}
     want = Path("/etc/machine-id").read_text().strip() if Path("/etc/machine-id").exists() else None
     assert mid == (want or None)
+
+
+def _placed(asked: list):
+    """`a` on the etcd hosts; `once` on the member the cluster names (asks a host), with its own check."""
+    sec = Section("pl", 3, "")
+
+    @sec.step("a", role="etcd")
+    def a(ctx, h):
+        return [Run(f"echo a {h.name}")]
+
+    @a.check
+    def _a(ctx, h):
+        return f"check a {h.name}"
+
+    def leader(ctx, hosts):
+        asked.append(1)
+        r = ctx.transport.run(hosts[0], "who is the leader")
+        return [h for h in hosts if h.name == (r.stdout.strip() or hosts[0].name)]
+
+    @sec.step("once", role="postgres", only=leader)
+    def once(ctx, h):
+        return [Run("create roles")]
+
+    @once.check
+    def _once(ctx, h):
+        return f"check once {h.name}"
+
+    return sec.steps
+
+
+def test_verify_asks_the_cluster_once_and_alongside_the_batches(ctx, inv):
+    """A step placed by the cluster (patroni.roles on the leader): --verify asks patronictl once (not for the
+    batch and again at the step's turn), while the batches run; the step's check rides in the batch of every
+    host of its role it is recorded on, and only the chosen host's answer is taken."""
+    ctx.transport.on(r"^who is the leader$", (0, "node02"))
+    apply(ctx, _placed([]), inv.hosts)
+    n = _fresh_run(ctx)
+    asked: list = []
+    ctx.options.verify = True
+    report = apply(ctx, _placed(asked), inv.hosts)
+    assert report.executed == [] and asked  # asked offline first (refused), then once for real
+    leader_calls = [h for h, _, c in ctx.transport.calls[n:] if c == "who is the leader"]
+    assert len(leader_calls) == 1
+    assert sorted(ctx.transport.batches) == [("etcd01", 1), ("etcd02", 1), ("etcd03", 1), ("node02", 1)]
+    assert [(d.host.name, d.reason) for d in report.plan if d.step.name == "pl.once"] == \
+        [("node02", "done and verified")]
+    # the leader moved to node01 since: its check there is its own (node01 has no record of it), the step runs
+    ctx.transport.on(r"^who is the leader$", (0, "node01"))
+    _fresh_run(ctx)
+    report = apply(ctx, _placed(asked), inv.hosts)
+    assert report.executed == [("node01", "pl.once")]
