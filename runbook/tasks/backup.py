@@ -2,54 +2,16 @@
 resume; the irreversible wipe confirmed unless --yes) and `backup.list` (pgbackrest info as a table)."""
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Callable
-
 from invoke import Collection, task
 from invoke.exceptions import Exit
 from rich.table import Table
 
 from runbook import console as ui
-from runbook.core.step import Step
 from runbook.errors import RunbookError
 from runbook.sections import section_steps
-from runbook.tasks.membership import COMMON_HELP, _options, confirm_irreversible
+from runbook.tasks.operation import COMMON_HELP, run_procedure
 from runbook.tasks.sections import JSON_HELP, print_json
-from runbook.tasks.session import section_install, session, show_plan
-
-if TYPE_CHECKING:
-    from runbook.cluster.context import Ctx
-
-
-def run_procedure(c, command: str, build: Callable[[Ctx], tuple[str, list[Step]]], *, dry: bool, step: bool,
-                  export: bool, yes: bool, after: Callable[[Ctx, str, float], None] | None = None) -> None:
-    """Build the steps, then export, plan or run them as one ledger operation; `after(ctx, target, seconds)`
-    reports on a real run."""
-    from runbook.core.export import export_markdown
-    from runbook.procedures.membership_ops import operation_id, run_operation
-
-    op = command.replace(".", "-")
-    with session(c, command, lock=not (dry or export), options=_options(c, dry, step, export)) as ctx:
-        try:
-            target, steps = build(ctx)
-        except RunbookError as exc:
-            raise Exit(f"error: {command}: {exc}", code=getattr(exc, "code", 2) or 2) from None
-        if export:
-            print(export_markdown(ctx, steps))
-            return
-        if operation_id(ctx, op, target)[1]:
-            ui.console.print(f"[yellow]![/] resuming the interrupted {command} {target}: done steps are skipped")
-        if not dry:
-            confirm_irreversible(steps, yes)
-        t0 = time.monotonic()
-        report, op_id, _ = run_operation(ctx, op, target, steps)
-        if dry:
-            show_plan(ctx, report)
-            return
-        seconds = time.monotonic() - t0
-        ui.console.print(f"[bold green]✓[/] {command} {target} ({op_id}): {ui.summary_line(report, seconds)}")
-        if after:
-            after(ctx, target, seconds)
+from runbook.tasks.session import section_install, session
 
 
 def _list_table(doc: dict) -> Table:

@@ -1,84 +1,10 @@
-"""Membership tasks: `patroni.remove NAME`, `patroni.reinit NAME` (ledger steps: --dry, --step, --export,
-resume; irreversible steps confirmed unless --yes)."""
+"""Membership tasks: `patroni.remove|reinit|replace`, `etcd.add|remove|replace` (ledger operations through
+runbook.tasks.operation: --dry, --step, --export, resume; irreversible steps confirmed unless --yes)."""
 from __future__ import annotations
 
-import os
-import sys
-import time
-from typing import TYPE_CHECKING, Callable
-
 from invoke import task
-from invoke.exceptions import Exit
-from rich.prompt import Confirm
 
-from runbook import console as ui
-from runbook.core.context import Options
-from runbook.core.step import Step
-from runbook.tasks.session import session, settings, show_plan
-
-if TYPE_CHECKING:
-    from runbook.cluster.context import Ctx
-
-COMMON_HELP = {
-    "dry": "show the plan (steps x hosts, irreversible ones marked); change nothing",
-    "step": "ask before every step: yes / skip / continue-all / quit (answers are recorded)",
-    "export": "print the procedure as Markdown (exact commands and checks per host); change nothing",
-    "yes": "do not ask before the irreversible steps (needed without a terminal)",
-}
-
-
-def _options(c, dry: bool, step: bool, export: bool, **kw) -> Options:
-    opts = Options(dry=dry or export, step=step, parallel=settings(c).parallel, **kw)
-    if os.environ.get("RUNBOOK_STEP_ANSWERS"):
-        answers = iter(os.environ["RUNBOOK_STEP_ANSWERS"].split(","))
-        opts.answer = lambda _name: next(answers, "quit")
-    elif step and not sys.stdin.isatty():
-        raise Exit("error: --step asks before every step and needs an interactive terminal", code=2)
-    return opts
-
-
-def confirm_irreversible(steps: list[Step], yes: bool) -> None:
-    marked = [s for s in steps if s.irreversible]
-    if not marked or yes:
-        return
-    if not sys.stdin.isatty():
-        raise Exit("error: irreversible steps (" + ", ".join(s.name for s in marked) + "): no terminal to "
-                   "confirm on; pass --yes", code=2)
-    for s in marked:
-        ui.console.print(f"[bold red]irreversible[/] {s.name}: {s.irreversible}")
-    if not Confirm.ask("go ahead?"):
-        raise Exit("cancelled: nothing changed", code=1)
-
-
-def run_membership(c, command: str, op: str, name: str, build: Callable[[Ctx], tuple[str, list[Step]]],
-                   prechecks: Callable[[Ctx], list[str]] | None, *, dry: bool, step: bool, export: bool,
-                   yes: bool, **opts) -> None:
-    """The shared task body: build the steps for NAME, export or plan or run them as one operation."""
-    from runbook.core.export import export_markdown
-    from runbook.procedures.membership_ops import operation_id
-    from runbook.procedures.membership_ops import run_operation
-
-    options = _options(c, dry, step, export, **opts)
-    with session(c, command, lock=not (dry or export), options=options) as ctx:
-        target, steps = build(ctx)
-        if export:
-            print(export_markdown(ctx, steps))
-            return
-        _, resumed = operation_id(ctx, op, target)
-        if resumed:
-            ui.console.print(f"[yellow]![/] resuming the interrupted {command} {target}: done steps are skipped")
-        problems = prechecks(ctx) if prechecks else []
-        if problems:
-            raise Exit(f"error: {command} {target} refused:\n  " + "\n  ".join(problems), code=1)
-        if not dry:
-            confirm_irreversible(steps, yes)
-        t0 = time.monotonic()
-        report, op_id, _ = run_operation(ctx, op, target, steps)
-        if dry:
-            show_plan(ctx, report)
-            return
-        ui.console.print(f"[bold green]✓[/] {command} {target} ({op_id}): "
-                         f"{ui.summary_line(report, time.monotonic() - t0)}")
+from runbook.tasks.operation import COMMON_HELP, run_procedure
 
 
 @task(help={"name": "the postgres host (or its member name patroni_NAME) to remove",
@@ -99,8 +25,8 @@ def remove(c, name, destroy_data=False, force=False, yes=False, dry=False, step=
         h = target_host(ctx, name)
         return precheck(cluster_members(ctx, h), h, "patroni.remove", strict=True, force=force)
 
-    run_membership(c, "patroni.remove", "patroni-remove", name, build, checks, dry=dry, step=step, export=export,
-                   yes=yes, destroy_data=destroy_data)
+    run_procedure(c, "patroni.remove", build, checks, dry=dry, step=step, export=export,
+                  yes=yes, destroy_data=destroy_data)
 
 
 @task(help={"name": "the replica (host or member name) to rebuild from the leader", **COMMON_HELP})
@@ -117,8 +43,7 @@ def reinit(c, name, yes=False, dry=False, step=False, export=False):
         h = target_host(ctx, name)
         return precheck(cluster_members(ctx, h), h, "patroni.reinit", strict=True)
 
-    run_membership(c, "patroni.reinit", "patroni-reinit", name, build, checks, dry=dry, step=step, export=export,
-                   yes=yes)
+    run_procedure(c, "patroni.reinit", build, checks, dry=dry, step=step, export=export, yes=yes)
 
 
 ETCD_HELP = {"force": "allow an even count of voting members, or fewer than three", **COMMON_HELP}
@@ -142,8 +67,8 @@ def etcd_add(c, new, force=False, yes=False, dry=False, step=False, export=False
     unhealthy cluster, a second learner, and an even count of voting members unless --force."""
     from runbook.procedures.membership_etcd import add_steps
 
-    run_membership(c, "etcd.add", "etcd-add", new, lambda ctx: (new, add_steps(ctx, new)),
-                   _etcd_checks(new, None, force), dry=dry, step=step, export=export, yes=yes)
+    run_procedure(c, "etcd.add", lambda ctx: (new, add_steps(ctx, new)),
+                  _etcd_checks(new, None, force), dry=dry, step=step, export=export, yes=yes)
 
 
 @task(help={"old": "the etcd member to remove (already taken out of the inventory)", **ETCD_HELP})
@@ -153,8 +78,8 @@ def etcd_remove(c, old, force=False, yes=False, dry=False, step=False, export=Fa
     state/pki, every host's endpoint lists updated. Refuses fewer than three or an even count unless --force."""
     from runbook.procedures.membership_etcd import remove_steps
 
-    run_membership(c, "etcd.remove", "etcd-remove", old, lambda ctx: (old, remove_steps(ctx, old)),
-                   _etcd_checks(None, old, force), dry=dry, step=step, export=export, yes=yes)
+    run_procedure(c, "etcd.remove", lambda ctx: (old, remove_steps(ctx, old)),
+                  _etcd_checks(None, old, force), dry=dry, step=step, export=export, yes=yes)
 
 
 @task(help={"old": "the etcd member to replace (taken out of the inventory; may be dead)",
@@ -165,9 +90,8 @@ def etcd_replace(c, old, with_, force=False, yes=False, dry=False, step=False, e
     endpoint lists. Edit the inventory first: OLD out, NEW in with roles: [etcd]."""
     from runbook.procedures.membership_etcd import replace_steps
 
-    run_membership(c, "etcd.replace", "etcd-replace", f"{old}-{with_}",
-                   lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)),
-                   _etcd_checks(with_, old, force), dry=dry, step=step, export=export, yes=yes)
+    run_procedure(c, "etcd.replace", lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)),
+                  _etcd_checks(with_, old, force), dry=dry, step=step, export=export, yes=yes)
 
 
 @task(help={"old": "the PostgreSQL host that is gone (already taken out of the inventory)",
@@ -183,6 +107,5 @@ def replace(c, old, with_, yes=False, dry=False, step=False, export=False):
     def checks(ctx):
         return replace_precheck(members(ctx), old)
 
-    run_membership(c, "patroni.replace", "patroni-replace", f"{old}-{with_}",
-                   lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)), checks, dry=dry, step=step,
-                   export=export, yes=yes)
+    run_procedure(c, "patroni.replace", lambda ctx: (f"{old}-{with_}", replace_steps(ctx, old, with_)), checks,
+                  dry=dry, step=step, export=export, yes=yes)

@@ -8,7 +8,7 @@ from invoke import task
 from invoke.exceptions import Exit
 
 from runbook import console as ui
-from runbook.tasks.membership import COMMON_HELP, _options, confirm_irreversible
+from runbook.tasks.operation import COMMON_HELP, confirm_irreversible, procedure_options
 from runbook.tasks.session import session, show_plan
 
 
@@ -38,7 +38,7 @@ def update(c, bundle=None, reinstall=False, replan=False, yes=False, dry=False, 
     from runbook.core.export import export_markdown
     from runbook.procedures.update import current_plan, paused, run_update, update_steps
 
-    options = _options(c, dry, step, export)
+    options = procedure_options(c, dry, step, export)
     with session(c, "cluster.update", lock=not (dry or export), options=options) as ctx:
         if bundle:
             ctx.bundle_dir = Path(bundle).expanduser().resolve()
