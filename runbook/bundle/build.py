@@ -57,6 +57,7 @@ class BuildOptions:
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     release_only: bool = False  # packages from the release's own suite only (no -updates, no -security)
     pg_version: str = ""  # pin postgresql-N, postgresql-client-N and libpq5 to this Debian version
+    postgres_apt: sources.PostgresApt | None = None  # cluster.postgres_apt: an extra PostgreSQL source
 
 
 @dataclass
@@ -240,13 +241,14 @@ def build_bundle(opts: BuildOptions, rep: Reporter | None = None) -> BuildResult
                 base = base_tree(opts.cache, rep.log, d.suite)
                 mirrors = _mirrors(opts)
                 with debs_mod.distro_root(base, opts.cache, mirrors, d.suite, rep.log,
-                                          opts.release_only) as root:
+                                          opts.release_only, opts.postgres_apt) as root:
                     debs = _role_debs(root, d, roles, opts, rep.log)
                     for order, (rel_name, (deb, droles)) in enumerate(debs.items(), 1):
                         rel = f"debs/{o}/{rel_name}"
                         _copy(deb.path, stage / rel)
                         entries.append(make_entry(stage, rel, kind="deb", version=deb.version, name=deb.name,
-                                                  source=f"{mirrors.main} {deb.origin}: {deb.name}={deb.version}",
+                                                  source=f"{_origin_url(deb, d, mirrors, opts)} {deb.origin}: "
+                                                         f"{deb.name}={deb.version}",
                                                   roles=droles, os=(o,), order=order))
                         if deb.name == "etcd-server":
                             etcd_version = etcd_version or etcd_mod.upstream(deb.version)
@@ -291,11 +293,21 @@ def _role_debs(root: Path, d: Distro, roles: tuple[str, ...], opts: BuildOptions
             if role == "postgres" else d.packages_for([role], opts.pg_major)
         if not want:
             continue
-        what = f"use a PostgreSQL major {d.title} ships ({debs_mod.major_hint(d.name)})"
-        for deb in debs_mod.download(root, want, d.suite, opts.recommends, log, what=what):
+        what = debs_mod.major_advice(d.title, opts.postgres_apt)
+        pg = opts.postgres_apt
+        where = (f"{d.suite}'s own repository nor in {pg.where} ({pg.url} {pg.suite_for(d.suite)})" if pg else "")
+        for deb in debs_mod.download(root, want, d.suite, opts.recommends, log, what=what, where=where):
             prev = out.get(deb.filename)
             out[deb.filename] = (deb, tuple(sorted({*(prev[1] if prev else ()), role})))
     return out
+
+
+def _origin_url(deb: debs_mod.Deb, d: Distro, mirrors: sources.DebianMirrors, opts: BuildOptions) -> str:
+    """The URL a .deb came from: the extra PostgreSQL source when apt names its suite, else the Debian mirror."""
+    pg = opts.postgres_apt
+    if pg and pg.gave(deb.origin, d.suite):
+        return pg.url
+    return mirrors.main
 
 
 def _wheelhouse(opts: BuildOptions, d: Distro, root: Path, stage: Path, oses: tuple[str, ...],

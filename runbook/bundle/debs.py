@@ -8,6 +8,7 @@ RHEL 8/9 is only rendered as an UNTESTED command list (``rhel_commands``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from runbook.bundle.manifest import BundleError
-from runbook.bundle.sources import DebianMirrors
+from runbook.bundle.sources import DebianMirrors, PostgresApt
 from runbook.inventory.distros import DISTROS
 
 INST_RE = re.compile(r"^Inst (\S+) (?:\[\S+\] )?\((\S+) (.+?) \[(\S+)\]\)", re.MULTILINE)
@@ -119,21 +120,50 @@ def deb_filename(name: str, version: str, arch: str) -> str:
     return f"{name}_{quote(version, safe='+~.-').replace('%3A', '%3a')}_{arch}.deb"
 
 
+PG_KEYRING = "/etc/apt/keyrings/pg-ha-runbook-postgresql"  # + .asc / .gpg: the extra source's signing key
+PG_LIST = "etc/apt/sources.list.d/pg-ha-runbook-postgresql.list"
+
+
+def _postgres_source(root: Path, pg: PostgresApt, suite: str) -> str:
+    """Write the extra PostgreSQL source (its key, its list) into the root; return its sources line."""
+    data, ext = pg.key_bytes()
+    keyring = root / f"{PG_KEYRING.lstrip('/')}.{ext}"
+    keyring.parent.mkdir(parents=True, exist_ok=True)
+    keyring.write_bytes(data)
+    keyring.chmod(0o644)
+    line = pg.line(suite, f"{PG_KEYRING}.{ext}")
+    (root / PG_LIST).write_text(line)
+    return line
+
+
+def lists_dir(cache: Path, suite: str, release_only: bool = False, postgres_apt: PostgresApt | None = None) -> Path:
+    """apt's lists of one sources list, kept in the cache (apt drops lists its sources no longer name: so one
+    directory per sources list, the extra PostgreSQL source's ones apart)."""
+    lists = cache / "bundle-debs" / (f"lists-{suite}-release" if release_only else f"lists-{suite}")
+    if postgres_apt:
+        lists = lists.with_name(lists.name + "-pg-" + hashlib.sha256(postgres_apt.line(suite, "").encode())
+                                .hexdigest()[:10])
+    return lists
+
+
 @contextmanager
 def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log=print,
-                release_only: bool = False):
+                release_only: bool = False, postgres_apt: PostgresApt | None = None):
     """A throwaway overlay of a distribution's bare base tree with apt pointed at ``mirrors`` (updated),
     its archives and lists kept in the cache, this machine's resolver, and the cache bound at the same path
-    (so a Python inside it can read and write the wheelhouse). Yields the root; undone on exit."""
+    (so a Python inside it can read and write the wheelhouse). ``postgres_apt``: the extra PostgreSQL source
+    (cluster.postgres_apt) too, signed-by its own key only; a ``file:`` one is bound read-only at its path.
+    Yields the root; undone on exit."""
     if os.geteuid() != 0:
         raise BundleError("building the .deb closure needs root (mount, chroot); run it as root")
     work = cache / "bundle-debs"
     archives = work / f"archives-{suite}"
-    lists = work / (f"lists-{suite}-release" if release_only else f"lists-{suite}")  # one per sources list
+    lists = lists_dir(cache, suite, release_only, postgres_apt)
     for d in (archives / "partial", lists / "partial"):
         d.mkdir(parents=True, exist_ok=True)
     with _root_view(base, work, log) as root:
         (root / "etc/apt/sources.list").write_text(sources_list(mirrors, suite, release_only))
+        extra = _postgres_source(root, postgres_apt, suite) if postgres_apt else ""
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         shutil.copyfile(Path("/etc/resolv.conf").resolve(), resolv)
@@ -145,17 +175,29 @@ def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log
             shutil.copyfile(ca.resolve(), root / str(ca).lstrip("/"))
         binds = [(archives, root / "var/cache/apt/archives"), (lists, root / "var/lib/apt/lists"),
                  (cache, root / str(cache).lstrip("/"))]
+        local = postgres_apt.local_dir() if postgres_apt else None
+        if postgres_apt and local is not None:
+            if not local.is_dir():
+                raise BundleError(f"{postgres_apt.where}.url: {postgres_apt.url}: {local} is not a directory on "
+                                  "this machine; name the mirror's copy (file:/path) or its http(s) URL")
+            binds.append((local, root / str(local).lstrip("/")))
         done: list[Path] = []
         try:
             for src, dst in binds:
                 _bind(src, dst)
                 done.append(dst)
+                if src == local:  # the build never writes into the operator's mirror
+                    subprocess.run(["mount", "-o", "remount,bind,ro", str(dst)], check=True, capture_output=True)
             log(f"apt-get update in the {suite} base tree ({mirrors.main}"
-                + ("; release only: no -updates, no -security)" if release_only else
-                   f", {mirrors.security})" if mirrors.security else "; no security archive known)"))
+                + ("; release only: no -updates, no -security" if release_only else
+                   f", {mirrors.security}" if mirrors.security else "; no security archive known")
+                + (f"; PostgreSQL: {extra.split('] ', 1)[1].strip()}" if extra else "") + ")")
             r = _chroot(root, "apt-get", "-q", "update")
-            if r.returncode != 0:
-                raise BundleError(f"apt-get update in the {suite} base tree failed: {r.stderr.strip()[-600:]}")
+            if r.returncode != 0 or (extra and re.search(r"^(W|E): .*(GPG|signature|not signed)", r.stderr, re.M)):
+                named = postgres_apt is not None and postgres_apt.url.split(":", 1)[1] in r.stderr
+                hint = (f"; is {postgres_apt.where}.key ({postgres_apt.key}) the signing key of "
+                        f"{postgres_apt.url}?" if postgres_apt and named else "")
+                raise BundleError(f"apt-get update in the {suite} base tree failed: {r.stderr.strip()[-600:]}{hint}")
             yield root
         finally:
             for dst in reversed(done):
@@ -164,7 +206,7 @@ def distro_root(base: Path, cache: Path, mirrors: DebianMirrors, suite: str, log
 
 
 def download(root: Path, want: list[str], suite: str, recommends: bool = True, log=print,
-             what: str = "") -> list[Deb]:
+             what: str = "", where: str = "") -> list[Deb]:
     """The closure of ``want`` for a bare host of the root's distribution, downloaded into the cache."""
     rec = [] if recommends else ["--no-install-recommends"]
     r = _chroot(root, "apt-get", "install", "-s", "-y", *rec, *want)
@@ -172,8 +214,8 @@ def download(root: Path, want: list[str], suite: str, recommends: bool = True, l
         err = (r.stderr + r.stdout).strip()
         missing = [p for p in want if f"Unable to locate package {p}" in err or f"Package {p} is not available" in err]
         if missing:
-            raise BundleError(f"{', '.join(missing)}: not in {suite}'s own repository; {what or 'choose a package'} "
-                              "the distribution ships (runbook.inventory.distros lists them)")
+            raise BundleError(f"{', '.join(missing)}: not in {where or suite + chr(39) + 's own repository'}; "
+                              f"{what or 'choose a package the distribution ships (runbook.inventory.distros)'}")
         raise BundleError(f"apt-get install -s {' '.join(want)} failed: {err[-800:]}")
     plan = parse_simulation(r.stdout)
     if not plan:
@@ -212,11 +254,20 @@ def closure(base: Path, major: int, cache: Path, mirrors: DebianMirrors, os_name
     d = DISTROS[os_name]
     with distro_root(base, cache, mirrors, d.suite, log) as root:
         return download(root, d.packages_for(["postgres"], major), d.suite, recommends, log,
-                        what=f"use a PostgreSQL major {d.title} ships ({major_hint(os_name)})")
+                        what=major_advice(d.title))
 
 
-def major_hint(os_name: str) -> str:
+def major_hint(os_name: str = "") -> str:
     return ", ".join(f"{d.name}: {'/'.join(map(str, d.postgres_majors))}" for d in DISTROS.values())
+
+
+def major_advice(title: str, postgres_apt: PostgresApt | None = None) -> str:
+    """What to do when a PostgreSQL package is in none of the build's sources."""
+    if postgres_apt:
+        return (f"check that {postgres_apt.where} ({postgres_apt.url}, suite "
+                f"{postgres_apt.suite}) mirrors this major, or use a major {title} ships ({major_hint()})")
+    return (f"use a PostgreSQL major {title} ships ({major_hint()}), or name a mirror of the PostgreSQL "
+            "project's apt repository as cluster.postgres_apt: {url: URL, key: KEYFILE} in the inventory")
 
 
 def rhel_commands(major: int, os_name: str) -> str:

@@ -9,6 +9,7 @@ with an internal mirror sets.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from dataclasses import dataclass
@@ -40,6 +41,52 @@ class AptSource:
 class DebianMirrors:
     main: str
     security: str = ""  # empty: no security archive known (the closure then lacks security updates)
+
+
+@dataclass(frozen=True)
+class PostgresApt:
+    """cluster.postgres_apt resolved: a mirror of the PostgreSQL project's apt repository and its signing key.
+
+    ``where`` names it for messages (the inventory file and YAML path)."""
+
+    url: str
+    key: Path
+    suite: str = "{codename}-pgdg"
+    component: str = "main"
+    where: str = "cluster.postgres_apt"
+
+    def suite_for(self, codename: str) -> str:
+        return self.suite.replace("{codename}", codename)
+
+    def gave(self, origin: str, codename: str) -> bool:
+        """Did apt take a package from this source? ``origin`` as apt's simulation prints it: Label:[Version/]Suite."""
+        return re.split(r"[:/]", origin)[-1] == self.suite_for(codename)
+
+    def local_dir(self) -> Path | None:
+        """The directory of a ``file:`` URL (bound into the build's root at the same path), else None."""
+        if not self.url.startswith("file:"):
+            return None
+        return Path("/" + self.url.removeprefix("file:").lstrip("/"))
+
+    def key_bytes(self) -> tuple[bytes, str]:
+        """The key file's content and the extension apt needs for it (.asc armored, .gpg binary)."""
+        try:
+            data = self.key.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{self.where}.key: {self.key}: {exc.strerror or exc}; name the signing key file of "
+                              "the PostgreSQL apt mirror (relative to the inventory file)") from None
+        if data.lstrip().startswith(b"-----BEGIN PGP PUBLIC KEY BLOCK-----"):
+            return data, "asc"
+        if data[:1] and data[0] & 0x80 and ((data[0] & 0x40 and data[0] & 0x3F == 6) or (data[0] >> 2) & 0xF == 6):
+            return data, "gpg"  # an OpenPGP public-key packet (new or old packet format)
+        raise BundleError(f"{self.where}.key: {self.key} is not an OpenPGP public key (armored or binary); export "
+                          "the mirror's signing key with gpg --export [--armor]")
+
+    def line(self, codename: str, keyring: str) -> str:
+        # a file: mirror is read through apt's copy: method: apt uses file: packages in place, while the
+        # closure is collected from the archives directory (copy: puts them there like a download)
+        url = "copy:" + self.url.removeprefix("file:") if self.url.startswith("file:") else self.url
+        return f"deb [signed-by={keyring}] {url} {self.suite_for(codename)} {self.component}\n"
 
 
 def parse_one_line(text: str, origin: str = "") -> list[AptSource]:

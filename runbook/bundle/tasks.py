@@ -23,6 +23,7 @@ from rich.table import Table
 from runbook.bundle.build import DEFAULT_CACHE, BuildOptions, Reporter, build_bundle
 from runbook.bundle.etcd import build_from_debian
 from runbook.bundle.manifest import BundleError, Manifest, approved, verify_bundle
+from runbook.bundle.sources import PostgresApt
 from runbook.inventory.distros import DISTROS
 from runbook.bundle.wheels import requirements_for
 from runbook.inventory.settings import Settings, SettingsError, settings_of
@@ -142,6 +143,7 @@ def build(c: Context, pg_major: int | None = None, etcd_tarball: str | None = No
         targets={} if os else cluster.get("targets", {}),
         release_only=release_only,
         pg_version=pg_version or "",
+        postgres_apt=cluster.get("postgres_apt"),
     )
     what = ", ".join(f"{o}: {'+'.join(r)}" for o, r in opts.targets.items()) or opts.os_name
     console.print(f"[bold]bundle.build[/bold] → {opts.bundle_dir}  ({what}, PostgreSQL "
@@ -197,8 +199,12 @@ def _inventory_cluster(s: Settings, inventory: str | None) -> dict:
         # turning the front door or backups on needs no other bundle
         roles = {*h.roles, *OPTIONAL_ROLES} if h.has("postgres") else set(h.roles)
         targets[h.os] = tuple(sorted({*targets.get(h.os, ()), *roles}))
+    pg = cl.postgres_apt
     return {"postgres_major": cl.postgres_major, "etcd_version": cl.etcd_version, "os": cl.os,
-            "targets": targets}
+            "targets": targets,
+            "postgres_apt": PostgresApt(url=pg.url, key=inv.path.parent / Path(pg.key).expanduser(), suite=pg.suite,
+                                        component=pg.component, where=f"{inv.path}: cluster.postgres_apt")
+            if pg else None}
 
 
 @task(help={"bundle_dir": "bundle directory to check (default runbook.bundle_dir, else 'bundle')"})

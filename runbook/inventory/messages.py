@@ -273,7 +273,10 @@ def _vip_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
 
 def _mixed_os_errors(spec: InventoryFile) -> list[tuple[tuple, str]]:
     """A host on another distribution than the cluster's: its PostgreSQL must be the cluster's major."""
-    major, errs = spec.cluster.postgres_major, []
+    major = spec.cluster.postgres_major
+    errs: list[tuple[tuple, str]] = []
+    if spec.cluster.postgres_apt is not None:  # the extra source serves each distribution's suite
+        return errs
     for name, h in spec.hosts.items():
         if h.os is None or h.os == spec.cluster.os or "postgres" not in h.roles:
             continue

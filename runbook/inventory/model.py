@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from runbook.errors import InventoryError
+from runbook.inventory.apt_source import PostgresAptSpec
 from runbook.inventory.distros import DEFAULT_OS, DISTROS, UNSUPPORTED, distro, major_choices
 
 ROLES = ("etcd", "postgres", "balancer", "backup", "restore")
@@ -164,6 +165,8 @@ class ClusterSpec(_Strict):
     namespace: str = Field(default="/patroni", pattern=r"^/[A-Za-z0-9_/-]*$")
     # the hosts' distribution (runbook.inventory.distros); a host may override it (an OS migration)
     os: OsName = DEFAULT_OS
+    # an extra apt source for PostgreSQL (before postgres_major: its check reads it)
+    postgres_apt: PostgresAptSpec | None = None
     # default: the PostgreSQL of the distribution's own archive (debian12: 15, debian13: 17)
     postgres_major: int = Field(ge=12, le=18)
     etcd_version: str = Field(default="3.5.16", pattern=r"^\d+\.\d+\.\d+$")
@@ -255,6 +258,8 @@ class ClusterSpec(_Strict):
     @classmethod
     def _major_shipped(cls, v: int, info: ValidationInfo) -> int:
         os_name = info.data.get("os")
+        if info.data.get("postgres_apt") is not None:
+            return v  # the extra source decides (bundle.build says so when it lacks the major)
         if os_name in DISTROS and v not in DISTROS[os_name].postgres_majors:
             d = DISTROS[os_name]
             others = [o.name for o in DISTROS.values() if v in o.postgres_majors]
@@ -262,7 +267,9 @@ class ClusterSpec(_Strict):
                 f"PostgreSQL {v} is not shipped by {d.title} ({os_name}); choices: "
                 f"{', '.join(map(str, d.postgres_majors))} on {os_name}"
                 + (f", or os: {' / '.join(others)} for {v}" if others else "")
-                + f" ({major_choices()}); leave postgres_major out for the distribution's own")
+                + f" ({major_choices()}); leave postgres_major out for the distribution's own, or name a "
+                "mirror of the PostgreSQL project's apt repository as cluster.postgres_apt: {url: URL, key: "
+                "KEYFILE} (README: Other PostgreSQL majors)")
         return v
 
 

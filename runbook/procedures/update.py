@@ -40,7 +40,7 @@ from runbook.procedures.update_plan import (
     parse_patroni_version,
     plan_update,
 )
-from runbook.sections.bundle_files import manifest, remote
+from runbook.sections.bundle_files import CONFIGURE_PENDING, manifest, remote
 
 ORDER = 70
 OP, TARGET = "cluster-update", "cluster"
@@ -273,8 +273,8 @@ def postgres_step(sec: Section, ctx: Ctx, item: Item, op_id: str, reinstall: boo
                 Run("sha256sum --quiet -c -", stdin=sums),
                 Run("log=$(mktemp /tmp/runbook-dpkg.XXXXXX); for i in $(seq 150); do "
                     f"DEBIAN_FRONTEND=noninteractive dpkg -i {same}{files} "
-                    ">$log 2>&1 && exit 0; grep -q 'lock was locked by another process' $log || break; sleep 2; "
-                    "done; tail -20 $log >&2; exit 1", timeout=1800),
+                    f">$log 2>&1 && {CONFIGURE_PENDING}; grep -q 'lock was locked by another process' $log || break; "
+                    "sleep 2; done; tail -20 $log >&2; exit 1", timeout=1800),
                 Run(f"install -d -m 0755 {MARK_DIR} && echo {shlex.quote(op_id)} > {mark}"),
                 Run("systemctl start patroni", timeout=120),
                 Run(wait_for(_back_sh(ctx, h), SYNC_WAIT, 2), timeout=SYNC_WAIT + 60)]

@@ -37,13 +37,20 @@ NO_START = ("pol=/usr/sbin/policy-rc.d; own=''; if [ ! -e $pol ]; then printf '#
             "chmod 0755 $pol && own=1; fi; trap '[ -n \"$own\" ] && rm -f $pol' EXIT; ")
 
 
+# after a successful dpkg -i: configure what is only unpacked (a retried pass skipped it), else fail with the log
+CONFIGURE_PENDING = ("{ DEBIAN_FRONTEND=noninteractive dpkg --configure --pending >>$log 2>&1 && exit 0; "
+                     "tail -20 $log >&2; exit 1; }")
+
+
 def dpkg_install(files: str) -> Run:
     """dpkg -i of exactly these bundle files (never a glob of the directory, in apt's order), offline,
     starting no service. An interrupted run's dpkg may still be running on the host (kill -9 of the runbook
     does not stop remote commands): wait for its lock (up to 5 min) instead of failing on it. A package whose
-    Pre-Depends was only unpacked in the same call is installed by one more pass (at most 3)."""
+    Pre-Depends was only unpacked in the same call is installed by one more pass (at most 3); that pass skips
+    what the first one unpacked (--skip-same-version), so whatever is still only unpacked is configured at the
+    end (CONFIGURE_PENDING: Debian 13's closure left e2fsprogs-l10n unpacked, and cluster.update then failed)."""
     return Run(NO_START + "log=$(mktemp /tmp/runbook-dpkg.XXXXXX); pre=0; for i in $(seq 150); do "
                f"DEBIAN_FRONTEND=noninteractive dpkg -i --skip-same-version {files} "
-               ">$log 2>&1 && exit 0; if grep -q 'pre-dependency problem' $log && [ $pre -lt 3 ]; then "
+               f">$log 2>&1 && {CONFIGURE_PENDING}; if grep -q 'pre-dependency problem' $log && [ $pre -lt 3 ]; then "
                "pre=$((pre+1)); continue; fi; grep -q 'lock was locked by another process' $log || break; "
                "sleep 2; done; tail -20 $log >&2; exit 1", timeout=1800)

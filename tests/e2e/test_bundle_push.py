@@ -41,7 +41,8 @@ def test_push_removes_a_stale_file_from_the_hosts_bundle(converged, lab_transpor
     inventory, state = converged
     node = inventory.postgres[0]
     first = load_manifest(REPO / "bundle").debs()[0]
-    stale = f"{REMOTE}/debs/debian12/postgresql-15_15.0-0+old1_amd64.deb"  # what an older bundle left
+    major = inventory.cluster.postgres_major  # what an older bundle left, in the host's distribution's directory
+    stale = f"{REMOTE}/debs/{node.os}/postgresql-{major}_{major}.0-0+old1_amd64.deb"
     assert lab_transport.run(node, f"cp {REMOTE}/{first.path} {stale}").ok
     # the ledger says done: a plain run contacts no host; --verify probes it and finds the stray file
     out = inv(state, "bundle.push", "--hosts", node.name, "--verify").stdout
@@ -52,17 +53,19 @@ def test_push_removes_a_stale_file_from_the_hosts_bundle(converged, lab_transpor
 
 
 @pytest.fixture
-def probe_bundle(tmp_path):
-    """The session's bundle plus PROBE 1.0 (a postgres deb), as a second bundle directory."""
+def probe_bundle(lab, tmp_path):
+    """The session's bundle plus PROBE 1.0 (a postgres deb of the PostgreSQL hosts' distribution), as a second
+    bundle directory."""
     src = REPO / "bundle"
     dst = tmp_path / "bundle"
     shutil.copytree(src, dst, copy_function=lambda a, b: shutil.copy2(a, b))
     deb = probe_deb(tmp_path, "1.0")
-    rel = f"debs/debian12/{deb.name}"
+    os_name = lab.postgres[0].os
+    rel = f"debs/{os_name}/{deb.name}"
     shutil.copy2(deb, dst / rel)
     m = load_manifest(dst)
     entries: list[Entry] = [*m.files, make_entry(dst, rel, kind="deb", version="1.0", name=PROBE, source="e2e",
-                                                 roles=("postgres",))]
+                                                 roles=("postgres",), os=(os_name,))]
     write_manifest(dst, entries, etcd_version=m.etcd_version, target=m.target, created=m.created)
     return dst
 
@@ -89,7 +92,7 @@ def test_a_downgrade_is_refused_unless_allowed(converged, lab_transport, probe_b
         # back to the session's bundle: the probe .deb is not in its manifest, so push removes it
         back = run_inv(state, "cluster.up", "--hosts", node.name)
         assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-2000:]
-    assert lab_transport.run(node, f"ls {REMOTE}/debs/debian12/ | grep -c {PROBE}").stdout.strip() == "0"
+    assert lab_transport.run(node, f"ls {REMOTE}/debs/{node.os}/ | grep -c {PROBE}").stdout.strip() == "0"
 
 
 def test_only_the_approved_bundle_is_pushed(converged, lab_transport):

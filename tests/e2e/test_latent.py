@@ -139,12 +139,18 @@ def test_audit_reports_an_idle_slot_that_retains_wal(converged, tr):
 
 
 def _etcdutl(tmp_path: Path) -> str:
-    """etcdutl from the bundle's etcd tarball: checks the snapshot independently of the procedure."""
-    tarball = next((REPO / "bundle" / "etcd").glob("etcd-v*-linux-amd64.tar.gz"))
+    """etcdutl from the bundle's etcd (the release tarball on Debian 12, the etcd-server .deb on Debian 13: a
+    static binary either way): checks the snapshot independently of the procedure."""
     dest = tmp_path / "etcdutl"
-    with tarfile.open(tarball) as tf:
-        member = next(m for m in tf.getmembers() if m.name.endswith("/etcdutl"))
-        dest.write_bytes(tf.extractfile(member).read())
+    tarball = next((REPO / "bundle" / "etcd").glob("etcd-v*-linux-amd64.tar.gz"), None)
+    if tarball is not None:
+        with tarfile.open(tarball) as tf:
+            member = next(m for m in tf.getmembers() if m.name.endswith("/etcdutl"))
+            dest.write_bytes(tf.extractfile(member).read())
+    else:
+        deb = next((REPO / "bundle" / "debs").glob("*/etcd-server_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path / "etcd-server")], check=True, timeout=60)
+        dest.write_bytes((tmp_path / "etcd-server/usr/bin/etcdutl").read_bytes())
     dest.chmod(0o755)
     return str(dest)
 

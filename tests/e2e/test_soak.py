@@ -27,6 +27,8 @@ import time
 import pytest
 from helpers import INV, REPO, SCALE, env, executed, inv, ledger
 
+from runbook.cluster.render import Paths
+
 pytestmark = pytest.mark.e2e
 SOAK = os.environ.get("RUNBOOK_SOAK") == "1"
 # Long steps are killed some seconds into their action rather than right as they start.
@@ -217,8 +219,9 @@ def test_converge_twice_changes_nothing(soak, tr):
 def test_rollback_refused_for_non_empty_data_dirs(soak, tr):
     inventory, state = soak
     _, replica = leader_and_replica(soak)
+    pgdata = Paths(pg_major=inventory.cluster.postgres_major).pgdata()
     for step, host, data, unit in (("etcd.user", inventory.etcd[0].name, "/var/lib/etcd/default/member", "etcd"),
-                                   ("postgres.dirs", replica, "/data/15/PG_VERSION", "patroni")):
+                                   ("postgres.dirs", replica, f"{pgdata}/PG_VERSION", "patroni")):
         p = inv(state, "runbook.rollback", step, "--hosts", host, "--cascade", check=False)
         assert p.returncode != 0 and "--destroy-data" in p.stdout + p.stderr, p.stdout + p.stderr
         r = tr.run(inventory.get(host), f"test -e {data} && systemctl is-active {unit}", timeout=30)
