@@ -88,8 +88,10 @@ def _step_noop(ctx: RunContext, step: Step, selected: list[Host], recs: dict[tup
         cluster_chosen = False
     except NeedsHost:
         # The step's hosts are chosen by asking the cluster (`only=`, e.g. the current Patroni leader): such a
-        # step's effect is cluster-wide, done once on whichever member was chosen then. From the ledger: done
-        # when one of the role's hosts has it done, and none left it unfinished.
+        # step's effect is cluster-wide, done once on whichever member was chosen then. From the ledger: none of
+        # the role's hosts left it unfinished, and its latest application is done with today's fingerprint. An
+        # older record on another member (the leader before a switchover, the roles' passwords before a
+        # rotation re-applied them on the new leader) is history, not a step to do again.
         names = {h.name for h in selected}
         hosts = [h for h in ctx.inventory.role(step.role) if h.name in names]
         if any(recs.get((h.name, step.name)) and recs[(h.name, step.name)].status in UNFINISHED for h in hosts):
@@ -97,6 +99,7 @@ def _step_noop(ctx: RunContext, step: Step, selected: list[Host], recs: dict[tup
         hosts = [h for h in hosts if (h.name, step.name) in recs]
         if not hosts:
             return None
+        hosts = [max(hosts, key=lambda h: recs[(h.name, step.name)].finished or 0.0)]
         cluster_chosen = True
     out = []
     for h in hosts:

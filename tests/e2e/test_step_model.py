@@ -108,7 +108,10 @@ def test_a_recreated_lab_is_recognised_by_verify_and_cluster_up_verify_brings_it
     from runbook.lab import lab as labmod
 
     inventory, state = converged
-    assert "0 (host, step) executed" in inv(state, "cluster.up", timeout=600).stdout
+    first = " ".join(inv(state, "cluster.up", timeout=600).stdout.split())
+    # after the modules before this one (switchovers, rotated passwords, replaced members) the ledger alone
+    # still says all done: no host contacted
+    assert NOT_CONTACTED in first and "0 (host, step) executed" in first, first[-2000:]
     tr.close()
     labmod.down(inventory)
     labmod.up(inventory)

@@ -239,3 +239,26 @@ def test_verify_asks_the_cluster_once_and_alongside_the_batches(ctx, inv):
     _fresh_run(ctx)
     report = apply(ctx, _placed(asked), inv.hosts)
     assert report.executed == [("node01", "pl.once")]
+
+
+def test_an_older_application_on_another_member_is_history(ctx, inv):
+    """A step the cluster places, applied again on the new leader after a switchover with other input (a
+    rotated password): the old leader's record keeps the old fingerprint, and the no-op still contacts no one
+    (the CI saw every later run take the normal path). A stale LATEST application is not a no-op."""
+    import time
+
+    ctx.transport.on(r"^who is the leader$", (0, "node01"))
+    apply(ctx, _steps(), inv.hosts)
+    ctx.ledger.set("node01", "noop.once", "done", fingerprint="the old passwords")
+    time.sleep(0.01)
+    ctx.transport.on(r"^who is the leader$", (0, "node02"))
+    apply(ctx, _steps(), inv.hosts)  # the roles on the new leader, as secrets.rotate does
+    assert ctx.ledger.get("node02", "noop.once").status == "done"
+    n = _fresh_run(ctx)
+    report = apply(ctx, _steps(), inv.hosts)
+    assert ctx.transport.calls[n:] == [] and report.notices == [NOT_CONTACTED]
+    assert ("node02", "noop.once", "done once for the cluster (host not contacted)") in report.skipped
+    ctx.ledger.set("node02", "noop.once", "done", fingerprint="stale")  # now the latest is stale
+    n = _fresh_run(ctx)
+    report = apply(ctx, _steps(), inv.hosts)
+    assert NOT_CONTACTED not in report.notices
