@@ -38,6 +38,7 @@ from runbook.credentials.secrets import PASSWORD_LENGTH, USERS, ensure_secrets, 
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.inventory.yamlio import UniqueKeyLoader
+from runbook.sections import frontdoor
 
 ROTATION_FILE = "secrets.rotation.yml"
 PHASES = ("generate", "alter", "commit", "configs", "verify", "done")
@@ -48,15 +49,6 @@ IRREVERSIBLE = {"alter": " (irreversible: the old passwords stop working on the 
 VERIFY_TRIES, VERIFY_INTERVAL = 15, 2.0  # about 30 s for every host to apply its reload
 
 
-def frontdoor_secrets() -> dict[str, tuple[str, int]]:
-    """The front door's entries of state/secrets.yml: role -> (username, password length)."""
-    from runbook.sections.frontdoor import FRONTDOOR_SECRETS
-
-    return FRONTDOOR_SECRETS
-
-
-def frontdoor_on(ctx: Ctx) -> bool:
-    return ctx.inventory.cluster.vip is not None
 
 
 @dataclass
@@ -100,14 +92,14 @@ def save_rotation(state_dir: Path, rot: Rotation) -> None:
 def new_rotation(current: dict[str, dict[str, str]], roles: list[str]) -> Rotation:
     """Fresh passwords for `roles`, next to the current ones (pure but for the random generator); each as long
     as its kind takes (keepalived's VRRP password: 8 characters)."""
-    length = {r: n for r, (_, n) in frontdoor_secrets().items()}
+    length = {r: n for r, (_, n) in frontdoor.FRONTDOOR_SECRETS.items()}
     return Rotation(uuid.uuid4().hex[:12], {r: {"username": current[r]["username"], "old": current[r]["password"],
                                                 "new": new_password(length.get(r, PASSWORD_LENGTH))} for r in roles})
 
 
 def pick_roles(role: str | None, current: dict[str, dict[str, str]]) -> list[str]:
     """The roles to rotate: all of state/secrets.yml's (the front door's once they exist), or the one named."""
-    known = [*USERS, *(r for r in frontdoor_secrets() if r in current)]
+    known = [*USERS, *(r for r in frontdoor.FRONTDOOR_SECRETS if r in current)]
     if role is None:
         return known
     if role not in known:
@@ -118,11 +110,9 @@ def pick_roles(role: str | None, current: dict[str, dict[str, str]]) -> list[str
 def pooler_sql(rot: Rotation) -> str:
     """The lookup role's new password as a SCRAM secret (the plain password never reaches SQL), where the role
     exists (the front door may not be deployed yet); the same statement pooler.lookup renders."""
-    from runbook.sections.frontdoor import POOLER_USER, scram_verifier
-
-    verifier = scram_verifier(rot.roles["pooler"]["new"])
-    return (f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{POOLER_USER}') THEN "
-            f"ALTER ROLE {POOLER_USER} WITH PASSWORD '{verifier}'; END IF; END $$;")
+    user, verifier = frontdoor.POOLER_USER, frontdoor.scram_verifier(rot.roles["pooler"]["new"])
+    return (f"DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{user}') THEN "
+            f"ALTER ROLE {user} WITH PASSWORD '{verifier}'; END IF; END $$;")
 
 
 def alter_sql(rot: Rotation) -> bytes:
@@ -158,7 +148,7 @@ def the_leader(ctx: Ctx) -> Host:
 def login_roles(ctx: Ctx, rot: Rotation) -> list[str]:
     """The roles of the rotation a TLS login proves: PostgreSQL's, the lookup role once the front door is
     deployed, the REST API's basic auth. VRRP is proven by the VIP (one holder), not by a login."""
-    return [r for r in rot.roles if r in PG_ROLES or r == "restapi" or (r == "pooler" and frontdoor_on(ctx))]
+    return [r for r in rot.roles if r in PG_ROLES or r == "restapi" or (r == "pooler" and frontdoor.enabled(ctx))]
 
 
 def pg_login_script(ctx: Ctx, host: Host, rot: Rotation) -> str:
@@ -169,9 +159,10 @@ def pg_login_script(ctx: Ctx, host: Host, rot: Rotation) -> str:
              f"dbname=postgres user=$1 sslmode=verify-full sslrootcert={ca} connect_timeout=5 $2\" -c \"$4\" "
              "2>&1 >/dev/null) && echo ok || case $out in *'password authentication failed'*) echo refused;; "
              "*) echo \"error $(echo \"$out\" | head -n 1)\";; esac; }"]
-    for role, v in rot.roles.items():
-        if role not in PG_ROLES and not (role == "pooler" and frontdoor_on(ctx)):
-            continue
+    for role in login_roles(ctx, rot):
+        if role == "restapi":
+            continue  # basic auth on the REST API: REST_LOGIN
+        v = rot.roles[role]
         extra, sql = ("replication=true", "IDENTIFY_SYSTEM") if role == "replication" else ("", "select 1")
         lines.append(f"echo \"{role}|$(try {v['username']} '{extra}' '{v['new']}' '{sql}')|"
                      f"$(try {v['username']} '{extra}' '{v['old']}' '{sql}')\"")
@@ -247,7 +238,7 @@ def verify_logins(ctx: Ctx, leader: Host, rot: Rotation) -> dict[str, tuple[str,
 def vip_problems(ctx: Ctx, rot: Rotation) -> list[str]:
     """After a VRRP password change: exactly one balancer holds the VIP (two would mean the balancers no longer
     hear each other)."""
-    if "vrrp" not in rot.roles or not frontdoor_on(ctx):
+    if "vrrp" not in rot.roles or not frontdoor.enabled(ctx):
         return []
     from runbook.sections.balancer import vip_holders
 
@@ -332,12 +323,12 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
             apply(ctx, [config, validate, roles], ctx.inventory.postgres, in_order=True)  # raises RunFailed: what to do
             done.append("patroni.config re-rendered and reloaded on "
                         + ", ".join(h.name for h in ctx.inventory.postgres))
-        if frontdoor_on(ctx) and "pooler" in rot.roles:
+        if frontdoor.enabled(ctx) and "pooler" in rot.roles:
             from runbook.sections import pooler
 
             apply(ctx, [pooler.lookup, pooler.config], ctx.inventory.postgres, in_order=True)
             done.append("PgBouncer's userlist.txt written and PgBouncer reloaded")
-        if frontdoor_on(ctx) and "vrrp" in rot.roles:
+        if frontdoor.enabled(ctx) and "vrrp" in rot.roles:
             from runbook.sections import balancer
 
             apply(ctx, [balancer.keepalived], ctx.inventory.balancers, in_order=True)
