@@ -1,4 +1,4 @@
-# pg-ha-runbook. On a fresh Debian 12 machine, as root:  make demo  and  make test
+# pg-ha-runbook. On a fresh Debian 12 machine, as root:  make demo  and  make test  (lab hosts: Debian 13, see hosts.yml)
 SHELL := /bin/bash
 PY    ?= /usr/bin/python3
 VENV  := .venv
@@ -43,8 +43,9 @@ test: deps venv  ## unit tests, then the end-to-end tests in the lab
 	@$(call pytest,-q tests/unit)
 	@$(call pytest,-q -x tests/e2e)
 
-soak: deps venv  ## the long versions: kill -9 after every step, rollback every step
+soak: deps venv  ## the long versions: kill -9 after every step, rollback every step; Debian 13 and Debian 12
 	RUNBOOK_SOAK=1 $(BIN)/pytest -q tests/e2e
+	RUNBOOK_SOAK=1 RUNBOOK_E2E_INVENTORY=tests/e2e/hosts-debian12.yml $(BIN)/pytest -q tests/e2e
 
 bench: deps venv  ## benchmarks: they print figures, they assert nothing
 	$(BIN)/pip install -q -e '.[test,bench]'

@@ -212,15 +212,15 @@ def test_patroni_bootstrap_initdb_and_post_bootstrap(pcfg, pctx, secrets) -> Non
     assert script.startswith("#!/bin/sh\n")
     assert "CREATE ROLE admin LOGIN CREATEDB;" in script  # its password is set by patroni.roles
     assert not [v for v in secrets.values() if v["password"] in script]  # the script holds no password
-    assert "/usr/lib/postgresql/15/bin/psql" in script
+    assert "/usr/lib/postgresql/17/bin/psql" in script  # the reference hosts.yml: Debian 13, PostgreSQL 17
 
 
 def test_patroni_postgresql_section(pcfg, secrets) -> None:
     pg = pcfg["postgresql"]
     assert pg["listen"] == "0.0.0.0:5432" and pg["connect_address"] == "192.168.60.131:5432"
     assert pg["use_unix_socket"] is True
-    assert pg["data_dir"] == pg["config_dir"] == "/data/15"
-    assert pg["bin_dir"] == "/usr/lib/postgresql/15/bin"
+    assert pg["data_dir"] == pg["config_dir"] == "/data/17"
+    assert pg["bin_dir"] == "/usr/lib/postgresql/17/bin"
     assert pg["pgpass"] == "/home/postgres/.pgpass_patroni"
     auth = pg["authentication"]
     assert auth["superuser"] == {"username": "postgres", "password": secrets["superuser"]["password"]}
@@ -318,8 +318,8 @@ def test_profile(pctx) -> None:
     text = render("patroni/profile.sh.j2", **pctx)
     assert "export PATRONI_CONFIG_FILE=/etc/patroni/config.yml" in text
     assert "export PATRONICTL_CONFIG_FILE=/etc/patroni/config.yml" in text
-    assert "export PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config" in text
-    assert 'PATH="$PATH:/usr/lib/postgresql/15/bin:/opt/patroni/bin"' in text
+    assert "export PG_CONFIG=/usr/lib/postgresql/17/bin/pg_config" in text
+    assert 'PATH="$PATH:/usr/lib/postgresql/17/bin:/opt/patroni/bin"' in text
 
 
 def test_rendered_files_end_with_newline_and_no_secrets_outside_config(pctx, ectx, secrets) -> None:
@@ -339,6 +339,7 @@ def test_paths_pg_major(inv, secrets) -> None:
     assert p.pgdata(16) == "/data/16"
     with pytest.raises(ValueError, match="major unknown"):
         Paths().pgdata()
-    assert patroni_context(inv, inv.get("node01"), secrets, p)["data_dir"] == "/data/15"
+    p = Paths(pg_major=17)
+    assert patroni_context(inv, inv.get("node01"), secrets, p)["data_dir"] == "/data/17"
     with pytest.raises(ValueError, match="pg_major=16"):
         patroni_context(inv, inv.get("node01"), secrets, Paths(pg_major=16))
