@@ -20,6 +20,15 @@ def inv():
     return load_inventory(ROOT / "hosts.yml")
 
 
+def reference_on(os_name: str, tmp_path: Path):
+    """The reference topology with every host on *os_name* (a test whose fake bundle is for one release)."""
+    text = (ROOT / "hosts.yml").read_text()
+    for other in ("debian12", "debian13"):
+        text = text.replace(f"os: {other}", f"os: {os_name}")
+    (tmp_path / "hosts.yml").write_text(text)
+    return load_inventory(tmp_path / "hosts.yml")
+
+
 @pytest.fixture
 def ctx(inv, tmp_path):
     c = Ctx(inventory=inv, transport=FakeTransport(), state_dir=tmp_path / "state",

@@ -85,7 +85,7 @@ def test_repo_config(bctx, binv):
     assert g["start-fast"] == "y" and g["tls-server-cert-file"] == "/etc/pgbackrest/tls/backup01-pgbackrest.crt"
     # every PostgreSQL host as pgN-host over TLS with the repository's client certificate
     assert [st[f"pg{i}-host"] for i in (1, 2)] == ["node01", "node02"]
-    assert st["pg1-host-type"] == st["pg2-host-type"] == "tls" and st["pg2-path"] == "/data/15"
+    assert st["pg1-host-type"] == st["pg2-host-type"] == "tls" and st["pg2-path"] == bctx.paths.pgdata()
     assert st["pg1-host-key-file"] == "/etc/pgbackrest/tls/backup01-pgbackrest.key"
     # only the PostgreSQL and restore hosts' certificates may talk to the repository, for this stanza only
     auth = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("tls-server-auth=")]
@@ -101,7 +101,7 @@ def test_postgres_and_restore_host_config(bctx, binv):
     assert g["repo1-host-cert-file"] == "/etc/pgbackrest/tls/node02-pgbackrest.crt"
     assert g["archive-push-queue-max"] == "4GiB" and g["start-fast"] == "y"
     assert g["tls-server-auth"] == "backup01-pgbackrest=patroni_cluster"  # only the repository asks for backups
-    assert pg["patroni_cluster"]["pg1-path"] == "/data/15"
+    assert pg["patroni_cluster"]["pg1-path"] == bctx.paths.pgdata()
     spare = ini(sec.conf_file(bctx, binv.get("spare01")).content.decode())
     assert "tls-server-address" not in spare["global"]  # no server: nobody connects to a restore host
     assert spare["patroni_cluster"]["pg1-path"] == sec.RESTORE_PGDATA

@@ -3,8 +3,6 @@ unless allowed, stale files pruned by bundle.push, provenance pinned (etcd sha25
 approved manifest)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from runbook.bundle.build import BuildOptions, build_bundle, etcd_tarball
@@ -15,16 +13,12 @@ from runbook.inventory.settings import load_settings
 from runbook.sections import postgres, push
 from runbook.sections.bundle_files import _manifest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 @pytest.fixture
 def inv(tmp_path):
     """The reference topology on Debian 12 (the bundle below is a Debian 12 one: tarball, PostgreSQL 15)."""
-    from runbook.inventory import load_inventory
+    from conftest import reference_on
 
-    text = (ROOT / "hosts.yml").read_text().replace("os: debian13", "os: debian12")
-    (tmp_path / "hosts.yml").write_text(text)
-    return load_inventory(tmp_path / "hosts.yml")
+    return reference_on("debian12", tmp_path)
 
 
 DEBS = {"postgresql-15": "15.14-0+deb12u1", "libpq5": "15.14-0+deb12u1", "python3-venv": "3.11.2-1+b1"}

@@ -15,6 +15,14 @@ DEBS = {"postgresql-15": "15.20-0+deb12u1", "libpq5": "15.20-0+deb12u1"}
 
 
 @pytest.fixture
+def inv(tmp_path):
+    """The reference topology on Debian 12: the newer bundle below is a Debian 12 one (PostgreSQL 15)."""
+    from conftest import reference_on
+
+    return reference_on("debian12", tmp_path)
+
+
+@pytest.fixture
 def newer(ctx):
     from runbook.bundle.manifest import make_entry, write_manifest
 
