@@ -85,30 +85,76 @@ def test_the_sessions_hosts_run_their_distributions_software(converged):
         t.close()
 
 
+def other_os_of(os_name: str) -> str:
+    return "debian12" if os_name == "debian13" else "debian13"
+
+
+def new_cluster_file(base: Inventory, dest: Path, cluster: dict, oses: dict[str, list[str]]) -> Path:
+    """A five-host inventory beside the session's (new names and addresses, the session's SSH key): `oses`
+    gives each role's hosts their `os`, in order (None: the cluster's)."""
+    doc = yaml.safe_load(base.path.read_text())
+    for k in ("key", "known_hosts"):
+        doc["ssh"][k] = str((base.path.parent / doc["ssh"][k]).resolve())
+    doc["cluster"] = cluster
+    taken, used = set(base.names()), {h.address for h in base.hosts}
+    doc["hosts"] = {}
+    for role, host_oses in oses.items():
+        for os_name in host_oses:
+            name, addr = new_host(base, role, taken, used)
+            taken.add(name)
+            used.add(addr)
+            doc["hosts"][name] = {"address": addr, "roles": [role], **({"os": os_name} if os_name else {})}
+    dest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+def up_switched_over_audited(state: Path, path: Path, bundle: Path) -> dict[str, float]:
+    """bundle.build, cluster.up, cluster.status, drill.switchover (0 acknowledged rows lost), cluster.audit (no
+    findings), the distributions' facts on every host: the seconds each took."""
+    inventory = load_inventory(path)
+    took: dict[str, float] = {}
+    t0 = time.monotonic()
+    run(state, path, "bundle.build", bundle=bundle, timeout=1200)
+    took["bundle.build"] = time.monotonic() - t0
+    man = json.loads((bundle / "manifest.json").read_text())
+    assert set(man["target"]["targets"]) == {h.os for h in inventory.hosts}  # only what these hosts need
+    t0 = time.monotonic()
+    run(state, path, "cluster.up", bundle=bundle, timeout=1500)
+    took["cluster.up"] = time.monotonic() - t0
+    st = run(state, path, "cluster.status", bundle=bundle).stdout
+    assert "Leader" in st and "streaming" in st
+    t0 = time.monotonic()
+    run(state, path, "drill.switchover", bundle=bundle, timeout=600)
+    took["drill.switchover"] = time.monotonic() - t0
+    with ledger(state, inventory.cluster.name) as db:
+        row = db.execute("select action, rc from events where step = 'drill.switchover' and kind = 'result' "
+                         "order by id desc limit 1").fetchone()
+    res = {**json.loads(row[0]), "rc": row[1]}
+    assert res["rc"] == 0 and res["lost"] == 0 and res["acknowledged"] == res["present"] > 0
+    assert "no findings" in run(state, path, "cluster.audit", bundle=bundle, timeout=300).stdout
+    from runbook.core.transport import SshTransport
+
+    t = SshTransport()
+    try:
+        facts(t, inventory)
+    finally:
+        t.close()
+    return took
+
+
 if OTHER_OS:  # RUNBOOK_E2E_OTHER_OS=soak: defined only under `make soak`, not skipped, so CI never lists it
-    @pytest.fixture(scope="module")
+    @pytest.fixture
     def other(converged, tmp_path_factory):
         """(state, inventory path, bundle dir): five new lab hosts on the other distribution, a cluster of its own."""
         from runbook.lab import lab as labmod
 
         base, _ = converged
-        other_os = "debian12" if base.cluster.os == "debian13" else "debian13"
+        other_os = other_os_of(base.cluster.os)
         tmp = tmp_path_factory.mktemp("other-os")
-        doc = yaml.safe_load(base.path.read_text())
-        for k in ("key", "known_hosts"):
-            doc["ssh"][k] = str((base.path.parent / doc["ssh"][k]).resolve())
-        doc["cluster"] = {"name": f"{base.cluster.name}_{other_os}", "os": other_os,
-                          "etcd_version": base.cluster.etcd_version}
-        taken, used = set(base.names()), {h.address for h in base.hosts}
-        doc["hosts"] = {}
-        for role, n in (("etcd", 3), ("postgres", 2)):
-            for _ in range(n):
-                name, addr = new_host(base, role, taken, used)
-                taken.add(name)
-                used.add(addr)
-                doc["hosts"][name] = {"address": addr, "roles": [role]}
-        path = tmp / "hosts-other.yml"
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        path = new_cluster_file(base, tmp / "hosts-other.yml",
+                                {"name": f"{base.cluster.name}_{other_os}", "os": other_os,
+                                 "etcd_version": base.cluster.etcd_version},
+                                {"etcd": [None] * 3, "postgres": [None] * 2})
         inv = load_inventory(path)
         labmod.up(inv)
         try:
@@ -119,33 +165,62 @@ if OTHER_OS:  # RUNBOOK_E2E_OTHER_OS=soak: defined only under `make soak`, not s
 
     def test_a_cluster_on_the_other_distribution_up_switched_over_under_a_writer_and_audited(other):
         state, path, bundle = other
-        inventory = load_inventory(path)
-        t_start = t0 = time.monotonic()
-        run(state, path, "bundle.build", bundle=bundle, timeout=1200)
-        t_bundle = time.monotonic() - t0
-        man = json.loads((bundle / "manifest.json").read_text())
-        assert set(man["target"]["targets"]) == {inventory.cluster.os}  # only what these hosts need
-        t0 = time.monotonic()
-        run(state, path, "cluster.up", bundle=bundle, timeout=1500)
-        t_up = time.monotonic() - t0
-        st = run(state, path, "cluster.status", bundle=bundle).stdout
-        assert "Leader" in st and "streaming" in st
-        t0 = time.monotonic()
-        run(state, path, "drill.switchover", bundle=bundle, timeout=600)
-        t_switch = time.monotonic() - t0
-        with ledger(state, inventory.cluster.name) as db:
-            row = db.execute("select action, rc from events where step = 'drill.switchover' and kind = 'result' "
-                             "order by id desc limit 1").fetchone()
-        res = {**json.loads(row[0]), "rc": row[1]}
-        assert res["rc"] == 0 and res["lost"] == 0 and res["acknowledged"] == res["present"] > 0
-        assert "no findings" in run(state, path, "cluster.audit", bundle=bundle, timeout=300).stdout
-        from runbook.core.transport import SshTransport
+        t_start = time.monotonic()
+        took = up_switched_over_audited(state, path, bundle)
+        print(f"\n{load_inventory(path).cluster.os}: " + ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
+              + f"; all: {time.monotonic() - t_start:.0f} s (+ lab.up/down of its five hosts in the fixture)")
 
-        t = SshTransport()
+
+
+if SOAK:  # `make soak` only: defined there, not skipped elsewhere
+    @pytest.fixture
+    def mixed(lab_prerequisites_met, tmp_path_factory):
+        """(state, inventory path, bundle dir): an etcd tier halfway through an OS migration (two etcd hosts on
+        the other distribution, one on the cluster's), the PostgreSQL hosts on the cluster's distribution."""
+        from conftest import e2e_inventory_path
+
+        from runbook.lab import lab as labmod
+
+        base = load_inventory(e2e_inventory_path())
+        other_os = other_os_of(base.cluster.os)
+        tmp = tmp_path_factory.mktemp("mixed-os")
+        path = new_cluster_file(base, tmp / "hosts-mixed.yml",
+                                {"name": f"{base.cluster.name}_mixed", "os": base.cluster.os,
+                                 "etcd_version": base.cluster.etcd_version},
+                                {"etcd": [other_os, None, other_os], "postgres": [None, None]})
+        inv = load_inventory(path)
+        labmod.up(inv)
         try:
-            facts(t, inventory)
+            yield tmp / "state", path, tmp / "bundle"
         finally:
-            t.close()
-        print(f"\n{inventory.cluster.os}: bundle.build {t_bundle:.0f} s, cluster.up {t_up:.0f} s, drill.switchover "
-              f"{t_switch:.0f} s; status to audit and facts, all: {time.monotonic() - t_start:.0f} s "
-              "(+ lab.up/down of its five hosts in the fixture)")
+            labmod.down(inv)
+
+
+    def test_a_mixed_cluster_runs_and_postgres_on_two_majors_is_refused(mixed):
+        """One cluster, two distributions: the etcd members on each run that distribution's etcd (the release
+        tarball on Debian 12, Debian 13's own packages) and form one cluster; Patroni's switchover under a
+        writer loses nothing; the audit is clean. A PostgreSQL host moved to the other distribution (whose
+        major is another) is refused before anything is written, naming the host's `os`."""
+        state, path, bundle = mixed
+        inventory = load_inventory(path)
+        other_os = next(h.os for h in inventory.hosts if h.os != inventory.cluster.os)
+        doc = yaml.safe_load(path.read_text())
+        pg = inventory.role("postgres")[1].name
+        doc["hosts"][pg]["os"] = other_os
+        bad = path.with_name("hosts-mixed-majors.yml")
+        bad.write_text(yaml.safe_dump(doc, sort_keys=False))
+        refused_state = state.parent / "refused-state"
+        p = run(refused_state, bad, "cluster.up", bundle=bundle, check=False, timeout=120)
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and f"hosts.{pg}.os" in out and "same major" in out and bad.name in out, out
+        assert not refused_state.exists() or not any(refused_state.rglob("*")), list(refused_state.rglob("*"))
+        t_start = time.monotonic()
+        took = up_switched_over_audited(state, path, bundle)
+        etcd = json.loads(run(state, path, "etcd.status", "--json", bundle=bundle).stdout)
+        assert not etcd["unreachable"] and len(etcd["endpoints"]) == 3, etcd
+        assert all(not e["errors"] for e in etcd["endpoints"]), etcd
+        assert sum(e["leader"] for e in etcd["endpoints"]) == 1, etcd  # one cluster, one leader
+        print(f"\nmixed ({', '.join(f'{h.name}: {h.os}' for h in inventory.hosts)}): "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
+              + f"; all: {time.monotonic() - t_start:.0f} s; etcd versions "
+              + ", ".join(f"{e['endpoint']} {e['version']}" for e in etcd["endpoints"]))
