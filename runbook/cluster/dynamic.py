@@ -8,6 +8,7 @@ tests and the host execute the same code.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import shlex
@@ -129,6 +130,7 @@ print("applied with patronictl edit-config (a parameter that needs a restart: in
 '''
 
 
+@functools.lru_cache(maxsize=1)
 def remote_script() -> str:
     """config_patch's own source plus a driver: `python -c SCRIPT check|apply PATRONICTL DESIRED EXACT`."""
     return "from __future__ import annotations\nimport shlex\n" + inspect.getsource(config_patch) + _DRIVER
@@ -157,6 +159,7 @@ def dynamic_check(ctx: Ctx, host: Host) -> str:
     return f"sudo -u postgres {rest_get(ctx, host, ['/cluster', '/config'], verdict)}"
 
 
+@functools.lru_cache(maxsize=1)
 def _verdict_source() -> str:
     """config_patch's own source, runnable in an exec() (its annotations are never evaluated)."""
     return "from __future__ import annotations\n" + inspect.getsource(config_patch)
