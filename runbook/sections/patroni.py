@@ -290,7 +290,7 @@ def _validate_check(ctx: Ctx, host: Host) -> str:
 
 @validate.undo
 def _validate_undo(ctx: Ctx, host: Host) -> list:
-    return []  # a probe: nothing to revert
+    return [Run(f"rm -f {VALIDATED} {VALIDATED}.pending")]  # a probe: only its mark goes
 
 
 @roles.undo

@@ -282,3 +282,11 @@ def test_validate_check_accepts_a_data_directory_in_use_of_the_right_major(ctx, 
     (tree["data"] / "pg_wal").mkdir()
     (tree["data"] / ".hidden").write_text("")
     assert sh(patroni._validate_check(ctx, node01)) == 0
+
+
+def test_rolling_validate_back_removes_its_mark(ctx, inv, tree):
+    node01 = inv.get("node01")
+    validated(ctx, node01)
+    assert all(sh(a.cmd) == 0 for a in patroni.validate.undo_actions(ctx, node01))
+    assert not Path(patroni.VALIDATED).exists()
+    assert sh(patroni._validate_check(ctx, node01)) != 0
