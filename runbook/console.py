@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from rich.console import Console
 from rich.markup import escape
 from rich.prompt import Prompt
-from rich.syntax import Syntax
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -162,6 +161,8 @@ def step_summary(step: "Step", decs: list["Decision"]) -> list[str]:
 
 
 def show_step_detail(step: "Step", decs: list["Decision"], mask: Callable[[str], str]) -> None:
+    from rich.syntax import Syntax  # pygments: only --step's detail highlights shell (every run imports this module)
+
     for d in decs:
         console.print(f"[bold]{escape(d.host.name)}[/] ({escape(d.label)}: {escape(d.reason)})")
         script = "\n".join(a.shell(mask) for a in d.actions)

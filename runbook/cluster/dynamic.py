@@ -8,12 +8,13 @@ tests and the host execute the same code.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import shlex
 from typing import Any
 
-from runbook.cluster.commands import patronictl
+from runbook.cluster.commands import patronictl, rest_get
 from runbook.cluster.context import Ctx
 from runbook.inventory import Host, Inventory
 
@@ -129,6 +130,7 @@ print("applied with patronictl edit-config (a parameter that needs a restart: in
 '''
 
 
+@functools.lru_cache(maxsize=1)
 def remote_script() -> str:
     """config_patch's own source plus a driver: `python -c SCRIPT check|apply PATRONICTL DESIRED EXACT`."""
     return "from __future__ import annotations\nimport shlex\n" + inspect.getsource(config_patch) + _DRIVER
@@ -145,8 +147,22 @@ def dynamic_command(ctx: Ctx, mode: str, desired: dict | None = None, exact: tup
 
 
 def dynamic_check(ctx: Ctx, host: Host) -> str:
-    """patroni.dynamic's probe: rc 0 when `patronictl show-config` holds the desired settings."""
-    return f"sudo -u postgres sh -c {shlex.quote(dynamic_command(ctx, 'check'))}"
+    """patroni.dynamic's probe: rc 0 when the DCS holds the desired settings. The DCS's config as the host's REST
+    API reads it (GET /cluster, then /config: what `patronictl show-config` prints, fresh from the DCS), compared
+    by config_patch's own source in the distribution's python3 (runbook.cluster.commands.rest_get)."""
+    want = desired_dynamic(ctx.inventory, ctx.paths.log_dir)
+    verdict = _verdict_source() + (
+        f"patch = config_patch(got['/config'], json.loads({json.dumps(json.dumps(want, sort_keys=True))}), "
+        f"tuple({list(EXACT)!r}))\n"
+        "if patch:\n    print('differs from the desired dynamic configuration: ' + json.dumps(patch, sort_keys=True))\n"
+        "sys.exit(1 if patch else 0)\n")
+    return f"sudo -u postgres {rest_get(ctx, host, ['/cluster', '/config'], verdict)}"
+
+
+@functools.lru_cache(maxsize=1)
+def _verdict_source() -> str:
+    """config_patch's own source, runnable in an exec() (its annotations are never evaluated)."""
+    return "from __future__ import annotations\n" + inspect.getsource(config_patch)
 
 
 def apply_patch(current: Any, patch: dict) -> dict:

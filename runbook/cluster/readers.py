@@ -102,10 +102,41 @@ def host_of(ctx: Ctx, member: str) -> Host:
 
 
 def leader(ctx: Ctx) -> Host | None:
-    for m in members(ctx):
-        if m.is_leader:
-            return host_of(ctx, m.name)
-    return None
+    """The running leader (None: no member leads), as the first postgres host whose REST API answers GET /cluster
+    says: the DCS's member records that `patronictl list` prints, without starting patronictl (~0.1 s, not ~1 s:
+    --verify and every run that places a step on the leader ask it). RuntimeError when no host answers."""
+    from runbook.cluster.commands import rest_get
+
+    errors = []
+    for h in ctx.inventory.postgres:
+        try:
+            r = ctx.transport.run(h, rest_get(ctx, h, ["/cluster"], 'print(json.dumps(got["/cluster"]))'),
+                                  user="postgres", timeout=30)
+        except Exception as exc:  # an unreachable host: ask the next one
+            errors.append(f"{h.name}: {exc}")
+            continue
+        if r.ok:
+            for m in parse_cluster(r.stdout):
+                if m.is_leader:
+                    return host_of(ctx, m.name)
+            return None
+        errors.append(f"{h.name}: {r.stderr.strip()[-200:]}")
+    raise RuntimeError("no postgres host's REST API answered GET /cluster: " + "; ".join(errors))
+
+
+# GET /cluster's roles in `patronictl list`'s words (patroni.ctl), so a Member reads the same either way
+_ROLES = {"leader": "Leader", "standby_leader": "Standby Leader", "sync_standby": "Sync Standby",
+          "quorum_standby": "Quorum Standby", "replica": "Replica"}
+
+
+def parse_cluster(text: str) -> list[Member]:
+    """The REST API's GET /cluster -> members, as parse_members reads `patronictl list -f json`."""
+    out = []
+    for m in json.loads(text or "{}").get("members", []):
+        role = m.get("role", "")
+        out.append(Member(m.get("name", ""), m.get("host", ""), _ROLES.get(role, role), m.get("state", ""),
+                          m.get("timeline"), m.get("lag")))
+    return out
 
 
 def etcd_status(ctx: Ctx) -> tuple[list[Endpoint], dict[str, str]]:

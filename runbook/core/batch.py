@@ -89,7 +89,7 @@ class CheckBatch:
             return []
         self.stamp, self.results = stamp, {}
         hosts_of = hosts_of or (lambda step: step.hosts(ctx, selected))
-        plan: dict[str, tuple[Host, list[tuple[Step, str]]]] = {}
+        todo: dict[str, tuple[Host, list[Step]]] = {}  # per host, the steps whose check it is asked
         recs = {(r.host, r.step): r for r in ctx.ledger.all()}
         names = {h.name for h in selected}
         ask: list[Step] = []  # steps whose hosts the cluster decides: asked alongside the batches
@@ -104,27 +104,38 @@ class CheckBatch:
                 rec = recs.get((h.name, step.name))
                 if h.name == LOCAL.name or rec is None or rec.status not in ("done", "running"):
                     continue
-                actions = step.actions_fn(ctx, h)
-                if rec.status == "done" and rec.fingerprint != step.fingerprint(ctx, h, actions):
-                    continue  # changed: runs without a check
-                probe = step.probe(ctx, h, actions)
-                if isinstance(probe, str):
-                    plan.setdefault(h.name, (h, []))[1].append((step, probe))
-        if not plan:
+                todo.setdefault(h.name, (h, []))[1].append(step)
+        if not todo:
             for step in ask:
                 hosts_of(step)
             return []
         asked = ctx.ledger.identities
 
-        def one(h: Host, checks: list[tuple[Step, str]]) -> tuple[Host, str | None, bool, dict[int, int]]:
+        def checks_of(h: Host, host_steps: list[Step]) -> list[tuple[Step, str]]:
+            out = []
+            for step in host_steps:
+                actions = step.actions_fn(ctx, h)
+                rec = recs[(h.name, step.name)]
+                if rec.status == "done" and rec.fingerprint != step.fingerprint(ctx, h, actions):
+                    continue  # changed: runs without a check
+                probe = step.probe(ctx, h, actions)
+                if isinstance(probe, str):
+                    out.append((step, probe))
+            return out
+
+        def one(h: Host, host_steps: list[Step]) -> tuple[Host, str | None, bool, list[tuple[Step, str]], dict]:
+            # rendered in the host's own worker: one host's rendering overlaps the other hosts' round trips
+            checks = checks_of(h, host_steps)
+            if not checks:
+                return h, None, False, checks, {}  # nothing to ask there: its identity is read at its turn
             ident = h.name not in asked
             script = batch_script([c for _, c in checks], ident)
             try:
                 r = ctx.transport_for(h).run(h, script, timeout=CHECK_TIMEOUT + 60, lock=True)
             except TransportError:
-                return h, None, ident, {}  # each check is asked on its own, and fails there as before
+                return h, None, ident, checks, {}  # each check is asked on its own, and fails there as before
             mid, rcs = parse_batch(r.stdout)
-            return h, mid, ident, rcs
+            return h, mid, ident, checks, rcs
 
         def cluster_hosts(step: Step) -> None:
             try:
@@ -132,17 +143,17 @@ class CheckBatch:
             except Exception:  # noqa: BLE001 - asked again at the step's turn, and reported there
                 pass
 
-        with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(plan) + len(ask)))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(todo) + len(ask)))) as pool:
             for step in ask:
                 pool.submit(cluster_hosts, step)
-            answers = list(pool.map(lambda hc: one(*hc), plan.values()))
-        self.execs += len(answers)
+            answers = list(pool.map(lambda hs: one(*hs), todo.values()))
+        self.execs += sum(1 for _, _, _, checks, _ in answers if checks)
         found = []
-        for h, mid, ident, rcs in answers:
+        for h, mid, ident, checks, rcs in answers:
             if ident:
                 asked.setdefault(h.name, "")
                 found.append((h, mid))
-            for i, (step, _) in enumerate(plan[h.name][1]):
+            for i, (step, _) in enumerate(checks):
                 if i in rcs:
                     self.results[(h.name, step.name)] = rcs[i] == 0
         return note_identities(ctx, found)

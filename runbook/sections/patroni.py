@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 
-from runbook.cluster.commands import member_ok, psql
+from runbook.cluster.commands import member_ok, member_ok_rest, psql
 from runbook.cluster.context import Ctx
 from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_explain, dynamic_undo
 from runbook.cluster.render import patroni_context
@@ -120,9 +120,45 @@ def _logdir_undo(ctx: Ctx, host: Host) -> list:
 @section.step("validate", role="postgres", depends_on=lambda ctx, host: [_config(ctx, host)],  # re-validate on change
               needs=("patroni.logdir", "etcd.existing"))
 def validate(ctx: Ctx, host: Host) -> list:
-    """Validate: patroni --validate-config --ignore-listen-port on the rendered config"""
+    """Validate: patroni --validate-config --ignore-listen-port on the rendered config
+    A successful validation leaves a root-only mark: the sha256 of what the validator judged (the config file,
+    the venv's interpreter and installed packages, the PostgreSQL binaries), taken before it ran. The check
+    compares the mark with the same sha256 of today's files and re-tests what may change without them (the
+    etcd hosts answer, the data directory's PostgreSQL version), instead of starting the validator again."""
     v = ctx.paths.patroni_venv
-    return [Run(f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}", user="postgres")]
+    mark = VALIDATED
+    return [Run(f"rm -f {mark} && install -d -m 0700 {mark.rsplit('/', 1)[0]} && "
+                f"{validated_inputs(ctx, host)} > {mark}.pending && chmod 0600 {mark}.pending"),
+            Run(f"{v}/bin/patroni --validate-config --ignore-listen-port {ctx.paths.patroni_conf}", user="postgres"),
+            Run(f"mv {mark}.pending {mark}")]
+
+
+# Root-only (the directory is 0700 root): the mark stands for a validation only root could have run.
+VALIDATED = "/var/lib/pg-ha-runbook/patroni-validated.sha256"
+
+
+def validated_inputs(ctx: Ctx, host: Host) -> str:
+    """A command printing the sha256 of what `patroni --validate-config` judges that only a change of files can
+    change: the config, the venv (pyvenv.cfg: the interpreter; every installed distribution's RECORD: the
+    file hashes of patroni and its dependencies), the PostgreSQL binaries (listing and `postgres --version`).
+    A missing or unreadable input changes the sum too."""
+    p = ctx.paths_for(host)
+    v, b = p.patroni_venv, p.pg_bin_dir(ctx.inventory.cluster.postgres_major)
+    return (f"{{ cat {ctx.paths.patroni_conf} {v}/pyvenv.cfg {v}/lib/python3*/site-packages/*.dist-info/RECORD; "
+            f"ls -ln --time-style=+%s {b}/; {b}/postgres --version; }} 2>&1 | sha256sum | cut -d' ' -f1")
+
+
+def validated_live(ctx: Ctx, host: Host) -> str:
+    """What the validator tests besides files, as it tests it: every etcd host of the config answers on its
+    port (a TCP connect), and a data directory in use holds the binaries' major (PG_VERSION) and pg_wal."""
+    p = ctx.paths_for(host)
+    major = ctx.inventory.cluster.postgres_major
+    d = p.pgdata(major)
+    tcp = [": </dev/tcp/" + "/".join(hp.rsplit(":", 1)) for hp in pctx(ctx, host)["etcd_hosts"]]
+    etcd = " && ".join(f"timeout 5 bash -c {shlex.quote(t)}" for t in tcp)
+    # empty as Patroni counts it: no global/pg_control, nothing but hidden entries and lost+found
+    empty = f"test ! -f {d}/global/pg_control && test -z \"$(ls {d} 2>/dev/null | grep -vx lost+found)\""
+    return f"{etcd} && {{ {empty} || {{ test \"$(cat {d}/PG_VERSION)\" = {major} && test -d {d}/pg_wal; }}; }}"
 
 
 @section.step("unit", role="postgres")
@@ -157,7 +193,7 @@ def bootstrap(ctx: Ctx, host: Host) -> list:
 
 @bootstrap.check
 def _bootstrap_check(ctx: Ctx, host: Host) -> str:
-    return f"systemctl is-active -q patroni && sudo -u postgres sh -c {shlex.quote(member_ok(ctx, host))} " \
+    return f"systemctl is-active -q patroni && sudo -u postgres {member_ok_rest(ctx, host)} " \
            f"&& test ! -e {ctx.paths.post_bootstrap}"
 
 
@@ -235,7 +271,7 @@ def replicas(ctx: Ctx, host: Host) -> list:
 
 @replicas.check
 def _replicas_check(ctx: Ctx, host: Host) -> str:
-    return f"systemctl is-active -q patroni && sudo -u postgres sh -c {shlex.quote(member_ok(ctx, host))}"
+    return f"systemctl is-active -q patroni && sudo -u postgres {member_ok_rest(ctx, host)}"
 
 
 @replicas.undo
@@ -248,13 +284,13 @@ __all__ = ["section", "REMOTE_BUNDLE"]
 
 @validate.check
 def _validate_check(ctx: Ctx, host: Host) -> str:
-    return f"sudo -u postgres {ctx.paths.patroni_venv}/bin/patroni --validate-config --ignore-listen-port " \
-           f"{ctx.paths.patroni_conf} >/dev/null"
+    """The mark of the last successful validation matches today's files, and the live part still holds."""
+    return f"test \"$({validated_inputs(ctx, host)})\" = \"$(cat {VALIDATED})\" && {validated_live(ctx, host)}"
 
 
 @validate.undo
 def _validate_undo(ctx: Ctx, host: Host) -> list:
-    return []  # a probe: nothing to revert
+    return [Run(f"rm -f {VALIDATED} {VALIDATED}.pending")]  # a probe: only its mark goes
 
 
 @roles.undo

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("INVOKE_")}  # the repo's invoke.yaml, hosts.yml
-HEAVY = ("fabric", "paramiko", "cryptography", "sqlite_utils", "jinja2", "tenacity", "psycopg")
+HEAVY = ("fabric", "paramiko", "cryptography", "sqlite_utils", "jinja2", "tenacity", "psycopg", "pygments")
 
 
 def _fresh(code: str, cwd: Path = ROOT) -> dict:

@@ -19,13 +19,23 @@ SWITCHED = [{"Member": "patroni_node02", "Host": "node02", "Role": "Leader", "St
 NO_LEADER = [{"Member": "patroni_node02", "Host": "node02", "Role": "Replica", "State": "running", "TL": 2},
              {"Member": "patroni_node01", "Host": "node01", "Role": "Replica", "State": "stopped", "TL": 2}]
 ALL_OK = "superuser|ok|refused\nreplication|ok|refused\nrewind|ok|refused\nadmin|ok|refused\n"
+_ROLE = {"Leader": "leader", "Sync Standby": "sync_standby", "Replica": "replica"}
+
+
+def members_are(t, members: list[dict]) -> None:
+    """The cluster as `patronictl list -f json` prints it and as the REST API's GET /cluster answers (the leader
+    of patroni.roles is asked there)."""
+    t.on(r"list -f json", (0, json.dumps(members)))
+    rest = {"members": [{"name": m["Member"], "host": m["Host"], "role": _ROLE[m["Role"]], "state": m["State"],
+                         "timeline": m["TL"]} for m in members], "scope": "patroni_cluster"}
+    t.on(r"(?s)python3 -I -S -c .* /cluster$", (0, json.dumps(rest)))
 
 
 @pytest.fixture
 def cluster(ctx):
     """A cluster whose leader is node02 (after a switchover), bootstrapped on node01 (recorded)."""
     t = ctx.transport
-    t.on(r"list -f json", (0, json.dumps(SWITCHED)))
+    members_are(t, SWITCHED)
     t.on(r"^sh -s$", (0, ALL_OK))
     t.on(r"/bin/python -c", (0, "restapi|ok|refused\n"))
     ctx.ledger.set("node01", "patroni.bootstrap", "done", fingerprint="x")
@@ -74,7 +84,7 @@ def test_one_role_only(ctx, cluster):
 
 def test_refused_without_a_leader_and_nothing_generated(ctx, cluster):
     before = sr.secrets_path(ctx.state_dir).read_text()
-    cluster.on(r"list -f json", (0, json.dumps(NO_LEADER)))
+    members_are(cluster, NO_LEADER)
     with pytest.raises(ProcedureFailed, match="no running leader .*patroni_node02=Replica/running"):
         sr.rotate(ctx, None)
     assert not sr.rotation_path(ctx.state_dir).exists()
@@ -119,12 +129,12 @@ def test_login_problems_need_new_ok_and_old_refused():
 
 
 def test_roles_step_follows_the_leader(ctx, inv):
-    ctx.transport.on(r"list -f json", (0, json.dumps(SWITCHED)))
+    members_are(ctx.transport, SWITCHED)
     assert [h.name for h in current_leader(ctx, inv.postgres)] == ["node01"]  # before the bootstrap: first host
     assert ctx.transport.calls == []  # ... without asking anything (dry runs of a fresh install)
     ctx.ledger.set("node01", "patroni.bootstrap", "done", fingerprint="x")
     assert [h.name for h in current_leader(ctx, inv.postgres)] == ["node02"]
-    ctx.transport.on(r"list -f json", (0, json.dumps(NO_LEADER)))
+    members_are(ctx.transport, NO_LEADER)
     assert [h.name for h in current_leader(ctx, inv.postgres)] == ["node01"]
     cmd = roles.actions_fn(ctx, inv.get("node01"))[0].cmd
     assert "else echo 'node01 is not a running primary" in cmd and cmd.endswith("exit 1; fi")  # not silently done

@@ -1,0 +1,55 @@
+"""--verify's Patroni checks on real hosts, now that they start neither patronictl nor the validator (issue 16):
+patroni.dynamic reads the DCS through the local REST API and must see a hand edit made a moment ago (before
+Patroni's own loop has read it); patroni.validate trusts a root-only mark of the last validation and must
+re-validate when the mark does not match. Each time exactly that (host, step) runs again, and the cluster is
+left as converged found it. Host names come from the e2e inventory, never from this file.
+"""
+from __future__ import annotations
+
+import shlex
+
+import yaml
+from helpers import inv, ledger
+
+from runbook.cluster.commands import patronictl
+from runbook.cluster.context import Ctx
+from runbook.core.context import Options
+from runbook.core.transport import SshTransport
+from runbook.sections.patroni import VALIDATED
+
+
+def _reran(state, inventory) -> set[tuple[str, str]]:
+    """The (host, step) pairs the last run executed."""
+    with ledger(state, inventory.cluster.name) as db:
+        run = db.execute("select max(id) from runs").fetchone()[0]
+        return set(db.execute("select host, step from checkpoints where run_id = ? and status = 'done'", [run]))
+
+
+def test_verify_sees_a_fresh_dcs_edit_and_a_validation_mark_that_does_not_match(converged):
+    inventory, state = converged
+    tr = SshTransport()
+    try:
+        ctx = Ctx(inventory=inventory, transport=tr, state_dir=state, bundle_dir=state, options=Options())
+        first, other = inventory.postgres[0], inventory.postgres[1]
+
+        # the DCS edited by hand just now: the REST API answers from the DCS, not from Patroni's last loop
+        r = tr.run(first, patronictl(ctx, "edit-config --force --quiet --set ttl=31"), user="postgres", timeout=60)
+        assert r.ok, r.stderr
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        assert _reran(state, inventory) == {(first.name, "patroni.dynamic")}, out[-3000:]
+        shown = tr.run(first, patronictl(ctx, "show-config"), user="postgres", timeout=60)
+        assert yaml.safe_load(shown.stdout)["ttl"] == inventory.cluster.patroni.ttl
+
+        # a mark that stands for another validation: the validator runs again there, and only there
+        r = tr.run(other, f"sha256sum /etc/hostname | cut -d' ' -f1 > {shlex.quote(VALIDATED)}", timeout=60)
+        assert r.ok, r.stderr
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        assert _reran(state, inventory) == {(other.name, "patroni.validate")}, out[-3000:]
+        mode = tr.run(other, f"stat -c '%a %U' {shlex.quote(VALIDATED)} {shlex.quote(VALIDATED.rsplit('/', 1)[0])}",
+                      timeout=60).stdout.split("\n")
+        assert mode[:2] == ["600 root", "700 root"]
+
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        assert "0 (host, step) executed" in out, out[-3000:]
+    finally:
+        tr.close()
