@@ -187,7 +187,8 @@ print("no_cert=" + probe(False))
 
 def etcd_rules(ctx: Ctx) -> list[Rule]:
     d = ctx.paths.etcd_tls_dir
-    return [Rule(d, "0750", "etcd"), Rule(f"{d}/*.key", "0600", "etcd")]
+    return [Rule(d, "0750", "etcd"), Rule(f"{d}/etcd-peer.key", "0600", "etcd"),
+            Rule(f"{d}/etcd-server.key", "0600", "etcd"), Rule(f"{d}/etcd-root.key", "0600", "root")]
 
 
 def patroni_rules(ctx: Ctx) -> list[Rule]:
@@ -222,7 +223,7 @@ def audit_postgres(ctx: Ctx, h: Host) -> list[Check]:
     p = ctx.paths
     tls = p.patroni_tls_dir
     probe_args = " ".join(shlex.quote(a) for a in (f"https://{h.address}:8008/switchover", f"{tls}/ca.crt",
-                                                     f"{tls}/{h.name}.crt", f"{tls}/{h.name}.key"))
+                                                     f"{tls}/rest-client.crt", f"{tls}/rest-client.key"))
     rest = run(f"{p.patroni_venv}/bin/python - {probe_args}", user="postgres", stdin=REST_PROBE.encode())
     hba_sql = ("select line_number, type, array_to_string(database, ','), array_to_string(user_name, ','), "
                "coalesce(address, ''), coalesce(auth_method, ''), coalesce(error, '') from pg_hba_file_rules")
@@ -253,9 +254,9 @@ def audit_logs(ctx: Ctx, h: Host, values: list[str]) -> Check:
 
 
 def audit_local(ctx: Ctx) -> list[Check]:
-    files = [ctx.state_dir / "secrets.yml", *sorted(ctx.pki_dir.glob("*.key"))]
+    files = [ctx.state_dir / "secrets.yml", *sorted(ctx.pki_dir.rglob("*.key"))]
     problems = [p for f in files for p in check_local_mode(f, f.stat().st_mode if f.exists() else None)]
-    if not list(ctx.pki_dir.glob("*.key")):
+    if not list(ctx.pki_dir.rglob("*.key")):
         problems.append(f"{ctx.pki_dir}: no *.key")
     checks = [Check("local", "state/secrets.yml and state/pki/*.key 0600", problems)]
     db = ctx.state_dir / f"{ctx.inventory.cluster.name}.db"

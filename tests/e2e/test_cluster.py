@@ -9,13 +9,14 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from pathlib import Path
 import urllib.error
 import urllib.request
 
 import psycopg
 import pytest
 import yaml
-from helpers import executed, inv, kill_when, ledger, wait_for
+from helpers import T, executed, inv, kill_when, ledger, wait_for
 
 pytestmark = pytest.mark.e2e
 ETCD = "etcd01,etcd02,etcd03"
@@ -32,7 +33,7 @@ def tr(cluster):
 
 
 def sh(tr, inventory, host, cmd, user="root"):
-    return tr.run(inventory.get(host), cmd, user=user, timeout=120)
+    return tr.run(inventory.get(T(host)), T(cmd), user=user, timeout=120)
 
 
 def test_etcd_install_killed_midway_then_resumed(cluster):
@@ -47,7 +48,7 @@ def test_etcd_install_killed_midway_then_resumed(cluster):
     assert executed(out) > 0
     inv(state, "etcd.health")
     status = inv(state, "etcd.status").stdout
-    assert status.count("https://etcd0") >= 3 and "down" not in status
+    assert all(T(f"https://{h}:2379") in status for h in ETCD.split(",")) and "down" not in status
 
 
 def test_etcd_install_again_executes_nothing(cluster):
@@ -57,12 +58,12 @@ def test_etcd_install_again_executes_nothing(cluster):
 
 def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_path):
     inventory, state = cluster
-    from runbook.credentials.pki import ensure_ca, ensure_host_cert
+    from runbook.credentials.pki import Pki
 
     tls = "/etc/etcd/tls"
     base = "ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s"
     ok = sh(tr, inventory, "etcd01",
-            f"{base} --cacert={tls}/ca.crt --cert={tls}/etcd01.crt --key={tls}/etcd01.key "
+            f"{base} --cacert={tls}/ca.crt --cert={tls}/etcd-root.crt --key={tls}/etcd-root.key "
             "--endpoints=https://etcd02:2379 put /probe ok")
     assert ok.ok, ok.stderr
     plain = sh(tr, inventory, "etcd01", f"{base} --endpoints=http://etcd02:2379 get /probe")
@@ -71,27 +72,131 @@ def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_
                 f"{base} --cacert={tls}/ca.crt --endpoints=https://etcd02:2379 get /probe")
     assert not nocert.ok and ("bad certificate" in nocert.stderr or "certificate required" in nocert.stderr
                               or "deadline exceeded" in nocert.stderr), nocert.stderr
-    ca = ensure_ca(tmp_path / "foreign", common_name="foreign CA")
-    crt, key, _ = ensure_host_cert(tmp_path / "foreign", ca, "etcd01", ["etcd01"], ["192.168.60.141"])
-    t = inventory.get("etcd01")
-    for src, dst in ((crt, "/tmp/foreign.crt"), (key, "/tmp/foreign.key")):
-        tr.put(t, dst, src.read_bytes(), mode="0600")
+    foreign = Pki(tmp_path / "foreign").leaf("etcd01", "etcd-root")  # CN=root, but of another CA
+    t = inventory.get(T("etcd01"))
+    for data, dst in ((foreign.cert_pem, "/tmp/foreign.crt"), (foreign.key_pem, "/tmp/foreign.key")):
+        tr.put(t, dst, data, mode="0600")
     foreign = sh(tr, inventory, "etcd01",
                  f"{base} --cacert={tls}/ca.crt --cert=/tmp/foreign.crt --key=/tmp/foreign.key "
                  "--endpoints=https://etcd02:2379 get /probe")
     assert not foreign.ok
+    assert sh(tr, inventory, "etcd01", "rm -f /tmp/foreign.crt /tmp/foreign.key").ok
+
+
+def _tls_get(address: str, port: int, path: str, ca: Path, crt: Path, key: Path) -> tuple[int, bytes]:
+    """GET over TLS with a client certificate, from this machine: (status, body); a refusal raises."""
+    import http.client
+
+    c = ssl.create_default_context(cafile=str(ca))
+    c.check_hostname = False  # we dial the address; the SANs name the host too
+    c.load_cert_chain(str(crt), str(key))
+    conn = http.client.HTTPSConnection(address, port, context=c, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+HOST_GET = r"""import ssl, sys, urllib.request
+url, ca, crt, key = sys.argv[1:5]
+c = ssl.create_default_context(cafile=ca)
+c.check_hostname = False
+c.load_cert_chain(crt, key)
+try:
+    r = urllib.request.urlopen(url, context=c, timeout=10)
+    print("status=%d %s" % (r.status, r.read()[:200].decode(errors="replace")))
+except Exception as e:
+    print("refused=" + type(e).__name__)
+"""
+
+
+def _get_on(tr, inventory, host: str, url: str, ca: str, crt: str, key: str) -> str:
+    """GET *url* from *host* itself (etcd checks a peer's address against its certificate's SANs)."""
+    r = tr.run(inventory.get(T(host)), f"python3 - {url} {ca} {crt} {key}", stdin=HOST_GET.encode(), timeout=60)
+    assert r.ok, r.stderr
+    return r.stdout.strip()
+
+
+def test_a_postgres_host_key_cannot_join_etcd_as_a_peer(cluster, tr):
+    """Peers trust only the peer CA: node01's certificates (keys a PostgreSQL superuser can read) are refused on
+    the raft port, from node01 itself; an etcd host's peer certificate gets the member list."""
+    inventory, state = cluster
+    e1, e2 = inventory.get(T("etcd01")), inventory.get(T("etcd02"))
+    etls = "/etc/etcd/tls"
+    ok = _get_on(tr, inventory, e1.name, f"https://{e2.name}:2380/members", f"{etls}/peer-ca.crt",
+                 f"{etls}/etcd-peer.crt", f"{etls}/etcd-peer.key")
+    assert ok.startswith("status=200") and e2.name in ok, ok  # the positive control: a peer is a peer
+    n1 = inventory.get(T("node01"))  # its certificates as state/pki issued them (PostgreSQL is not installed yet)
+    tr.put(n1, "/tmp/peer-ca.crt", (state / "pki" / "peer-ca.crt").read_bytes())
+    for purpose in ("etcd-client", "rest-client", "pg-server"):
+        for ext in ("crt", "key"):
+            tr.put(n1, f"/tmp/{purpose}.{ext}", (state / "pki" / n1.name / f"{purpose}.{ext}").read_bytes(),
+                   mode="0600")
+        got = _get_on(tr, inventory, "node01", f"https://{e2.address}:2380/members", "/tmp/peer-ca.crt",
+                      f"/tmp/{purpose}.crt", f"/tmp/{purpose}.key")
+        assert got.startswith("refused="), (purpose, got)
+    assert tr.run(n1, "rm -f /tmp/peer-ca.crt /tmp/etcd-client.* /tmp/rest-client.* /tmp/pg-server.*", timeout=30).ok
+    # and an etcd host's client-API certificate (main CA) is no peer either
+    got = _get_on(tr, inventory, e1.name, f"https://{e2.name}:2380/members", f"{etls}/peer-ca.crt",
+                  f"{etls}/etcd-server.crt", f"{etls}/etcd-server.key")
+    assert got.startswith("refused="), got
+
+
+def test_patroni_etcd_user_cannot_write_outside_its_namespace(cluster, tr):
+    """etcd RBAC: the etcd user patroni (node01's CN-less etcd client certificate + its password, as Patroni logs
+    in) reads and writes under the namespace only; the certificate alone is no etcd user, nor is a certificate of
+    another purpose (the REST client's, CN patroni-rest)."""
+    inventory, state = cluster
+    pki = state / "pki"
+    n1, e1 = inventory.get(T("node01")), inventory.get(T("etcd01"))
+    for purpose in ("etcd-client", "rest-client"):
+        for ext in ("crt", "key"):
+            tr.put(e1, f"/tmp/probe-{purpose}.{ext}", (pki / n1.name / f"{purpose}.{ext}").read_bytes(), mode="0600")
+    base = (f"ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s --cacert=/etc/etcd/tls/ca.crt "
+            f"--endpoints=https://{e1.name}:2379")
+    cert = "--cert=/tmp/probe-etcd-client.crt --key=/tmp/probe-etcd-client.key"
+    password = yaml.safe_load((state / "secrets.yml").read_text())["etcd"]["password"]
+
+    def as_patroni(args: str):  # the password on stdin, into etcdctl's environment: never in argv
+        return tr.run(e1, f'read -r pw; ETCDCTL_USER="patroni:$pw" {base} {cert} {args}',
+                      stdin=(password + "\n").encode(), timeout=60)
+    try:
+        inside = as_patroni("put /patroni/runbook-probe x")
+        assert inside.ok, inside.stderr
+        assert as_patroni("del /patroni/runbook-probe").ok
+        for key in ("/outside", "/patroni-other/x", "/"):
+            out = as_patroni(f"put {key} x")
+            assert not out.ok and "permission denied" in out.stderr, (key, out.stderr)
+        auth = as_patroni("auth disable")
+        assert not auth.ok and "permission denied" in auth.stderr, auth.stderr
+        bare = sh(tr, inventory, e1.name, f"{base} {cert} get /patroni --prefix --keys-only")
+        assert not bare.ok and ("permission denied" in bare.stderr or "user name is empty" in bare.stderr), bare.stderr
+        rest = sh(tr, inventory, e1.name, f"{base} --cert=/tmp/probe-rest-client.crt "
+                                          "--key=/tmp/probe-rest-client.key get /patroni --prefix --keys-only")
+        assert not rest.ok and ("user name not found" in rest.stderr or "permission denied" in rest.stderr), rest.stderr
+        status = sh(tr, inventory, e1.name, "ectl auth status").stdout
+        assert "Authentication Status: true" in status
+    finally:
+        sh(tr, inventory, e1.name, "rm -f /tmp/probe-etcd-client.* /tmp/probe-rest-client.*")
 
 
 def test_etcd_files_modes_and_owners(cluster, tr):
     inventory, _ = cluster
     for h in ("etcd01", "etcd02", "etcd03"):
-        r = sh(tr, inventory, h, f"stat -c '%n %a %U' /etc/etcd/tls /etc/etcd/tls/{h}.key /var/lib/etcd; "
-                                            "getent passwd etcd | cut -d: -f7; systemctl show -p User etcd")
+        r = sh(tr, inventory, h, "stat -c '%n %a %U' /etc/etcd/tls /etc/etcd/tls/etcd-peer.key "
+                                 "/etc/etcd/tls/etcd-server.key /etc/etcd/tls/etcd-root.key /var/lib/etcd; "
+                                 "getent passwd etcd | cut -d: -f7; systemctl show -p User etcd; ls /etc/etcd/tls")
         lines = r.stdout.split("\n")
         assert lines[0] == "/etc/etcd/tls 750 etcd"
-        assert lines[1] == f"/etc/etcd/tls/{h}.key 600 etcd"
-        assert lines[2] == "/var/lib/etcd 700 etcd"
-        assert lines[3].endswith("nologin") and lines[4] == "User=etcd"
+        assert lines[1:4] == ["/etc/etcd/tls/etcd-peer.key 600 etcd", "/etc/etcd/tls/etcd-server.key 600 etcd",
+                              "/etc/etcd/tls/etcd-root.key 600 root"]  # root only: the etcd root user's key
+        assert lines[4] == "/var/lib/etcd 700 etcd"
+        assert lines[5].endswith("nologin") and lines[6] == "User=etcd"
+        assert sorted(x for x in lines[7:] if x) == ["ca.crt", "etcd-peer.crt", "etcd-peer.key", "etcd-root.crt",
+                                                     "etcd-root.key", "etcd-server.crt", "etcd-server.key",
+                                                     "peer-ca.crt"]
 
 
 def test_cluster_up_killed_in_patroni_section_then_resumed(cluster):
@@ -156,7 +261,7 @@ def test_a_step_done_by_hand_is_recorded_and_skipped(cluster, tr):
     inv(state, "runbook.rollback", "etcd.existing", "--hosts", "etcd02")  # the last etcd step: no cascade
     assert "initial-cluster-state: new" in sh(tr, inventory, "etcd02", f"cat {conf}").stdout
     text = inv(state, "runbook.export").stdout
-    block = text.split("#### etcd.existing on etcd02")[1].split("```sh\n")[1].split("\n```")[0]
+    block = text.split(T("#### etcd.existing on etcd02"))[1].split("```sh\n")[1].split("\n```")[0]
     assert sh(tr, inventory, "etcd02", block).ok  # a person runs the exported commands
     inv(state, "runbook.mark-done", "etcd.existing", "--hosts", "etcd02", "--note", "by hand")
     assert executed(inv(state, "cluster.up").stdout) == 0
@@ -185,17 +290,17 @@ def test_step_mode_asks_before_each_step_and_records_the_answers(cluster, tr):
     yes = step_mode("yes")
     assert yes.returncode == 0 and executed(yes.stdout) == 1
     with ledger(state) as db:
-        answers = [r[0] for r in db.execute("select action from events where kind = 'answer' and host = 'etcd01'")]
-        mode = db.execute("select mode from checkpoints where host = 'etcd01' and step = 'etcd.existing'").fetchone()
+        answers = [r[0] for r in db.execute(T("select action from events where kind = 'answer' and host = 'etcd01'"))]
+        mode = db.execute(T("select mode from checkpoints where host = 'etcd01' and step = 'etcd.existing'")).fetchone()
     assert answers[-2:] == ["--step answer: quit", "--step answer: yes"] and mode == ("step",)
-    assert os.path.exists(state / "patroni_cluster.db")
+    assert os.path.exists(state / T("patroni_cluster.db"))
 
 
 def test_dry_run_shows_plan_and_diff_without_changing_anything(cluster, tr):
     inventory, state = cluster
     assert sh(tr, inventory, "etcd03", "echo '# drift' >> /etc/etcd/etcd.conf.yml").ok
     out = inv(state, "etcd.install", "--dry", "--verify").stdout
-    assert "Plan for patroni_cluster" in out and "drifted" in out and "-# drift" in out
+    assert T("Plan for patroni_cluster") in out and "drifted" in out and "-# drift" in out
     assert "# drift" in sh(tr, inventory, "etcd03", "cat /etc/etcd/etcd.conf.yml").stdout
     out = inv(state, "etcd.install", "--verify").stdout
     assert "etcd.config" in out and "# drift" not in sh(tr, inventory, "etcd03", "cat /etc/etcd/etcd.conf.yml").stdout
@@ -215,6 +320,7 @@ def _secrets(state):
 
 
 def _dsn(state, hosts="192.168.60.131,192.168.60.132", user="admin", sslmode="verify-ca", **kw):
+    hosts = T(hosts)
     s = _secrets(state)
     pw = kw.pop("password", s["admin"]["password"] if user == "admin" else None)
     parts = dict(host=hosts, port="5432", dbname="postgres", user=user, password=pw, sslmode=sslmode,
@@ -228,7 +334,7 @@ def test_secrets_and_keys_are_0600_and_owned_by_service_users(cluster, tr):
     assert (state / "secrets.yml").stat().st_mode & 0o777 == 0o600
     assert (state / "pki/ca.key").stat().st_mode & 0o777 == 0o600
     for h in ("node01", "node02"):
-        r = sh(tr, inventory, h, f"stat -c '%a %U' /opt/patroni/.tls/{h}.key /etc/patroni/config.yml; "
+        r = sh(tr, inventory, h, "stat -c '%a %U' /opt/patroni/.tls/etcd-client.key /etc/patroni/config.yml; "
                                             "test -e /etc/patroni/post_bootstrap.sh && echo left || echo gone; "
                                             "systemctl show -p User patroni")
         # the bootstrap script is there for the first start only (10.8)
@@ -257,28 +363,35 @@ def test_postgres_refuses_non_ssl_and_md5(cluster, tr):
         psycopg.connect(_dsn(state, user="md5user", password="md5-password-123"))
 
 
-def test_rest_api_refuses_unauthenticated_post(cluster):
-    _, state = cluster
+def test_rest_api_refuses_unauthenticated_post_and_wrong_purpose_certificates(cluster):
+    inventory, state = cluster
     pki = state / "pki"
+    n1 = inventory.get(T("node01"))
     with_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    with_cert.load_cert_chain(str(pki / "node01.crt"), str(pki / "node01.key"))
-    req = urllib.request.Request("https://node01:8008/restart", data=b"{}", method="POST")
-    req.full_url = "https://192.168.60.131:8008/restart"
-    with_cert.check_hostname = False  # the certificate names node01 and 192.168.60.131; we dial the address
+    with_cert.load_cert_chain(str(pki / n1.name / "rest-client.crt"), str(pki / n1.name / "rest-client.key"))
+    req = urllib.request.Request(f"https://{n1.address}:8008/restart", data=b"{}", method="POST")
+    with_cert.check_hostname = False  # the certificate names the host and its address; we dial the address
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(req, context=with_cert, timeout=10)
     assert exc.value.code == 401
     no_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     no_cert.check_hostname = False
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-        urllib.request.urlopen(urllib.request.Request("https://192.168.60.131:8008/patroni"),
+        urllib.request.urlopen(urllib.request.Request(f"https://{n1.address}:8008/patroni"),
                                context=no_cert, timeout=10).read()
+    # server certificates (serverAuth only) are refused as client certificates, even of our CA and this host
+    assert _tls_get(n1.address, 8008, "/patroni", pki / "ca.crt", pki / n1.name / "rest-client.crt",
+                    pki / n1.name / "rest-client.key")[0] == 200
+    for purpose in ("rest-server", "pg-server"):
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _tls_get(n1.address, 8008, "/patroni", pki / "ca.crt", pki / n1.name / f"{purpose}.crt",
+                     pki / n1.name / f"{purpose}.key")
 
 
 def _leader(state) -> str | None:
     with psycopg.connect(_dsn(state)) as conn:
         addr = conn.execute("select inet_server_addr()").fetchone()[0]
-    return {"192.168.60.131": "node01", "192.168.60.132": "node02"}.get(str(addr))
+    return {T("192.168.60.131"): T("node01"), T("192.168.60.132"): T("node02")}.get(str(addr))
 
 
 def test_switchover_there_and_back_under_a_writer_loses_nothing(cluster, tr):
@@ -331,7 +444,7 @@ def test_losing_one_etcd_member_keeps_reads_and_writes(cluster, tr):
     inventory, state = cluster
     from runbook.lab import lab as labmod
 
-    labmod.kill(inventory, "etcd03")
+    labmod.kill(inventory, T("etcd03"))
     try:
         # if etcd03 led the raft, the others elect a new leader first (election-timeout 5000 ms, as in the
         # walk-through): writes may fail for a few seconds, then they must succeed
@@ -342,8 +455,8 @@ def test_losing_one_etcd_member_keeps_reads_and_writes(cluster, tr):
 
         wait_for(put_and_get, 30, 1)
         status = inv(state, "etcd.status").stdout
-        assert "etcd03" in status and "down" in status
+        assert T("etcd03") in status and "down" in status
         assert inv(state, "etcd.health", check=False).returncode != 0
     finally:
-        labmod.start(inventory, "etcd03")
+        labmod.start(inventory, T("etcd03"))
     wait_for(lambda: inv(state, "etcd.health", check=False).returncode == 0, 60, 2)

@@ -139,7 +139,8 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
 
     def stat(host, cmd):
         if "/etc/etcd/tls" in cmd:
-            return 0, f"/etc/etcd/tls|750|etcd\n/etc/etcd/tls/{host.name}.key|600|etcd\n"
+            return 0, ("/etc/etcd/tls|750|etcd\n/etc/etcd/tls/etcd-peer.key|600|etcd\n"
+                       "/etc/etcd/tls/etcd-server.key|600|etcd\n/etc/etcd/tls/etcd-root.key|600|root\n")
         out = PATRONI_STAT.replace("a-node01", host.name)
         return 0, out.replace("config.yml|600", "config.yml|644") if bad_mode and host.name == "node01" else out
 

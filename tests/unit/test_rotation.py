@@ -51,7 +51,9 @@ def test_rotation_changes_the_leader_first_then_the_configs(ctx, cluster):
     res = sr.rotate(ctx, None)
     assert res["leader"] == "node02" and seen == {"host": "node02", "configs": []}
     new = {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()}
-    assert set(new) == set(old) and all(new[k] != old[k] for k in old)  # superuser and restapi included
+    # superuser and restapi included; the etcd user's password is not rotated by secrets.rotate
+    assert set(new) == set(old) and all(new[k] != old[k] for k in old if k != "etcd")
+    assert new["etcd"] == old["etcd"]
     assert sorted(configs_with(cluster, new["superuser"])) == ["node01", "node02"]
     assert not sr.rotation_path(ctx.state_dir).exists()
     argv = "\n".join(cluster.commands())
@@ -95,7 +97,7 @@ def test_a_resumed_run_keeps_the_applied_passwords(ctx, cluster, monkeypatch):
     cluster.on(r"/bin/python -c", (0, "restapi|ok|refused\n"))
     res = sr.rotate(ctx, None)
     assert res["rotation"] == first.id
-    assert {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()} == \
+    assert {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items() if k != "etcd"} == \
         {k: v["new"] for k, v in first.roles.items()}
     assert len([c for c in cluster.commands("node02") if c.endswith("-f -")]) == alters  # no ALTER again
 
@@ -154,3 +156,9 @@ def test_rotation_file_mode_and_shape_are_checked(ctx):
     p.chmod(0o644)
     with pytest.raises(ProcedureFailed, match="readable by group/others"):
         sr.load_rotation(ctx.state_dir)
+
+
+def test_the_etcd_password_is_refused_with_what_to_do(ctx):
+    with pytest.raises(ProcedureFailed, match="etcd.auth"):
+        sr.pick_roles("etcd")
+    assert "etcd" not in sr.pick_roles(None)
