@@ -268,6 +268,18 @@ def audit_local(ctx: Ctx) -> list[Check]:
     return checks
 
 
+def audit_certificates(ctx: Ctx) -> list[Check]:
+    """Every certificate on the hosts and the CAs: expiring within runbook.pki_expiry_days (default 30),
+    expired, or differing from the record in state/pki (pki.status shows the whole table)."""
+    from runbook.procedures.pki_status import collect, findings
+
+    days = ctx.settings.pki_expiry_days if ctx.settings is not None else 30
+    rows = collect(ctx)
+    found = findings(rows, days)
+    return [Check(host, f"certificates: expiry (< {days} days) and record",
+                  [p for h, p in found if h == host]) for host in dict.fromkeys(r.host for r in rows)]
+
+
 def run_audit(ctx: Ctx) -> list[Check]:
     from runbook.credentials.secrets import secret_values
     from runbook.procedures.audit_health import audit_etcd_capacity, audit_wal_retention
@@ -288,6 +300,7 @@ def run_audit(ctx: Ctx) -> list[Check]:
             checks.append(audit_logs(ctx, h, values))
         except Exception as exc:  # an unreachable host is a finding, the others are still audited
             checks.append(Check(h.name, "reachable over SSH", [str(exc).splitlines()[0]]))
+    checks += audit_certificates(ctx)
     return checks
 
 

@@ -5,7 +5,7 @@ from runbook.bundle import tasks as bundle_tasks
 from runbook.inventory.settings import DEFAULTS
 from runbook.lab import tasks as lab_tasks
 from runbook.sections import section_steps
-from runbook.tasks import membership, records
+from runbook.tasks import membership, pki, records
 from runbook.tasks.procedures import audit, drill, maintain, secrets
 from runbook.tasks.sections import collections
 from runbook.tasks.session import check_env, section_install
@@ -15,6 +15,7 @@ ns = Collection()
 for col in collections():
     ns.add_collection(col)
 ns.add_collection(records.ns)
+ns.add_collection(pki.ns)
 ns.add_collection(drill)
 ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)

@@ -1,0 +1,75 @@
+"""pki.status rows and findings on the fake transport (the lab proves them live)."""
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+from runbook.credentials import pki
+from runbook.credentials.purposes import ETCD_SERVER, PG_SERVER
+from runbook.procedures import pki_status as st
+from runbook.sections.tls_files import host_purposes, sans
+
+
+def _issue_all(ctx) -> None:
+    for h in ctx.inventory.hosts:
+        dns, ips = sans(ctx, h)
+        for p in host_purposes(h):
+            ctx.pki.leaf(h.name, p, dns, ips)
+
+
+def _hosts_serve_the_record(ctx, override: dict | None = None) -> None:
+    """Each host answers the read command with the files of state/pki (or *override*: path -> PEM)."""
+    def answer(host, cmd):
+        out = []
+        for _svc, path, rec in st.host_files(ctx, host):
+            pem = (override or {}).get((host.name, path), rec.read_text() if rec.exists() else "MISSING")
+            out += [st.MARK + path, pem.rstrip("\n")]
+        return 0, "\n".join(out) + "\n"
+    ctx.transport.on(re.escape(st.MARK), answer)
+
+
+def test_status_rows_match_the_record_and_have_no_finding(ctx):
+    _issue_all(ctx)
+    _hosts_serve_the_record(ctx)
+    rows = st.collect(ctx)
+    # 3 etcd hosts x (3 purposes + ca + peer-ca) + 2 postgres hosts x (4 purposes + ca) + the 2 local CAs
+    assert len(rows) == 3 * 5 + 2 * 5 + 2
+    assert all(r.matches for r in rows), [r for r in rows if not r.matches]
+    pg = next(r for r in rows if r.host == "node01" and r.service == "pg-server")
+    assert pg.subject == "CN=node01" and pg.sans == "node01, 192.168.60.131" and pg.issuer == "CN=pg-ha-runbook CA"
+    assert 820 <= pg.days_left <= 825 and pg.path == "/opt/patroni/.tls/pg-server.crt"
+    peer = next(r for r in rows if r.host == "etcd01" and r.service == "etcd-peer")
+    assert peer.issuer == "CN=pg-ha-runbook etcd peer CA"
+    assert st.findings(rows, 30) == []
+    assert {"host", "service", "subject", "sans", "issuer", "not_after", "days_left", "sha256", "matches"} <= \
+        set(pg.as_dict())
+
+
+def test_status_findings_expiring_differing_missing_and_the_ca(ctx):
+    _issue_all(ctx)
+    short = ctx.pki.leaf("node02", PG_SERVER, *sans(ctx, ctx.inventory.get("node02")), days=3, reissue=True)
+    other = pki.Pki(ctx.state_dir / "other").leaf("etcd01", ETCD_SERVER, [], ["192.168.60.141"])
+    _hosts_serve_the_record(ctx, {("etcd01", "/etc/etcd/tls/etcd-server.crt"): other.cert_pem.decode(),
+                                  ("node01", "/opt/patroni/.tls/rest-client.crt"): "MISSING"})
+    rows = st.collect(ctx)
+    found = st.findings(rows, 30)
+    text = "\n".join(f"{h}: {f}" for h, f in found)
+    assert re.search(r"node02: pg-server certificate /opt/patroni/.tls/pg-server.crt expires on .* in 2 day\(s\) "
+                     r"\(< 30\); renew it with `inv pki.rotate`", text), text
+    assert "etcd01: etcd-server certificate /etc/etcd/tls/etcd-server.crt differs from the record" in text
+    assert "node01: rest-client certificate /opt/patroni/.tls/rest-client.crt: missing on the host" in text
+    assert len(found) == 3, text
+    assert short.cert_pem  # the record itself is the short one: the host matches it, only expiry is found
+    # the CA's own expiry: a window longer than its life names it
+    ca_found = [f for h, f in st.findings(rows, 4000) if h == "local"]
+    assert any(f.startswith("ca certificate") and "a new CA" in f for f in ca_found), ca_found
+
+
+def test_status_row_of_an_expired_and_a_garbage_certificate(tmp_path):
+    p = pki.Pki(tmp_path)
+    lf = p.leaf("node01", PG_SERVER, [], ["192.168.60.131"], days=1)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3)
+    r = st.row_of("node01", "pg-server", "/x.crt", lf.cert_pem.decode(), lf.cert_path, now=later)
+    assert r.seconds_left < 0 and "expired on" in st.findings([r], 30)[0][1]
+    bad = st.row_of("node01", "pg-server", "/x.crt", "garbage", lf.cert_path)
+    assert bad.problem.startswith("not a PEM certificate")
