@@ -1,15 +1,18 @@
 """Certificates for the life of the cluster, on real hosts: `pki.status` shows every certificate in use and
-that it is the recorded one; a short-lived certificate on a host is a `cluster.audit` finding until the
-runbook replaces it.
+that it is the recorded one; a short-lived certificate on a host is a `cluster.audit` finding until
+`pki.rotate` replaces it; `pki.drill` rotates every leaf certificate under a writer: 0 acknowledged rows
+lost, no service restarted, the longest write gap printed; `runbook.rollback` of a rotation step puts the
+previous pair back and it is served again (`pki.rollback`).
 
 The cluster: the session's (conftest `converged`). Host names come from the e2e inventory.
 """
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
-from helpers import inv
+from helpers import inv, ledger
 
 from runbook.credentials.pki import Pki
 
@@ -64,10 +67,58 @@ def test_a_short_lived_certificate_is_an_audit_finding_until_rotated(converged, 
     assert "pg-server certificate /opt/patroni/.tls/pg-server.crt expires on" in out and "(< 30)" in out, out
     assert "pki.rotate" in out
     assert any(f["host"] == node.name and "in 1 day(s)" in f["finding"] for f in _status(state)["findings"])
-    # repaired by the runbook: cluster.up re-issues a certificate with fewer than 30 days left and puts it back
-    inv(state, "cluster.up", timeout=900)
+    t0 = time.monotonic()
+    rot = inv(state, "pki.rotate", "--hosts", node.name, "--service", "pg-server", timeout=600).stdout
+    print(f"\npki.rotate {node.name}/pg-server: {time.monotonic() - t0:.1f} s")
+    assert "✓ pki.rotate" in rot
     doc = _status(state)
     assert doc["findings"] == [], doc["findings"]
     row = next(r for r in doc["rows"] if r["host"] == node.name and r["service"] == "pg-server")
     assert row["days_left"] > 800 and row["matches"]
     assert inv(state, "cluster.audit", timeout=600).returncode == 0
+
+
+def test_rotation_drill_under_a_writer_loses_nothing_and_restarts_nothing(converged):
+    inventory, state = converged
+    before = {r["path"] + r["host"]: r["sha256"] for r in _status(state)["rows"] if r["host"] != "local"}
+    t0 = time.monotonic()
+    out = inv(state, "pki.drill", timeout=900).stdout
+    took = time.monotonic() - t0
+    with ledger(state, inventory.cluster.name) as db:
+        row = db.execute("select action from events where step = 'pki.drill' and kind = 'result' "
+                         "order by id desc limit 1").fetchone()
+    res = json.loads(row[0])
+    print(f"\npki.drill: {res['certificates']} certificates in {res['rotation_s']} s (task {took:.1f} s), "
+          f"longest write gap {res['longest_write_gap_s']} s, {res['acknowledged']} acknowledged, "
+          f"{res['lost']} lost, restarted: {res['restarted'] or 'none'}")
+    assert "✓ pki.drill" in out
+    assert res["lost"] == 0 and res["acknowledged"] > 20 and res["restarted"] == []
+    assert res["certificates"] == len(inventory.etcd) * 3 + len(inventory.postgres) * 4
+    doc = _status(state)
+    after = {r["path"] + r["host"]: r["sha256"] for r in doc["rows"] if r["host"] != "local"}
+    leaves = [k for k in after if not k.split("/")[-1].startswith(("ca.crt", "peer-ca.crt"))]
+    assert all(after[k] != before[k] for k in leaves), [k for k in leaves if after[k] == before[k]]
+    assert doc["findings"] == []
+    st = inv(state, "cluster.status").stdout
+    assert "Leader" in st and "streaming" in st
+
+
+def test_rollback_of_a_rotation_step_serves_the_previous_certificate_again(converged, tr):
+    inventory, state = converged
+    e = inventory.etcd[0]
+    before = next(r for r in _status(state)["rows"] if r["host"] == e.name and r["service"] == "etcd-server")
+    inv(state, "pki.rotate", "--hosts", e.name, "--service", "etcd-server", timeout=300)
+    mid = next(r for r in _status(state)["rows"] if r["host"] == e.name and r["service"] == "etcd-server")
+    assert mid["sha256"] != before["sha256"]
+    out = inv(state, "pki.rollback", "--hosts", e.name, "--service", "etcd-server", timeout=300).stdout
+    assert "rolled back pki.rotate.etcd-server" in " ".join(out.split())
+    got = tr.run(e, "sha256sum < /etc/etcd/tls/etcd-server.crt | cut -c1-64", timeout=30).stdout.strip()
+    assert got == before["sha256"]
+    served = tr.run(e, f"timeout 5 openssl s_client -connect {e.address}:2379 </dev/null 2>/dev/null | "
+                       "openssl x509 -outform DER | sha256sum | cut -c1-64", timeout=30).stdout.strip()
+    der = tr.run(e, "openssl x509 -in /etc/etcd/tls/etcd-server.crt -outform DER | sha256sum | cut -c1-64",
+                 timeout=30).stdout.strip()
+    assert served == der  # a fresh handshake serves the restored certificate
+    after = next(r for r in _status(state)["rows"] if r["host"] == e.name and r["service"] == "etcd-server")
+    assert after["sha256"] == before["sha256"] and after["matches"]  # state/pki took the previous pair back too
+    assert inv(state, "cluster.up", timeout=900).returncode == 0 and _status(state)["findings"] == []
