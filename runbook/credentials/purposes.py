@@ -49,6 +49,7 @@ class Purpose:
     sans: bool = False
     ca: str = MAIN_CA         # MAIN_CA or PEER_CA
     service: str = ""         # what reads it, for status tables and messages
+    tls_dir: str | None = None  # where it lives on the host; None: /etc/etcd/tls (etcd) or Patroni's TLS dir
 
     def common_name(self, host: str) -> str:
         return host if self.cn is None else self.cn

@@ -47,7 +47,10 @@ class CertRow:
 
 
 def tls_dir(ctx: Ctx, host: Host, p: Purpose) -> str:
-    """Where a purpose's files live on a host: the etcd directory on etcd hosts, Patroni's otherwise."""
+    """Where a purpose's files live on a host: its own tls_dir, else the etcd directory for etcd purposes and
+    Patroni's for the others."""
+    if p.tls_dir:
+        return p.tls_dir
     return ctx.paths.etcd_tls_dir if p.role == "etcd" else ctx.paths.patroni_tls_dir
 
 

@@ -138,3 +138,18 @@ def test_rotate_run_on_the_fake_hosts_records_one_operation(ctx):
     assert any("openssl s_client" in c and "2379" in c for c in sent)
     _, op2, _ = rot.run_rotation(ctx, pairs)
     assert op2 != op_id  # a finished rotation: the next one is a new operation
+
+
+def test_a_registered_purpose_with_its_own_directory_is_listed_and_rotatable(ctx):
+    from runbook.credentials import purposes
+
+    p = purposes.register(purposes.Purpose("test-balancer-client", "postgres", (purposes.CLIENT,), "postgres",
+                                           cn="haproxy", tls_dir="/etc/haproxy/tls"))
+    try:
+        files = st.host_files(ctx, ctx.inventory.get("node01"))
+        assert ("test-balancer-client", "/etc/haproxy/tls/test-balancer-client.crt",
+                ctx.pki_dir / "node01" / "test-balancer-client.crt") in files
+        assert ("ca", "/etc/haproxy/tls/ca.crt", ctx.pki_dir / "ca.crt") in files
+        assert (ctx.inventory.get("node01"), p) in rot.selection(ctx, "node01", "test-balancer-client")
+    finally:
+        purposes.PURPOSES.pop("test-balancer-client", None)
