@@ -106,6 +106,7 @@ def test_rotate_every_password_after_a_switchover_under_a_writer(rig):
     assert w.stop(30)
     res = prove(ctx, w)
     new = _passwords(state)
+    # every password changed, the etcd user's too (in etcd after every Patroni has it: secrets_etcd)
     assert set(new) == set(old) and not [k for k in old if new[k] == old[k]]
     admin = ctx.secrets["admin"]["username"]
     logins = {"admin new": _login(ctx, admin, new["admin"]), "admin old": _login(ctx, admin, old["admin"])}
@@ -169,14 +170,17 @@ def test_renewed_certificates_are_served_without_a_restart(rig):
     pg, etcd = inventory.postgres[0], inventory.etcd[0]
     for h in inventory.postgres:  # the bootstrap script is there for the first start only (10.8)
         assert ctx.transport.run(h, f"test ! -e {ctx.paths.post_bootstrap}", timeout=30).ok, h.name
-    old = {h.name: _file_fp(state / "pki" / f"{h.name}.crt") for h in (pg, etcd)}
+    files = {f"{pg.name}:8008": state / "pki" / pg.name / "rest-server.crt",
+             f"{pg.name}:5432": state / "pki" / pg.name / "pg-server.crt",
+             f"{etcd.name}:2379": state / "pki" / etcd.name / "etcd-server.crt"}
+    old = {k: _file_fp(f) for k, f in files.items()}
     pids = {pg.name: _pids(ctx, pg, ["patroni"]), etcd.name: _pids(ctx, etcd, ["etcd"])}
-    for h in (pg, etcd):
-        (state / "pki" / f"{h.name}.crt").unlink()  # forces a re-issue (new key and certificate)
+    for f in files.values():
+        f.unlink()  # forces a re-issue (new key and certificate)
     t0 = time.monotonic()
     out = inv(state, "cluster.up", timeout=900).stdout
     took = time.monotonic() - t0
-    new = {h.name: _file_fp(state / "pki" / f"{h.name}.crt") for h in (pg, etcd)}
+    new = {k: _file_fp(f) for k, f in files.items()}
     served = {f"{pg.name}:8008": _served(pg.address, 8008), f"{pg.name}:5432": _served(pg.address, 5432, True),
               f"{etcd.name}:2379": _served(etcd.address, 2379)}
     after = {pg.name: _pids(ctx, pg, ["patroni"]), etcd.name: _pids(ctx, etcd, ["etcd"])}
@@ -184,6 +188,5 @@ def test_renewed_certificates_are_served_without_a_restart(rig):
           + ", ".join(f"{k} {v[:16]}" for k, v in served.items()) + f"; pids before {pids} after {after}")
     assert "postgres.tls" in out and "etcd.tls" in out
     assert all(old[h] != new[h] for h in old)
-    assert served == {f"{pg.name}:8008": new[pg.name], f"{pg.name}:5432": new[pg.name],
-                      f"{etcd.name}:2379": new[etcd.name]}
+    assert served == new
     assert after == pids and all(p.isdigit() and p != "0" for v in after.values() for p in v)  # no restart

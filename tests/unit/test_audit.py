@@ -148,7 +148,8 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
 
     def stat(host, cmd):
         if "/etc/etcd/tls" in cmd:
-            return 0, f"/etc/etcd/tls|750|etcd\n/etc/etcd/tls/{host.name}.key|600|etcd\n"
+            return 0, ("/etc/etcd/tls|750|etcd\n/etc/etcd/tls/etcd-peer.key|600|etcd\n"
+                       "/etc/etcd/tls/etcd-server.key|600|etcd\n/etc/etcd/tls/etcd-root.key|600|root\n")
         out = PATRONI_STAT.replace("a-node01", host.name)
         return 0, out.replace("config.yml|600", "config.yml|644") if bad_mode and host.name == "node01" else out
 
@@ -174,16 +175,18 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
     t.on(r"from pg_replication_slots", (0, "patroni_node02|t|0|reserved\n"))
     t.on(r"show max_slot_wal_keep_size", (0, "8GB\n"))
     t.on(r"SYSLOG_IDENTIFIER=sudo", (0, "scanned|40|12\n"))
+    from test_pki_lifecycle import _hosts_serve_the_record
+
+    _hosts_serve_the_record(ctx)
 
 
 def _state(ctx) -> None:
     from runbook.core.ledger import Ledger
 
+    from test_pki_lifecycle import _issue_all
+
     assert ctx.secrets["admin"]["password"]  # generates state/secrets.yml (0600)
-    (ctx.pki_dir).mkdir(parents=True, exist_ok=True)
-    key = ctx.pki_dir / "ca.key"
-    key.write_text("k")
-    os.chmod(key, 0o600)
+    _issue_all(ctx)  # the CAs and every host's certificates, as the hosts hold them (_lab_answers)
     Ledger(ctx.state_dir / f"{ctx.inventory.cluster.name}.db").db.conn.close()
 
 
@@ -193,7 +196,8 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 3 + 3 * (6 + 3) + 2 * (10 + 1)  # local (+ backups) + security + capacity per host
+    # local (+ backups), security + capacity per host, and the certificates of each host and the local CAs
+    assert len(checks) == 3 + 3 * (6 + 3) + 2 * (10 + 1) + 6
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
 
