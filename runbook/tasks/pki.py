@@ -139,7 +139,33 @@ def drill(c, hosts=None, service=None):
                          f"{res['rotation_s']} s, longest write gap {res['longest_write_gap_s']} s, 0 lost")
 
 
+@task(help={"dry": "show the plan (steps x hosts); change nothing",
+            "step": "ask before every step: yes / skip / continue-all / quit (answers are recorded)",
+            "export": "print the procedure as Markdown (exact commands and checks per host); change nothing",
+            "yes": "do not ask before the irreversible steps (needed without a terminal)"})
+def migrate(c, dry=False, step=False, export=False, yes=False):
+    """Move a cluster installed with one certificate per host (no peer CA, no etcd auth) to certificates by
+    purpose, the etcd peer CA and etcd RBAC, keeping etcd's quorum and Patroni's leader: etcd peers trust both
+    CAs first (rolling restarts), take their peer-CA certificates, then trust only the peer CA; Patroni, paused,
+    is restarted with its new certificates and etcd credentials, replicas first; then etcd auth goes on.
+    `cluster.up` refuses such a cluster until this has run. Resumable; --dry shows the plan."""
+    from runbook.procedures.pki_migrate import legacy_hosts, migrate_steps
+    from runbook.tasks.operation import run_procedure
+
+    def build(ctx):
+        return ctx.inventory.cluster.name, migrate_steps(ctx)
+
+    def checks(ctx):
+        if not legacy_hosts(ctx):
+            return [f"nothing to migrate: {ctx.pki_dir} holds no one-per-host certificate (<host>.crt); "
+                    "certificates by purpose are in place"]
+        return []
+
+    run_procedure(c, "pki.migrate", build, checks, dry=dry, step=step, export=export, yes=yes)
+
+
 ns = Collection("pki")
+ns.add_task(migrate, name="migrate")
 ns.add_task(drill, name="drill")
 ns.add_task(status, name="status")
 ns.add_task(rotate, name="rotate")
