@@ -31,6 +31,8 @@ done; its own steps' checks compare the files and services with the wanted state
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from runbook.cluster.commands import etcdctl, member_ok, patronictl
 from runbook.cluster.context import Ctx
 from runbook.cluster.render import etcd_context
@@ -87,6 +89,23 @@ def _conf_check(ctx: Ctx, host: Host, conf: Put) -> str:
             f"systemctl is-active -q etcd && {etcdctl(ctx, host, 'endpoint health')}")
 
 
+def _rolling_config(sec: Section, name: str, trust_both: bool, doc: str) -> Step:
+    """A serial step: etcd's config (peer trust both CAs, or the peer CA alone) and a restart, member by member."""
+    def actions(ctx: Ctx, h: Host) -> list:
+        return _restart(ctx, h, _conf(ctx, h, trust_both))
+
+    def check(ctx: Ctx, h: Host) -> str:
+        return _conf_check(ctx, h, _conf(ctx, h, trust_both))
+
+    actions.__doc__ = doc
+    step = sec.step(name, role="etcd", kind="serial", host_order=_by_name)(actions)
+    return replace(step, check_fn=check)
+
+
+def _by_name(ctx: Ctx, hosts: list[Host]) -> list[Host]:
+    return sorted(hosts, key=lambda h: h.name)
+
+
 def migrate_steps(ctx: Ctx) -> list[Step]:
     from runbook.sections import section_steps
     from runbook.sections.patroni import _config as patroni_conf
@@ -94,7 +113,6 @@ def migrate_steps(ctx: Ctx) -> list[Step]:
     own = {s.name: s for s in section_steps("etcd")}
     sec = Section("pki.migrate", ORDER, "move a one-certificate-per-host cluster to certificates by purpose")
     tls = ctx.paths.etcd_tls_dir
-    by_name = lambda ctx, hosts: sorted(hosts, key=lambda h: h.name)  # noqa: E731
 
     @sec.step("etcd-files", role="etcd")
     def etcd_files(ctx: Ctx, h: Host) -> list:
@@ -115,16 +133,10 @@ def migrate_steps(ctx: Ctx) -> list[Step]:
                 acts += leaf_actions(ctx, h, tls, p, prove=False)
         return acts
 
-    @sec.step("etcd-trust", role="etcd", kind="serial", host_order=by_name)
-    def etcd_trust(ctx: Ctx, h: Host) -> list:
-        """One member at a time: the final config but peer trust = both CAs; restart; every member healthy"""
-        return _restart(ctx, h, _conf(ctx, h, trust_both=True))
+    etcd_trust = _rolling_config(sec, "etcd-trust", True, "One member at a time: the final config but peer "
+                                 "trust = both CAs; restart; every member healthy")
 
-    @etcd_trust.check
-    def _etcd_trust_check(ctx: Ctx, h: Host) -> str:
-        return _conf_check(ctx, h, _conf(ctx, h, trust_both=True))
-
-    @sec.step("etcd-peer", role="etcd", kind="serial", host_order=by_name)
+    @sec.step("etcd-peer", role="etcd", kind="serial", host_order=_by_name)
     def etcd_peer(ctx: Ctx, h: Host) -> list:
         """One member at a time: the real etcd-peer pair (peer CA), read at the next handshake; proven served
         on 2380, every member healthy"""
@@ -133,14 +145,8 @@ def migrate_steps(ctx: Ctx) -> list[Step]:
                 Run(serve_new_cert(h, f"{tls}/{peer.name}.crt", *SERVED_BY[peer.name]), timeout=SERVE_WAIT + 60),
                 Run(_health(ctx, h), timeout=HEALTH_WAIT + 30)]
 
-    @sec.step("etcd-config", role="etcd", kind="serial", host_order=by_name)
-    def etcd_config(ctx: Ctx, h: Host) -> list:
-        """One member at a time: the final config (peer trust: the peer CA only); restart; every member healthy"""
-        return _restart(ctx, h, _conf(ctx, h, trust_both=False))
-
-    @etcd_config.check
-    def _etcd_config_check(ctx: Ctx, h: Host) -> str:
-        return _conf_check(ctx, h, _conf(ctx, h, trust_both=False))
+    etcd_config = _rolling_config(sec, "etcd-config", False, "One member at a time: the final config (peer "
+                                  "trust: the peer CA only); restart; every member healthy")
 
     @sec.step("patroni-files", role="postgres")
     def patroni_files(ctx: Ctx, h: Host) -> list:
