@@ -264,6 +264,7 @@ def run_audit(ctx: Ctx) -> list[Check]:
     from runbook.credentials.secrets import secret_values
     from runbook.procedures.audit_health import audit_etcd_capacity, audit_wal_retention
     from runbook.procedures.audit_probes import audit_plain_logins, audit_sudo_journal
+    from runbook.procedures.audit_purposes import audit_wrong_purposes
     from runbook.procedures.frontdoor_audit import audit_balancer, audit_pooler
 
     if not (ctx.state_dir / "secrets.yml").exists():
@@ -290,6 +291,6 @@ def run_audit(ctx: Ctx) -> list[Check]:
             checks.append(audit_sudo_journal(ctx, h))
         except Exception as exc:  # an unreachable host is a finding, the others are still audited
             checks.append(Check(h.name, "reachable over SSH", [str(exc).splitlines()[0]]))
-    return checks + audit_plain_logins(ctx) + audit_certificates(ctx)
+    return checks + audit_plain_logins(ctx) + audit_certificates(ctx) + audit_wrong_purposes(ctx)
 
 
