@@ -79,20 +79,14 @@ def audit_wrong_purposes(ctx: Ctx) -> list:
     """The probes, run as postgres on the first PostgreSQL host that answers; one Check per probe."""
     from runbook.procedures.audit import Check
 
-    errors: list[str] = []
-    for prober in ctx.inventory.postgres:
-        ps = probes(ctx, prober)
-        argv = " ".join(shlex.quote(a) for p in ps for a in p)
-        try:
-            r = ctx.transport.run(prober, f"{ctx.paths.patroni_venv}/bin/python - {argv}", user="postgres",
-                                  stdin=PROBE.encode(), timeout=90)
-        except Exception as exc:  # an unreachable prober: try the next one
-            errors.append(f"{prober.name}: {str(exc).splitlines()[0]}")
-            continue
-        if not r.ok:
-            errors.append(f"{prober.name}: {r.stderr.strip()[-160:] or f'exit {r.rc}'}")
-            continue
-        got = parse(r.stdout)
-        return [Check(prober.name, what, verdict(what, got.get(what, ""))) for what, *_ in ps]
-    return [Check("local", "wrong-purpose certificates are refused",
-                  [f"no PostgreSQL host could run the probe: {'; '.join(errors) or 'none'}"])]
+    from runbook.procedures.audit_probes import first_answer
+
+    def command(prober: Host) -> str:
+        return f"{ctx.paths.patroni_venv}/bin/python - " + " ".join(shlex.quote(a) for p in probes(ctx, prober)
+                                                                  for a in p)
+    r, prober, errors = first_answer(ctx, list(ctx.inventory.postgres), command, PROBE.encode(), timeout=90)
+    if r is None or prober is None:
+        return [Check("local", "wrong-purpose certificates are refused",
+                      [f"no PostgreSQL host could run the probe: {'; '.join(errors) or 'none'}"])]
+    got = parse(r.stdout)
+    return [Check(prober.name, what, verdict(what, got.get(what, ""))) for what, *_ in probes(ctx, prober)]
