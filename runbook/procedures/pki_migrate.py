@@ -14,7 +14,8 @@ other leave no quorum. And `etcd.auth` runs before Patroni has credentials and i
                 member healthy before the next host (peers present main-CA certificates: all trusted)
 4. etcd-peer    one etcd host at a time: the real etcd-peer pair (peer CA) written; etcd reads it at the next
                 handshake (no restart), proven served on 2380, every member healthy
-5. etcd-config  one etcd host at a time: the final config (peer trust: the peer CA only), restart, healthy
+5. etcd-config  one etcd host at a time: the final config (peer trust: the peer CA only), restart, healthy;
+                then the ectl wrapper on the etcd-root certificate (the step etcd.ectl)
 6. patroni-files the new files in Patroni's TLS directory (the old ones stay until the restart below)
 7. pause        Patroni's maintenance mode: a Patroni stopped now leaves PostgreSQL running
 8. patroni      replicas first, the leader last: the final config.yml (new certificates, the etcd user
@@ -208,8 +209,8 @@ def migrate_steps(ctx: Ctx) -> list[Step]:
     def _legacy_check(ctx: Ctx, h: Host) -> bool:
         return not legacy_hosts(ctx)
 
-    return [own["etcd.pki"], etcd_files, etcd_trust, etcd_peer, etcd_config, patroni_files, pause, patroni, resume,
-            own["etcd.auth"], legacy]
+    return [own["etcd.pki"], etcd_files, etcd_trust, etcd_peer, etcd_config, own["etcd.ectl"], patroni_files, pause,
+            patroni, resume, own["etcd.auth"], legacy]
 
 
 def _leader_last(ctx: Ctx, hosts: list[Host]) -> list[Host]:
