@@ -16,6 +16,10 @@ with the password it holds. Hence:
 
 Changed the other way round, every Patroni would fail to log in between the two steps (with failsafe_mode the
 leader survives it, but nothing else in the cluster would work).
+
+The price of one etcd user: between 1 and 2 (about one Patroni loop) a *new* etcd client with the config's
+password, i.e. patronictl, is refused by etcd; the runbook runs none in that window (patroni.roles, which finds
+the leader with patronictl, runs after 2). Two etcd users taking turns would close that window.
 """
 from __future__ import annotations
 

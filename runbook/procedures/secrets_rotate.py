@@ -327,11 +327,12 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
         t0 = time.time()
         done = []
         if any(r in USERS for r in rot.roles):
-            apply(ctx, [config, validate, roles], ctx.inventory.postgres, in_order=True)  # raises RunFailed: what to do
+            apply(ctx, [config, validate], ctx.inventory.postgres, in_order=True)  # raises RunFailed: what to do
             done.append("patroni.config re-rendered and reloaded on "
                         + ", ".join(h.name for h in ctx.inventory.postgres))
-        if secrets_etcd.ROLE in rot.roles:  # after Patroni has the new password: see secrets_etcd
-            done.append(secrets_etcd.change_in_etcd(ctx, rot))
+            if secrets_etcd.ROLE in rot.roles:  # after Patroni has the new password, before any patronictl
+                done.append(secrets_etcd.change_in_etcd(ctx, rot))  # (it logs in afresh): see secrets_etcd
+            apply(ctx, [roles], ctx.inventory.postgres, in_order=True)  # on the leader, found by patronictl
         if frontdoor.enabled(ctx) and "pooler" in rot.roles:
             from runbook.sections import pooler
 

@@ -249,6 +249,12 @@ def test_the_etcd_password_changes_in_etcd_after_every_patroni_has_it(ctx, clust
         seen["configs"] = sorted(configs_with(cluster, rot.roles["etcd"]["new"]))
         return 0
     cluster.on(r"user passwd patroni --interactive=false", passwd)
+
+    def patronictl_list(host, cmd):  # a fresh patronictl logs in with the config's password: refused until passwd
+        rot = sr.load_rotation(ctx.state_dir)
+        ahead = rot is not None and configs_with(cluster, rot.roles["etcd"]["new"]) and "host" not in seen
+        return (1, "") if ahead else (0, json.dumps(SWITCHED))
+    cluster.on(r"list -f json", patronictl_list)
     res = sr.rotate(ctx, "etcd")
     new = ensure_secrets(ctx.state_dir)["etcd"]["password"]
     assert res["roles"] == ["etcd"] and new != old and res["logins"] == {"etcd": {"new": "ok", "old": "refused"}}
@@ -261,6 +267,8 @@ def test_the_etcd_password_changes_in_etcd_after_every_patroni_has_it(ctx, clust
     argv, dump = "\n".join(cmds), "\n".join(ctx.ledger.db.conn.iterdump())
     assert all(pw not in argv and pw not in dump for pw in (old, new))
     assert not [c for c in cmds if "ALTER ROLE" in c]  # not a PostgreSQL role
+    roles_on = [h for h, _u, c in cluster.calls if "roles change on the leader only" in c]
+    assert roles_on == ["node02"]  # patroni.roles found the leader: it ran after etcd had the new password
 
 
 def test_an_old_etcd_password_still_accepted_fails_the_rotation(ctx, cluster, monkeypatch):
