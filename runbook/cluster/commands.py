@@ -12,11 +12,12 @@ from runbook.inventory import Host
 
 
 def etcdctl(ctx: Ctx, host: Host, args: str, endpoints: str | None = None) -> str:
-    """etcdctl with this host's own client certificate (the ectl wrapper, usable before it exists)."""
+    """etcdctl on an etcd host with its etcd root client certificate (CN=root; the ectl wrapper, usable
+    before it exists)."""
     c = etcd_context(ctx.inventory, host, ctx.paths)
     ep = endpoints or f"https://{host.name}:2379"
-    return (f"ETCDCTL_API=3 {c['etcd_bin_dir']}/etcdctl --cacert={c['trusted_ca_file']} --cert={c['cert_file']} "
-            f"--key={c['key_file']} --endpoints={ep} --command-timeout=5s {args}")
+    return (f"ETCDCTL_API=3 {c['etcd_bin_dir']}/etcdctl --cacert={c['trusted_ca_file']} --cert={c['ctl_cert_file']} "
+            f"--key={c['ctl_key_file']} --endpoints={ep} --command-timeout=5s {args}")
 
 
 def patronictl(ctx: Ctx, args: str) -> str:

@@ -178,9 +178,15 @@ def etcd_context(inv: Inventory, host: Host, paths: Paths = Paths(), *,
         "auto_compaction_mode": "periodic",
         "auto_compaction_retention": inv.cluster.etcd_auto_compaction_retention,
         "quota_backend_bytes": inv.cluster.etcd_quota_backend_bytes,
-        "cert_file": f"{tls}/{host.name}.crt",
-        "key_file": f"{tls}/{host.name}.key",
+        # one certificate per purpose (runbook.credentials.purposes): client API, raft peers, etcdctl as root
+        "cert_file": f"{tls}/etcd-server.crt",
+        "key_file": f"{tls}/etcd-server.key",
         "trusted_ca_file": f"{tls}/ca.crt",
+        "peer_cert_file": f"{tls}/etcd-peer.crt",
+        "peer_key_file": f"{tls}/etcd-peer.key",
+        "peer_trusted_ca_file": f"{tls}/peer-ca.crt",
+        "ctl_cert_file": f"{tls}/etcd-root.crt",
+        "ctl_key_file": f"{tls}/etcd-root.key",
         "endpoints": ",".join(f"https://{m.name}:2379" for m in members),
         "etcd_bin_dir": paths.etcd_bin_dir,
         "etcd_conf": paths.etcd_conf,
@@ -226,7 +232,7 @@ def pg_hba(inv: Inventory, replication_user: str, networks: list[str] | None = N
 
 
 def _check_secrets(secrets: dict[str, dict[str, str]]) -> None:
-    for role in ("superuser", "replication", "rewind", "admin", "restapi"):
+    for role in ("superuser", "replication", "rewind", "admin", "restapi", "etcd"):
         entry = secrets.get(role)
         if not isinstance(entry, dict) or not entry.get("username") or not entry.get("password"):
             raise ValueError(f"secrets: {role} needs a username and a password (see runbook.secrets)")
@@ -268,8 +274,15 @@ def patroni_context(inv: Inventory, host: Host, secrets: dict[str, dict[str, str
         "restapi_listen": "0.0.0.0:8008",
         "restapi_connect_address": f"{host.name}:8008",
         "ca_file": f"{tls}/ca.crt",
-        "cert_file": f"{tls}/{host.name}.crt",
-        "key_file": f"{tls}/{host.name}.key",
+        # one certificate per purpose (runbook.credentials.purposes)
+        "rest_cert_file": f"{tls}/rest-server.crt",
+        "rest_key_file": f"{tls}/rest-server.key",
+        "ctl_cert_file": f"{tls}/rest-client.crt",
+        "ctl_key_file": f"{tls}/rest-client.key",
+        "etcd_cert_file": f"{tls}/etcd-client.crt",
+        "etcd_key_file": f"{tls}/etcd-client.key",
+        "pg_cert_file": f"{tls}/pg-server.crt",
+        "pg_key_file": f"{tls}/pg-server.key",
         "etcd_hosts": [f"{m.name}:2379" for m in inv.etcd],
         "dcs": bootstrap_dcs(inv, paths.log_dir),
         "permanent_slots": {n: slot.reason for n, slot in inv.cluster.permanent_slots.items()},

@@ -7,6 +7,8 @@ Layout of the file (and of the dict ``ensure_secrets`` returns)::
     rewind:      {username: rewind_user, password: ...}   # postgresql.authentication.rewind
     admin:       {username: admin,       password: ...}   # the walk-through's bootstrap.users.admin
     restapi:     {username: patroni,     password: ...}   # restapi.authentication (basic auth)
+    etcd:        {username: patroni,     password: ...}   # etcd3.username/password: the etcd user limited
+                                                          # to Patroni's namespace (etcd RBAC)
 
 Passwords are 32 characters of ``[A-Za-z0-9_-]`` from the ``secrets`` module: safe unquoted in
 SQL string literals, .pgpass, URLs and YAML (the templates quote them anyway).
@@ -36,6 +38,7 @@ USERS: dict[str, str] = {
     "rewind": "rewind_user",
     "admin": "admin",
     "restapi": "patroni",
+    "etcd": "patroni",
 }
 REDACTED = "***"
 

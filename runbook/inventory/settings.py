@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "debian_security_mirror": None,  # bundle.build: Debian security mirror (default: this machine's apt sources)
     "allow_downgrade": False,       # postgres.packages: install a bundled package older than the installed one
     "manifest_sha256": None,        # bundle.push: the approved sha256 of manifest.json
+    "pki_expiry_days": 30,          # cluster.audit / pki.status: a certificate expiring within this many days
 }
 ALLOWED_KEYS = tuple(sorted(DEFAULTS))
 ENV_PREFIX = "INVOKE_RUNBOOK_"
@@ -88,6 +89,16 @@ class SettingsFile(BaseModel):
     debian_security_mirror: str | None = None
     manifest_sha256: str | None = None
     allow_downgrade: bool = False
+    pki_expiry_days: int = 30
+
+    @field_validator("pki_expiry_days", mode="before")
+    @classmethod
+    def _days(cls, v: object) -> int:
+        n = v if isinstance(v, int) and not isinstance(v, bool) else (
+            int(v) if isinstance(v, str) and v.strip().isdigit() else -1)
+        if n < 1:
+            raise ValueError("must be a whole number of days >= 1 (a certificate expiring within it is a finding)")
+        return n
 
     @field_validator("patroni_version", mode="before")
     @classmethod
@@ -167,6 +178,7 @@ class Settings(BaseModel):
     debian_security_mirror: str | None = None
     manifest_sha256: str | None = None
     allow_downgrade: bool = False
+    pki_expiry_days: int = 30
     origins: dict[str, str] = {}  # key -> where its value came from (file, INVOKE_RUNBOOK_*, "default")
 
     def origin(self, key: str) -> str:
@@ -324,7 +336,7 @@ def load_settings(section: object, *, root: Path | None = None, files: Sequence[
         wheel_python=spec.wheel_python, patroni_version=spec.patroni_version, pip_index=spec.pip_index,
         debian_mirror=spec.debian_mirror,
         debian_security_mirror=spec.debian_security_mirror, manifest_sha256=spec.manifest_sha256,
-        allow_downgrade=spec.allow_downgrade, origins=origins)
+        allow_downgrade=spec.allow_downgrade, pki_expiry_days=spec.pki_expiry_days, origins=origins)
 
 
 def settings_of(c: object) -> Settings:

@@ -169,7 +169,8 @@ print("no_cert=" + probe(False))
 
 def etcd_rules(ctx: Ctx) -> list[Rule]:
     d = ctx.paths.etcd_tls_dir
-    return [Rule(d, "0750", "etcd"), Rule(f"{d}/*.key", "0600", "etcd")]
+    return [Rule(d, "0750", "etcd"), Rule(f"{d}/etcd-peer.key", "0600", "etcd"),
+            Rule(f"{d}/etcd-server.key", "0600", "etcd"), Rule(f"{d}/etcd-root.key", "0600", "root")]
 
 
 def patroni_rules(ctx: Ctx) -> list[Rule]:
@@ -204,7 +205,7 @@ def audit_postgres(ctx: Ctx, h: Host) -> list[Check]:
     p = ctx.paths
     tls = p.patroni_tls_dir
     probe_args = " ".join(shlex.quote(a) for a in (f"https://{h.address}:8008/switchover", f"{tls}/ca.crt",
-                                                     f"{tls}/{h.name}.crt", f"{tls}/{h.name}.key"))
+                                                     f"{tls}/rest-client.crt", f"{tls}/rest-client.key"))
     rest = run(f"{p.patroni_venv}/bin/python - {probe_args}", user="postgres", stdin=REST_PROBE.encode())
     hba = run(psql(ctx, f"-tA -F '|' -c {shlex.quote(HBA_SQL)}"), user="postgres")
     ssl_on = run(psql(ctx, "-tAc 'show ssl'"), user="postgres")
@@ -233,9 +234,9 @@ def audit_logs(ctx: Ctx, h: Host, values: list[str]) -> Check:
 
 
 def audit_local(ctx: Ctx) -> list[Check]:
-    files = [ctx.state_dir / "secrets.yml", *sorted(ctx.pki_dir.glob("*.key"))]
+    files = [ctx.state_dir / "secrets.yml", *sorted(ctx.pki_dir.rglob("*.key"))]
     problems = [p for f in files for p in check_local_mode(f, f.stat().st_mode if f.exists() else None)]
-    if not list(ctx.pki_dir.glob("*.key")):
+    if not list(ctx.pki_dir.rglob("*.key")):
         problems.append(f"{ctx.pki_dir}: no *.key")
     checks = [Check("local", "state/secrets.yml and state/pki/*.key 0600", problems)]
     db = ctx.state_dir / f"{ctx.inventory.cluster.name}.db"
@@ -247,10 +248,23 @@ def audit_local(ctx: Ctx) -> list[Check]:
     return checks
 
 
+def audit_certificates(ctx: Ctx) -> list[Check]:
+    """Every certificate on the hosts and the CAs: expiring within runbook.pki_expiry_days (default 30),
+    expired, or differing from the record in state/pki (pki.status shows the whole table)."""
+    from runbook.procedures.pki_status import collect, findings
+
+    days = ctx.settings.pki_expiry_days if ctx.settings is not None else 30
+    rows = collect(ctx)
+    found = findings(rows, days)
+    return [Check(host, f"certificates: expiry (< {days} days) and record",
+                  [p for h, p in found if h == host]) for host in dict.fromkeys(r.host for r in rows)]
+
+
 def run_audit(ctx: Ctx) -> list[Check]:
     from runbook.credentials.secrets import secret_values
     from runbook.procedures.audit_health import audit_etcd_capacity, audit_wal_retention
     from runbook.procedures.audit_probes import audit_plain_logins, audit_sudo_journal
+    from runbook.procedures.audit_purposes import audit_wrong_purposes
     from runbook.procedures.frontdoor_audit import audit_balancer, audit_pooler
 
     if not (ctx.state_dir / "secrets.yml").exists():
@@ -277,6 +291,6 @@ def run_audit(ctx: Ctx) -> list[Check]:
             checks.append(audit_sudo_journal(ctx, h))
         except Exception as exc:  # an unreachable host is a finding, the others are still audited
             checks.append(Check(h.name, "reachable over SSH", [str(exc).splitlines()[0]]))
-    return checks + audit_plain_logins(ctx)
+    return checks + audit_plain_logins(ctx) + audit_certificates(ctx) + audit_wrong_purposes(ctx)
 
 

@@ -18,7 +18,10 @@ from __future__ import annotations
 import shlex
 from datetime import datetime, timezone
 
+from collections.abc import Callable
+
 from runbook.cluster.context import Ctx
+from runbook.core.transport import Result
 from runbook.inventory import Host
 
 PG_PORT = 5432
@@ -127,6 +130,27 @@ def probe_targets(ctx: Ctx, h: Host) -> list[tuple[str, str]]:
     return targets
 
 
+def first_answer(ctx: Ctx, hosts: list[Host], command: Callable[[Host], str], stdin: bytes,
+                 timeout: float = 60) -> tuple[Result | None, Host | None, list[str]]:
+    """Run a probe as postgres on the first of *hosts* that runs it: (its result, that host, why the ones before
+    it did not); (None, None, reasons) when none did."""
+    errors: list[str] = []
+    for h in hosts:
+        try:
+            r = ctx.transport.run(h, command(h), user="postgres", stdin=stdin, timeout=timeout)
+        except Exception as exc:  # an unreachable prober: try the next one
+            errors.append(f"{h.name}: {str(exc).splitlines()[0]}")
+            continue
+        if r.ok:
+            return r, h, errors
+        errors.append(f"{h.name}: {r.stderr.strip()[-160:] or f'exit {r.rc}'}")
+    return None, None, errors
+
+
+def _same(cmd: str) -> Callable[[Host], str]:
+    return lambda _h: cmd
+
+
 def audit_plain_logins(ctx: Ctx) -> list:
     """Each PostgreSQL host's ports probed from the next PostgreSQL host (the first one that answers SSH)."""
     from runbook.procedures.audit import Check
@@ -136,18 +160,10 @@ def audit_plain_logins(ctx: Ctx) -> list:
     for i, h in enumerate(pg):
         targets = probe_targets(ctx, h)
         argv = " ".join(shlex.quote(a) for a in (PROBE_ROLE, *(t for _, t in targets)))
-        answers, prober, errors = None, "", []
-        for p in [*pg[i + 1:], *pg[:i + 1]]:  # a peer first; the host itself only when no peer answers
-            try:
-                r = ctx.transport.run(p, f"{ctx.paths.patroni_venv}/bin/python - {argv}", user="postgres",
-                                      stdin=PLAIN_PROBE.encode(), timeout=60)
-            except Exception as exc:  # an unreachable prober: try the next one
-                errors.append(f"{p.name}: {str(exc).splitlines()[0]}")
-                continue
-            if r.ok:
-                answers, prober = parse_plain_probe(r.stdout), p.name
-                break
-            errors.append(f"{p.name}: {r.stderr.strip()[-160:] or f'exit {r.rc}'}")
+        # a peer first; the host itself only when no peer answers
+        cmd = f"{ctx.paths.patroni_venv}/bin/python - {argv}"
+        r, p, errors = first_answer(ctx, [*pg[i + 1:], *pg[:i + 1]], _same(cmd), PLAIN_PROBE.encode())
+        answers, prober = (parse_plain_probe(r.stdout), p.name) if r is not None and p is not None else (None, "")
         for what, target in targets:
             name = f"{what} refuses a client without TLS ({target})"
             if answers is None:

@@ -124,20 +124,15 @@ def remove_member_steps(ctx: Ctx, old: str, new: str | None = None) -> list[Step
     @sec.step("pki", role="local")
     def pki(ctx: Ctx, h: Host) -> list:
         """The old host's certificate leaves state/pki (no longer issued; the CA keeps no revocation list)"""
-        from runbook.credentials.pki import host_paths
-
         def drop() -> str:
-            for p in host_paths(ctx.pki_dir, old):
-                p.unlink(missing_ok=True)
-            return f"{old}'s certificate and key removed from {ctx.pki_dir}"
+            ctx.pki.drop_host(old)
+            return f"{old}'s certificates and keys removed from {ctx.pki_dir}"
 
         return [Local(f"remove {old}'s certificate and key from state/pki", drop, key=old)]
 
     @pki.check
     def _pki_check(ctx: Ctx, h: Host) -> bool:
-        from runbook.credentials.pki import host_paths
-
-        return not any(p.exists() for p in host_paths(ctx.pki_dir, old))
+        return not (ctx.pki_dir / old).exists()
 
     return [member, pki]
 

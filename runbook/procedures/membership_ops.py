@@ -55,6 +55,12 @@ def run_operation(ctx: Ctx, op: str, target: str, steps: list[Step],
     """Apply `steps` as one operation on `target`; (report, operation id, resumed). `known`: the (id, resumed)
     the caller took from operation_id() already (its steps were built with that id)."""
     op_id, resumed = known or operation_id(ctx, op, target)
+    return run_with_id(ctx, op, target, steps, op_id, resumed)
+
+
+def run_with_id(ctx: Ctx, op: str, target: str, steps: list[Step], op_id: str,
+                resumed: bool) -> tuple[Report, str, bool]:
+    """run_operation for steps that were built knowing their operation's id (from operation_id)."""
     key = op_key(op, target)
     steps = with_operation(steps, op_id)
     if not ctx.options.dry:

@@ -7,9 +7,12 @@ Phases, each recorded in the ledger (host `local`, step `secrets.rotate.<phase>`
               front door's lookup role as a SCRAM secret, only where the role exists
     commit    the new passwords into state/secrets.yml
     configs   patroni.config (+ validate, roles) re-run through the engine on every postgres host: reload;
+              the etcd user patroni's password then changes in etcd, once every Patroni has the new one
+              (runbook.procedures.secrets_etcd says why that order)
               with the front door deployed, pooler.lookup + pooler.config (userlist.txt, PgBouncer reloaded)
               and balancer.keepalived (VRRP password, keepalived reloaded on every balancer at once)
-    verify    a TLS login with each new password works, the old one is refused (REST API: basic auth);
+    verify    a TLS login with each new password works, the old one is refused (REST API: basic auth;
+              etcd: through its JSON gateway with the CN-less etcd-client certificate, as Patroni logs in);
               one balancer holds the VIP after the VRRP password changed
     done      state/secrets.rotation.yml removed
 
@@ -38,6 +41,7 @@ from runbook.credentials.secrets import PASSWORD_LENGTH, USERS, ensure_secrets, 
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.inventory.yamlio import UniqueKeyLoader
+from runbook.procedures import secrets_etcd
 from runbook.sections import frontdoor
 
 ROTATION_FILE = "secrets.rotation.yml"
@@ -148,7 +152,8 @@ def the_leader(ctx: Ctx) -> Host:
 def login_roles(ctx: Ctx, rot: Rotation) -> list[str]:
     """The roles of the rotation a TLS login proves: PostgreSQL's, the lookup role once the front door is
     deployed, the REST API's basic auth. VRRP is proven by the VIP (one holder), not by a login."""
-    return [r for r in rot.roles if r in PG_ROLES or r == "restapi" or (r == "pooler" and frontdoor.enabled(ctx))]
+    return [r for r in rot.roles
+            if r in PG_ROLES or r in ("restapi", "etcd") or (r == "pooler" and frontdoor.enabled(ctx))]
 
 
 def pg_login_script(ctx: Ctx, host: Host, rot: Rotation) -> str:
@@ -160,8 +165,8 @@ def pg_login_script(ctx: Ctx, host: Host, rot: Rotation) -> str:
              "2>&1 >/dev/null) && echo ok || case $out in *'password authentication failed'*) echo refused;; "
              "*) echo \"error $(echo \"$out\" | head -n 1)\";; esac; }"]
     for role in login_roles(ctx, rot):
-        if role == "restapi":
-            continue  # basic auth on the REST API: REST_LOGIN
+        if role in ("restapi", "etcd"):
+            continue  # basic auth on the REST API: REST_LOGIN; etcd: secrets_etcd.ETCD_LOGIN
         v = rot.roles[role]
         extra, sql = ("replication=true", "IDENTIFY_SYSTEM") if role == "replication" else ("", "select 1")
         lines.append(f"echo \"{role}|$(try {v['username']} '{extra}' '{v['new']}' '{sql}')|"
@@ -216,7 +221,7 @@ def login_problems(rot: Rotation, got: dict[str, tuple[str, str]], roles: list[s
 
 def verify_logins(ctx: Ctx, leader: Host, rot: Rotation) -> dict[str, tuple[str, str]]:
     got: dict[str, tuple[str, str]] = {}
-    if any(r != "restapi" for r in login_roles(ctx, rot)):
+    if any(r not in ("restapi", "etcd") for r in login_roles(ctx, rot)):
         r = ctx.transport.run(leader, "sh -s", user="postgres", stdin=pg_login_script(ctx, leader, rot).encode(),
                               timeout=120)
         got.update(parse_logins(rot.mask(r.stdout)))
@@ -225,13 +230,15 @@ def verify_logins(ctx: Ctx, leader: Host, rot: Rotation) -> dict[str, tuple[str,
 
         v, tls = rot.roles["restapi"], ctx.paths.patroni_tls_dir
         args = " ".join(shlex.quote(a) for a in (f"https://{leader.address}:8008/switchover", f"{tls}/ca.crt",
-                                                 f"{tls}/{leader.name}.crt", f"{tls}/{leader.name}.key"))
+                                                 f"{tls}/rest-client.crt", f"{tls}/rest-client.key"))
         creds = (json.dumps([v["username"], v["new"], v["old"]]) + "\n").encode()  # on stdin, never in argv
         r = ctx.transport.run(leader, f"{ctx.paths.patroni_venv}/bin/python -c {shlex.quote(REST_LOGIN)} {args}",
                               user="postgres", stdin=creds, timeout=60)
         got.update(parse_logins(rot.mask(r.stdout)))
         if not r.ok:
             got["restapi"] = ("error " + rot.mask(r.stderr.strip())[-200:], got.get("restapi", ("", ""))[1])
+    if secrets_etcd.ROLE in rot.roles:
+        got.update(parse_logins(secrets_etcd.verify_login(ctx, leader, rot)))
     return got
 
 
@@ -320,9 +327,12 @@ def rotate(ctx: Ctx, role: str | None) -> dict:
         t0 = time.time()
         done = []
         if any(r in USERS for r in rot.roles):
-            apply(ctx, [config, validate, roles], ctx.inventory.postgres, in_order=True)  # raises RunFailed: what to do
+            apply(ctx, [config, validate], ctx.inventory.postgres, in_order=True)  # raises RunFailed: what to do
             done.append("patroni.config re-rendered and reloaded on "
                         + ", ".join(h.name for h in ctx.inventory.postgres))
+            if secrets_etcd.ROLE in rot.roles:  # after Patroni has the new password, before any patronictl
+                done.append(secrets_etcd.change_in_etcd(ctx, rot))  # (it logs in afresh): see secrets_etcd
+            apply(ctx, [roles], ctx.inventory.postgres, in_order=True)  # on the leader, found by patronictl
         if frontdoor.enabled(ctx) and "pooler" in rot.roles:
             from runbook.sections import pooler
 

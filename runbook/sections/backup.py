@@ -11,21 +11,21 @@ restores onto them.
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 from runbook.cluster.commands import patronictl, psql
 from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run, Section, wait_for
+from runbook.credentials.purposes import PGBACKREST, PGBACKREST_TLS_DIR
 from runbook.inventory import Host
 from runbook.sections.bundle_files import manifest, remote, sums
 from runbook.sections.postgres import CREATECLUSTER, CREATECLUSTER_CONTENT, dpkg_install
-from runbook.sections.tls_files import sans
+from runbook.sections.tls_files import leaf_actions
 from runbook.sections.units import template, unit_actions, unit_undo
 
 section = Section("backup", 55, "pgBackRest: repository over TLS, WAL archiving, first full backup, schedule")
 
 CONF = "/etc/pgbackrest/pgbackrest.conf"
-TLS_DIR = "/etc/pgbackrest/tls"
+TLS_DIR = PGBACKREST_TLS_DIR
 TLS_PORT = 8432
 SERVER = "pgbackrest-server"
 SERVER_UNIT = f"/etc/systemd/system/{SERVER}.service"
@@ -65,18 +65,10 @@ def leader_host(ctx: Ctx, hosts: list[Host]) -> list[Host]:
     return current_leader(ctx, hosts) if ctx.inventory.backup is not None else []
 
 
-# -- certificates: the one place that asks the PKI (per-purpose certificates replace it at merge) -----------
+# -- certificates: the purpose `pgbackrest` (runbook.credentials.purposes) ---------------------------------
 def cert_name(host: Host) -> str:
     """The certificate's CN and file name: the client identity `tls-server-auth` names."""
-    return f"{host.name}-pgbackrest"
-
-
-def pgbackrest_cert(ctx: Ctx, host: Host) -> tuple[bytes, bytes, bytes, Path]:
-    """(ca.crt, certificate, key, key path in state/pki) of host's pgBackRest certificate: its own key, CN
-    <host>-pgbackrest, SANs of the host (servers are verified by name), serverAuth + clientAuth."""
-    dns, ips = sans(ctx, host)
-    crt, key, key_path = ctx.pki.host(cert_name(host), dns, ips)
-    return ctx.pki.ca_pem(), crt, key, key_path
+    return PGBACKREST.common_name(host.name)
 
 
 # -- rendered files ------------------------------------------------------------------------------------------
@@ -132,12 +124,9 @@ def _packages_undo(ctx: Ctx, host: Host) -> list:
 def tls(ctx: Ctx, host: Host) -> list:
     """Certificates: the CA and this host's own pgBackRest certificate and key (0600, postgres) in
     /etc/pgbackrest/tls; server and client identity (CN <host>-pgbackrest)"""
-    ca, crt, key, key_path = pgbackrest_cert(ctx, host)
-    name = cert_name(host)
     return [Run(f"install -d -m 0750 -o postgres -g postgres {TLS_DIR}"),
-            Put(f"{TLS_DIR}/ca.crt", ca, mode="0644", owner="postgres"),
-            Put(f"{TLS_DIR}/{name}.crt", crt, mode="0644", owner="postgres"),
-            Put(f"{TLS_DIR}/{name}.key", key, mode="0600", owner="postgres", secret=True, local_copy=str(key_path))]
+            Put(f"{TLS_DIR}/ca.crt", ctx.pki.ca_pem(), mode="0644", owner="postgres"),
+            *leaf_actions(ctx, host, TLS_DIR, PGBACKREST)]
 
 
 @tls.check

@@ -18,7 +18,7 @@ from runbook.sections.frontdoor import (
     REST_PORT,
     SHOW_STAT,
     STATS_SOCKET,
-    rest_client_cert,
+    rest_client_actions,
     router_id,
     secret,
 )
@@ -28,7 +28,7 @@ section = Section("balancer", 70, "HAProxy and keepalived: one floating address 
 HAPROXY_CONF = "/etc/haproxy/haproxy.cfg"
 KEEPALIVED_CONF = "/etc/keepalived/keepalived.conf"
 CHECK_SCRIPT = "/etc/keepalived/check_haproxy.sh"
-CLIENT_PEM = f"{HAPROXY_TLS_DIR}/client.pem"  # the certificate; HAProxy loads the key from client.pem.key
+CLIENT_PEM = f"{HAPROXY_TLS_DIR}/client.pem"  # purpose haproxy-client; HAProxy loads the key from client.pem.key
 PACKAGES = ("haproxy", "keepalived")
 RW, RO = "postgres_rw", "postgres_ro"
 WAIT = 30  # seconds for health checks to settle / the VIP to be placed
@@ -79,11 +79,9 @@ def _packages_undo(ctx: Ctx, host: Host) -> list:
 def tls(ctx: Ctx, host: Host) -> list:
     """TLS: the CA and the client certificate HAProxy's health checks show Patroni's REST API
     (/etc/haproxy/tls: the certificate, its key 0600 root)"""
-    ca, crt, key, key_path = rest_client_cert(ctx, host)
     return [Run(f"install -d -m 0700 {HAPROXY_TLS_DIR}"),
-            Put(f"{HAPROXY_TLS_DIR}/ca.crt", ca),
-            Put(CLIENT_PEM, crt),
-            Put(f"{CLIENT_PEM}.key", key, mode="0600", secret=True, local_copy=str(key_path))]
+            Put(f"{HAPROXY_TLS_DIR}/ca.crt", ctx.pki.ca_pem()),
+            *rest_client_actions(ctx, host)]
 
 
 @tls.check

@@ -142,33 +142,31 @@ def _user_undo(ctx: Ctx, host: Host) -> list:
 # 4 -------------------------------------------------------------------------------------------
 @section.step("pki", role="local")
 def pki(ctx: Ctx, host: Host) -> list:
-    """PKI: a local CA under state/pki (made once) and a certificate per host
-    SANs: host name, FQDN if given, address; reused while valid with matching SANs, re-issued otherwise.
-    Made with the cryptography library on the control machine: no private key leaves it unasked."""
-    from runbook.credentials.pki import ensure_ca
-    from runbook.sections.tls_files import cert_material
+    """PKI: the CAs under state/pki (made once) and one certificate per host and purpose
+    etcd hosts: etcd-peer (peer CA), etcd-server, etcd-root; PostgreSQL hosts: etcd-client, rest-server,
+    rest-client, pg-server (runbook/credentials/purposes.py). Server certificates carry the host name, FQDN
+    and address as SANs. Reused while valid, re-issued otherwise; made on the control machine."""
+    from runbook.sections.tls_files import host_purposes, leaf
 
     def run() -> str:
-        ensure_ca(ctx.pki_dir)
+        n = 0
         for h in ctx.inventory.hosts:
-            cert_material(ctx, h)
-        return f"CA and {len(ctx.inventory.hosts)} host certificates in {ctx.pki_dir}"
+            for p in host_purposes(h, ctx.inventory):
+                leaf(ctx, h, p)
+                n += 1
+        return f"CAs and {n} certificates ({len(ctx.inventory.hosts)} hosts) in {ctx.pki_dir}"
 
-    key = ";".join(f"{h.name}={h.address},{h.fqdn}" for h in ctx.inventory.hosts)
-    return [Local("CA and per-host certificates in state/pki", run, key=key)]
+    key = ";".join(f"{h.name}={h.address},{h.fqdn},{'+'.join(h.roles)}" for h in ctx.inventory.hosts)
+    return [Local("CAs and per-host, per-purpose certificates in state/pki", run, key=key)]
 
 
 @pki.check
 def _pki_check(ctx: Ctx, host: Host) -> bool:
-    from runbook.credentials.pki import check_cert, ensure_ca, host_paths
-    from runbook.sections.tls_files import sans
+    from runbook.sections.tls_files import host_purposes, sans
 
-    if not (ctx.pki_dir / "ca.crt").exists():
-        return False
-    ca = ensure_ca(ctx.pki_dir)
     for h in ctx.inventory.hosts:
         dns, ips = sans(ctx, h)
-        if check_cert(host_paths(ctx.pki_dir, h.name)[0], ca, dns + ips):
+        if any(ctx.pki.problems(h.name, p, dns, ips) for p in host_purposes(h, ctx.inventory)):
             return False
     return True
 
@@ -182,8 +180,8 @@ def _pki_undo(ctx: Ctx, host: Host) -> list:
 
 @section.step("tls", role="etcd")
 def tls(ctx: Ctx, host: Host) -> list:
-    """TLS files: CA, host certificate and key on the host (dir 0750, key 0600, owned by etcd)
-    The walk-through's chmod -R 744 made the key world-readable; fixed."""
+    """TLS files: the CAs and the etcd-peer, etcd-server (owner etcd) and etcd-root (owner root) pairs
+    Dir 0750, keys 0600. The walk-through's chmod -R 744 made the one shared key world-readable; fixed."""
     return tls_files(ctx, host, ctx.paths.etcd_tls_dir, "etcd")
 
 
@@ -262,6 +260,53 @@ def _start_check(ctx: Ctx, host: Host) -> str:
 @start.undo
 def _start_undo(ctx: Ctx, host: Host) -> list:
     return [Run("systemctl stop etcd")]
+
+
+# 7b ------------------------------------------------------------------------------------------
+def _prefix(ctx: Ctx) -> str:
+    return ctx.inventory.cluster.namespace.rstrip("/") + "/"
+
+
+def _auth_script(ctx: Ctx, host: Host) -> str:
+    """Users and roles, then auth on; every command idempotent. The patroni password arrives on stdin."""
+    e = lambda args: etcdctl(ctx, host, args)  # noqa: E731  (etcdctl as root: the etcd-root certificate)
+    prefix = shlex.quote(_prefix(ctx))
+    return "; ".join([  # one line: the engine may feed stdin to the whole command
+        "set -e", "read -r pw",
+        f"{e('role get root')} >/dev/null 2>&1 || {e('role add root')}",
+        f"{e('user get root')} >/dev/null 2>&1 || {e('user add root --no-password')}",
+        f"{e('user grant-role root root')} >/dev/null",
+        f"{e('role get patroni')} >/dev/null 2>&1 || {e('role add patroni')}",
+        f"{e(f'role grant-permission patroni --prefix=true readwrite {prefix}')} >/dev/null",
+        f"if {e('user get patroni')} >/dev/null 2>&1; then printf '%s\\n' \"$pw\" | "
+        f"{e('user passwd patroni --interactive=false')} >/dev/null; "
+        f"else printf '%s\\n' \"$pw\" | {e('user add patroni --interactive=false')} >/dev/null; fi",
+        f"{e('user grant-role patroni patroni')} >/dev/null",
+        f"{e('auth status')} | grep -q 'Authentication Status: true' || {e('auth enable')}",
+    ])
+
+
+@section.step("auth", role="etcd", kind="serial", host_order=lambda ctx, hosts: sorted(hosts, key=lambda h: h.name))
+def auth(ctx: Ctx, host: Host) -> list:
+    """Auth: etcd RBAC on: user root (by certificate CN, runbook only), user patroni read-write on the namespace
+    Not in the walk-through, which gives every client certificate full access. The patroni user may read and
+    write only the keys under the Patroni namespace prefix; root is held by the etcd-root certificate on
+    the etcd hosts (CN=root, owner root). Patroni logs in by password over the JSON gateway."""
+    return [Run(_auth_script(ctx, host), stdin=(ctx.secrets["etcd"]["password"] + "\n").encode(), timeout=120)]
+
+
+@auth.check
+def _auth_check(ctx: Ctx, host: Host) -> str:
+    prefix = _prefix(ctx)
+    return (f"{etcdctl(ctx, host, 'auth status')} | grep -q 'Authentication Status: true' && "
+            f"{etcdctl(ctx, host, 'user get patroni')} | grep -qx 'Roles: patroni' && "
+            # read and write, each on the prefix: `[/patroni/, /patroni0) (prefix /patroni/)` under KV Read/Write
+            f"test \"$({etcdctl(ctx, host, 'role get patroni')} | grep -cF {shlex.quote(f'(prefix {prefix})')})\" = 2")
+
+
+@auth.undo
+def _auth_undo(ctx: Ctx, host: Host) -> list:
+    return [Run(f"{etcdctl(ctx, host, 'auth disable')} >/dev/null")]
 
 
 # 8 -------------------------------------------------------------------------------------------

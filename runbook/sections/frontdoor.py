@@ -7,12 +7,12 @@ import base64
 import hashlib
 import hmac
 import threading
-from pathlib import Path
 
 import yaml
 
 from runbook.cluster.context import Ctx
 from runbook.core.fsutil import write_atomic
+from runbook.credentials.purposes import HAPROXY_CLIENT, HAPROXY_TLS_DIR
 from runbook.credentials.secrets import new_password, secrets_path
 from runbook.inventory import Host
 
@@ -23,7 +23,6 @@ POOLER_USER = "pgbouncer_auth"  # the auth_query lookup role
 # audit's log scan know them; secrets.rotate rotates them with the rest.
 FRONTDOOR_SECRETS = {"pooler": (POOLER_USER, 32), "vrrp": ("keepalived", 8)}
 STATS_SOCKET = "/run/haproxy/admin.sock"
-HAPROXY_TLS_DIR = "/etc/haproxy/tls"
 REST_PORT = 8008
 _LOCK = threading.Lock()
 
@@ -65,14 +64,13 @@ def scram_verifier(password: str, iterations: int = 4096) -> str:
     return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
 
 
-def rest_client_cert(ctx: Ctx, host: Host) -> tuple[bytes, bytes, bytes, Path]:
-    """(CA, certificate, key, local key path) HAProxy on `host` presents to Patroni's REST API
-    (verify_client: required).
-    The one place the front door asks the PKI for a certificate: today the host's own (serverAuth and
-    clientAuth); a per-purpose client certificate replaces it here."""
-    from runbook.sections.tls_files import cert_material
+def rest_client_actions(ctx: Ctx, host: Host) -> list:
+    """The client certificate HAProxy on `host` presents to Patroni's REST API (verify_client: required): the
+    purpose haproxy-client (clientAuth only, CN haproxy, its own key, 0600 root), as client.pem and
+    client.pem.key (HAProxy loads the key from <crt>.key)."""
+    from runbook.sections.tls_files import leaf_actions
 
-    return cert_material(ctx, host)
+    return leaf_actions(ctx, host, HAPROXY_TLS_DIR, HAPROXY_CLIENT)
 
 
 def router_id(cluster: str) -> int:

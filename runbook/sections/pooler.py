@@ -1,9 +1,9 @@
 """Pooler section: PgBouncer on every PostgreSQL host (when cluster.vip turns the front door on).
 
 Transaction pooling; clients authenticate with SCRAM against the secret an `auth_query` reads through a
-SECURITY DEFINER function, as a dedicated lookup role that can do nothing else; TLS towards clients with the
-host certificate; the local socket towards PostgreSQL (pg_hba: scram-sha-256 on the socket for every role but
-the superuser, which keeps peer)."""
+SECURITY DEFINER function, as a dedicated lookup role that can do nothing else; TLS towards clients with its
+own server certificate (purpose pgbouncer-server); the local socket towards PostgreSQL (pg_hba: scram-sha-256
+on the socket for every role but the superuser, which keeps peer)."""
 from __future__ import annotations
 
 import shlex
@@ -30,7 +30,8 @@ def pgbouncer_context(ctx: Ctx, host: Host) -> dict:
             "listen_addr": f"{host.address},127.0.0.1", "port": ctx.inventory.cluster.ports.pgbouncer,
             "pidfile": "/var/run/postgresql/pgbouncer.pid", "userlist": USERLIST, "auth_user": POOLER_USER,
             "pool_mode": "transaction", "max_client_conn": 1000, "default_pool_size": 20,
-            "ca_file": f"{tls}/ca.crt", "cert_file": f"{tls}/{host.name}.crt", "key_file": f"{tls}/{host.name}.key"}
+            "ca_file": f"{tls}/ca.crt",  # its own server certificate (purpose pgbouncer-server), put by postgres.tls
+            "cert_file": f"{tls}/pgbouncer-server.crt", "key_file": f"{tls}/pgbouncer-server.key"}
 
 
 def on_leader(ctx: Ctx, hosts: list[Host]) -> list[Host]:

@@ -1,13 +1,16 @@
-"""Certificates on the hosts: the SANs of a host, its material from state/pki, the files a section puts."""
+"""Certificates on the hosts: the SANs of a host, its certificates per purpose from state/pki, the files a
+section puts. A host holds, in its service's TLS directory, ``ca.crt`` (and ``peer-ca.crt`` on etcd hosts) and
+``<purpose>.crt``/``<purpose>.key`` for each purpose of its role (runbook.credentials.purposes)."""
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
+from collections.abc import Callable
 
 from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run
-from runbook.inventory import Host
-
+from runbook.credentials.pki import Leaf
+from runbook.credentials.purposes import PEER_CA, Purpose, for_role
+from runbook.inventory import Host, Inventory
 
 def sans(ctx: Ctx, host: Host) -> tuple[list[str], list[str]]:
     dns = [host.name] + ([host.fqdn] if host.fqdn else [])
@@ -16,40 +19,80 @@ def sans(ctx: Ctx, host: Host) -> tuple[list[str], list[str]]:
     return dns, [host.address]
 
 
-def cert_material(ctx: Ctx, host: Host) -> tuple[bytes, bytes, bytes, Path]:
-    """(ca.crt, host.crt, host.key, key path) from state/pki; issued on first use, reused while valid.
+def leaf(ctx: Ctx, host: Host, which: Purpose | str) -> Leaf:
+    """*host*'s certificate for a purpose, from state/pki: issued on first use, reused while valid.
     A dry run or an export issues nothing on disk (ctx.pki keeps what is missing in memory)."""
     dns, ips = sans(ctx, host)
-    crt, key, key_path = ctx.pki.host(host.name, dns, ips)
-    return ctx.pki.ca_pem(), crt, key, key_path
+    return ctx.pki.leaf(host.name, which, dns, ips)
 
 
-# Who serves the files a service user owns: (systemd unit, reload command or None, [(port, starttls)]).
-# etcd re-reads its leaf certificate and key on every new handshake: nothing to reload, only to prove.
+def host_purposes(host: Host, inventory: Inventory | None = None) -> list[Purpose]:
+    """Every purpose *host* holds a certificate for, by its roles (each once); with *inventory*, only the
+    purposes it turns on (the front door's with cluster.vip, pgBackRest's with a backup host)."""
+    return list({p.name: p for role in host.roles for p in for_role(role, inventory)}.values())
+
+
+# Who serves a server certificate: (systemd unit, reload command or None, [(port, starttls)]).
+# etcd re-reads its leaf certificates and keys on every new handshake: nothing to reload, only to prove.
 # Patroni re-reads its REST API certificate on SIGHUP and passes the reload on to PostgreSQL, which
 # then re-reads its ssl_* files: one `systemctl reload patroni` serves both ports.
 SERVED_BY: dict[str, tuple[str, str | None, list[tuple[int, str | None]]]] = {
-    "etcd": ("etcd", None, [(2379, None)]),
-    "postgres": ("patroni", "systemctl reload patroni", [(8008, None), (5432, "postgres")]),
+    "etcd-server": ("etcd", None, [(2379, None)]),
+    "etcd-peer": ("etcd", None, [(2380, None)]),
+    "rest-server": ("patroni", "systemctl reload patroni", [(8008, None)]),
+    "pg-server": ("patroni", "systemctl reload patroni", [(5432, "postgres")]),
 }
 SERVE_WAIT = 30  # seconds for a reloaded service to hand out the new certificate
+Served = tuple[str, str | None, list[tuple[int, str | None]]]
+# Served certificates whose port the inventory decides: purpose -> ctx -> (unit, reload, ports).
+SERVED_LATER: dict[str, Callable[[Ctx], Served]] = {
+    "pgbouncer-server": lambda ctx: ("pgbouncer", "systemctl reload pgbouncer",
+                                     [(ctx.inventory.cluster.ports.pgbouncer, "postgres")]),
+    # pgBackRest's server reads its certificate when it starts; a restart breaks no backup that is not running
+    "pgbackrest": lambda ctx: ("pgbackrest-server", "systemctl restart pgbackrest-server", [(8432, None)]),
+}
 
 
-def tls_files(ctx: Ctx, host: Host, tls_dir: str, owner: str) -> list:
-    """The CA, the host's certificate and its key (0600, service user) in a 0750 directory; when the
-    service reading them is running, it is reloaded if it still serves another certificate, and a fresh
-    handshake on each of its ports must show the certificate of the file."""
-    ca, crt, key, key_path = cert_material(ctx, host)
-    actions = [
-        Run(f"install -d -m 0750 -o {owner} -g {owner} {tls_dir}"),
-        Put(f"{tls_dir}/ca.crt", ca, mode="0644", owner=owner),
-        Put(f"{tls_dir}/{host.name}.crt", crt, mode="0644", owner=owner),
-        Put(f"{tls_dir}/{host.name}.key", key, mode="0600", owner=owner, secret=True,
-            local_copy=str(key_path)),
-    ]
-    if owner in SERVED_BY:
-        actions.append(Run(serve_new_cert(host, f"{tls_dir}/{host.name}.crt", *SERVED_BY[owner]),
-                           timeout=SERVE_WAIT + 60))
+def served_by(ctx: Ctx, name: str) -> Served | None:
+    """(unit, reload command, [(port, starttls)]) of the service serving purpose *name*; None for a client."""
+    if name in SERVED_BY:
+        return SERVED_BY[name]
+    return SERVED_LATER[name](ctx) if name in SERVED_LATER else None
+
+
+def cert_files(tls_dir: str, which: Purpose, host: str = "") -> tuple[str, str]:
+    """(certificate, key) paths of a purpose on a host."""
+    crt, key = which.file_names(host)
+    return f"{tls_dir}/{crt}", f"{tls_dir}/{key}"
+
+
+def leaf_actions(ctx: Ctx, host: Host, tls_dir: str, which: Purpose | str, prove: bool = True) -> list:
+    """One purpose's certificate (0644) and key (0600, the purpose's owner); with *prove*, when the service
+    serving it is running, it is reloaded if it still serves another certificate and a fresh handshake on
+    each of its ports must show the certificate of the file. The helper other sections call for their own
+    purposes (pgBackRest, HAProxy, PgBouncer): register a Purpose, then put its files with this."""
+    lf = leaf(ctx, host, which)
+    p = lf.purpose
+    crt, key = cert_files(tls_dir, p, host.name)
+    acts: list = [Put(crt, lf.cert_pem, mode="0644", owner=p.owner),
+            Put(key, lf.key_pem, mode="0600", owner=p.owner, secret=True, local_copy=str(lf.key_path))]
+    served = served_by(ctx, p.name)
+    if prove and served:
+        acts.append(Run(serve_new_cert(host, crt, *served), timeout=SERVE_WAIT + 60))
+    return acts
+
+
+def tls_files(ctx: Ctx, host: Host, tls_dir: str, owner: str, role: str | None = None) -> list:
+    """The CA(s) and the certificate and key of every purpose of *role* (default: the owner's service role)
+    in a 0750 directory owned by the service user *owner*; each served certificate is proven served."""
+    role = role or ("etcd" if owner == "etcd" else "postgres")
+    ps = [p for p in for_role(role, ctx.inventory) if p.tls_dir is None]  # the others: their section puts them
+    actions: list = [Run(f"install -d -m 0750 -o {owner} -g {owner} {tls_dir}"),
+                     Put(f"{tls_dir}/ca.crt", ctx.pki.ca_pem(), mode="0644", owner=owner)]
+    if any(p.ca == PEER_CA for p in ps):
+        actions.append(Put(f"{tls_dir}/peer-ca.crt", ctx.pki.ca_pem(PEER_CA), mode="0644", owner=owner))
+    for p in ps:
+        actions += leaf_actions(ctx, host, tls_dir, p)
     return actions
 
 

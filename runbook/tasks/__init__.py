@@ -5,7 +5,7 @@ from runbook.bundle import tasks as bundle_tasks
 from runbook.inventory.settings import DEFAULTS
 from runbook.lab import tasks as lab_tasks
 from runbook.sections import section_steps
-from runbook.tasks import backup, membership, records, update
+from runbook.tasks import backup, membership, pki, records, update
 from runbook.tasks.procedures import audit, drill, maintain, secrets
 from runbook.tasks.sections import collections
 from runbook.tasks.session import check_env, section_install
@@ -17,6 +17,7 @@ for col in collections():
 ns.add_collection(records.ns)
 ns.add_collection(backup.ns)
 drill.add_task(backup.drill_restore, name="restore")
+ns.add_collection(pki.ns)
 ns.add_collection(drill)
 ns.add_collection(secrets)
 ns.collections["cluster"].add_task(audit)

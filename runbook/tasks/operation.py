@@ -62,6 +62,11 @@ def run_procedure(c, command: str, build: Callable[[Ctx], tuple[str, list[Step]]
 
     op = command.replace(".", "-")
     with session(c, command, lock=not (dry or export), options=procedure_options(c, dry, step, export, **opts)) as ctx:
+        from runbook.procedures.pki_migrate import refusal
+
+        why = None if command == "pki.migrate" else refusal(ctx, command)
+        if why:  # a cluster of one certificate per host: its procedures would issue the new model's certificates
+            raise Exit(f"error: {why}", code=1)
         try:
             target, steps = build(ctx)
         except RunbookError as exc:

@@ -182,6 +182,11 @@ def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, 
         answers = iter(os.environ["RUNBOOK_STEP_ANSWERS"].split(","))
         opts.answer = lambda _name: next(answers, "quit")
     with session(c, command, lock=not dry, options=opts, hosts=hosts, roles=roles) as ctx:
+        from runbook.procedures.pki_migrate import refusal
+
+        why = refusal(ctx, command if "." in command else f"{command}.install")  # one certificate per host
+        if why:
+            raise Exit(f"error: {why}", code=1)
         t0 = time.monotonic()
         report = apply(ctx, steps, ctx.selected)
         if dry:

@@ -93,7 +93,8 @@ def converged(cluster):
 # module after it finds hosts running a cluster of another CA (etcd reads its trusted CA only at start).
 # test_audit_findings.py plants bad states, restores them and vacuums a node's journal: after the modules
 # that share the cluster, so that it audits what they left (the audit must be clean once it restored).
-MODULE_ORDER = {"test_cluster.py": 0, "test_audit_findings.py": 1.5, "test_soak.py": 2}
+# test_pki_migrate.py (make soak only) re-creates the lab hosts too, for a cluster of the old runbook.
+MODULE_ORDER = {"test_cluster.py": 0, "test_audit_findings.py": 1.5, "test_pki_migrate.py": 1.9, "test_soak.py": 2}
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -25,7 +25,42 @@ def env(state: Path, inventory: Path | None = None) -> dict:
     return e
 
 
+_WALK = re.compile(r"(?<![A-Za-z0-9.-])(etcd0[1-9]|node0[1-9]|192\.168\.60\.1[34][1-9]|patroni_cluster)"
+                   r"(?![A-Za-z0-9-])")
+
+
+def lab_names() -> dict[str, str]:
+    """The walk-through's names (etcd01.., node01.., their 192.168.60.x addresses, patroni_cluster) -> those of
+    the e2e inventory ($RUNBOOK_E2E_INVENTORY: a helper's lab with its own prefix and subnet), by role order."""
+    from runbook.inventory import load_inventory
+
+    path = os.environ.get("RUNBOOK_E2E_INVENTORY") or REPO / "hosts.yml"
+    i = load_inventory(Path(path))
+    m = {"patroni_cluster": i.cluster.name}
+    for n, h in enumerate(i.etcd, 1):
+        m[f"etcd0{n}"], m[f"192.168.60.14{n}"] = h.name, h.address
+    for n, h in enumerate(i.postgres, 1):
+        m[f"node0{n}"], m[f"192.168.60.13{n}"] = h.name, h.address
+    return m
+
+
+def T(text: str) -> str:
+    """*text* with the walk-through's names replaced by the e2e inventory's (identity on the repo's hosts.yml)."""
+    names = _names()
+    return _WALK.sub(lambda mo: names.get(mo.group(1), mo.group(1)), text)
+
+
+_NAMES: dict[str, str] = {}
+
+
+def _names() -> dict[str, str]:
+    if not _NAMES:
+        _NAMES.update(lab_names())
+    return _NAMES
+
+
 def inv(state: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    args = tuple(T(a) for a in args)
     p = subprocess.run([INV, *args], cwd=REPO, env=env(state), capture_output=True, text=True,
                        timeout=timeout * SCALE, stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
@@ -52,6 +87,7 @@ def ledger(state: Path, cluster: str = "") -> sqlite3.Connection:
 
 def kill_when(state: Path, args: list[str], sql: str, budget: float = 600) -> None:
     """Start `inv args`, SIGKILL its whole process group as soon as `sql` returns a row in the ledger."""
+    args, sql = [T(a) for a in args], T(sql)
     p = subprocess.Popen([INV, *args], cwd=REPO, env=env(state), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + budget * SCALE

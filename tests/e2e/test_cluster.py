@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from pathlib import Path
 import urllib.error
 import urllib.request
 
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 import yaml
 from conftest import e2e_inventory_path
-from helpers import executed, inv, kill_when, ledger, wait_for
+from helpers import T, executed, inv, kill_when, ledger, wait_for
 
 from runbook.inventory import load_inventory
 
@@ -41,7 +42,7 @@ def tr(cluster):
 
 
 def sh(tr, inventory, host, cmd, user="root"):
-    return tr.run(inventory.get(host), cmd, user=user, timeout=120)
+    return tr.run(inventory.get(T(host)), T(cmd), user=user, timeout=120)
 
 
 def test_etcd_install_killed_midway_then_resumed(cluster):
@@ -66,12 +67,12 @@ def test_etcd_install_again_executes_nothing(cluster):
 
 def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_path):
     inventory, state = cluster
-    from runbook.credentials.pki import ensure_ca, ensure_host_cert
+    from runbook.credentials.pki import Pki
 
     tls = "/etc/etcd/tls"
     base = "ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s"
     ok = sh(tr, inventory, E1,
-            f"{base} --cacert={tls}/ca.crt --cert={tls}/{E1}.crt --key={tls}/{E1}.key "
+            f"{base} --cacert={tls}/ca.crt --cert={tls}/etcd-root.crt --key={tls}/etcd-root.key "
             f"--endpoints=https://{E2}:2379 put /probe ok")
     assert ok.ok, ok.stderr
     plain = sh(tr, inventory, E1, f"{base} --endpoints=http://{E2}:2379 get /probe")
@@ -80,27 +81,131 @@ def test_etcd_refuses_plain_http_no_client_cert_and_foreign_ca(cluster, tr, tmp_
                 f"{base} --cacert={tls}/ca.crt --endpoints=https://{E2}:2379 get /probe")
     assert not nocert.ok and ("bad certificate" in nocert.stderr or "certificate required" in nocert.stderr
                               or "deadline exceeded" in nocert.stderr), nocert.stderr
-    ca = ensure_ca(tmp_path / "foreign", common_name="foreign CA")
-    crt, key, _ = ensure_host_cert(tmp_path / "foreign", ca, E1, [E1], [ADDR[E1]])
+    foreign = Pki(tmp_path / "foreign").leaf(E1, "etcd-root")  # CN=root, but of another CA
     t = inventory.get(E1)
-    for src, dst in ((crt, "/tmp/foreign.crt"), (key, "/tmp/foreign.key")):
-        tr.put(t, dst, src.read_bytes(), mode="0600")
+    for data, dst in ((foreign.cert_pem, "/tmp/foreign.crt"), (foreign.key_pem, "/tmp/foreign.key")):
+        tr.put(t, dst, data, mode="0600")
     foreign = sh(tr, inventory, E1,
                  f"{base} --cacert={tls}/ca.crt --cert=/tmp/foreign.crt --key=/tmp/foreign.key "
                  f"--endpoints=https://{E2}:2379 get /probe")
     assert not foreign.ok
+    assert sh(tr, inventory, "etcd01", "rm -f /tmp/foreign.crt /tmp/foreign.key").ok
+
+
+def _tls_get(address: str, port: int, path: str, ca: Path, crt: Path, key: Path) -> tuple[int, bytes]:
+    """GET over TLS with a client certificate, from this machine: (status, body); a refusal raises."""
+    import http.client
+
+    c = ssl.create_default_context(cafile=str(ca))
+    c.check_hostname = False  # we dial the address; the SANs name the host too
+    c.load_cert_chain(str(crt), str(key))
+    conn = http.client.HTTPSConnection(address, port, context=c, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+HOST_GET = r"""import ssl, sys, urllib.request
+url, ca, crt, key = sys.argv[1:5]
+c = ssl.create_default_context(cafile=ca)
+c.check_hostname = False
+c.load_cert_chain(crt, key)
+try:
+    r = urllib.request.urlopen(url, context=c, timeout=10)
+    print("status=%d %s" % (r.status, r.read()[:200].decode(errors="replace")))
+except Exception as e:
+    print("refused=" + type(e).__name__)
+"""
+
+
+def _get_on(tr, inventory, host: str, url: str, ca: str, crt: str, key: str) -> str:
+    """GET *url* from *host* itself (etcd checks a peer's address against its certificate's SANs)."""
+    r = tr.run(inventory.get(T(host)), f"python3 - {url} {ca} {crt} {key}", stdin=HOST_GET.encode(), timeout=60)
+    assert r.ok, r.stderr
+    return r.stdout.strip()
+
+
+def test_a_postgres_host_key_cannot_join_etcd_as_a_peer(cluster, tr):
+    """Peers trust only the peer CA: node01's certificates (keys a PostgreSQL superuser can read) are refused on
+    the raft port, from node01 itself; an etcd host's peer certificate gets the member list."""
+    inventory, state = cluster
+    e1, e2 = inventory.get(T("etcd01")), inventory.get(T("etcd02"))
+    etls = "/etc/etcd/tls"
+    ok = _get_on(tr, inventory, e1.name, f"https://{e2.name}:2380/members", f"{etls}/peer-ca.crt",
+                 f"{etls}/etcd-peer.crt", f"{etls}/etcd-peer.key")
+    assert ok.startswith("status=200") and e2.name in ok, ok  # the positive control: a peer is a peer
+    n1 = inventory.get(T("node01"))  # its certificates as state/pki issued them (PostgreSQL is not installed yet)
+    tr.put(n1, "/tmp/peer-ca.crt", (state / "pki" / "peer-ca.crt").read_bytes())
+    for purpose in ("etcd-client", "rest-client", "pg-server"):
+        for ext in ("crt", "key"):
+            tr.put(n1, f"/tmp/{purpose}.{ext}", (state / "pki" / n1.name / f"{purpose}.{ext}").read_bytes(),
+                   mode="0600")
+        got = _get_on(tr, inventory, "node01", f"https://{e2.address}:2380/members", "/tmp/peer-ca.crt",
+                      f"/tmp/{purpose}.crt", f"/tmp/{purpose}.key")
+        assert got.startswith("refused="), (purpose, got)
+    assert tr.run(n1, "rm -f /tmp/peer-ca.crt /tmp/etcd-client.* /tmp/rest-client.* /tmp/pg-server.*", timeout=30).ok
+    # and an etcd host's client-API certificate (main CA) is no peer either
+    got = _get_on(tr, inventory, e1.name, f"https://{e2.name}:2380/members", f"{etls}/peer-ca.crt",
+                  f"{etls}/etcd-server.crt", f"{etls}/etcd-server.key")
+    assert got.startswith("refused="), got
+
+
+def test_patroni_etcd_user_cannot_write_outside_its_namespace(cluster, tr):
+    """etcd RBAC: the etcd user patroni (node01's CN-less etcd client certificate + its password, as Patroni logs
+    in) reads and writes under the namespace only; the certificate alone is no etcd user, nor is a certificate of
+    another purpose (the REST client's, CN patroni-rest)."""
+    inventory, state = cluster
+    pki = state / "pki"
+    n1, e1 = inventory.get(T("node01")), inventory.get(T("etcd01"))
+    for purpose in ("etcd-client", "rest-client"):
+        for ext in ("crt", "key"):
+            tr.put(e1, f"/tmp/probe-{purpose}.{ext}", (pki / n1.name / f"{purpose}.{ext}").read_bytes(), mode="0600")
+    base = (f"ETCDCTL_API=3 etcdctl --command-timeout=3s --dial-timeout=3s --cacert=/etc/etcd/tls/ca.crt "
+            f"--endpoints=https://{e1.name}:2379")
+    cert = "--cert=/tmp/probe-etcd-client.crt --key=/tmp/probe-etcd-client.key"
+    password = yaml.safe_load((state / "secrets.yml").read_text())["etcd"]["password"]
+
+    def as_patroni(args: str):  # the password on stdin, into etcdctl's environment: never in argv
+        return tr.run(e1, f'read -r pw; ETCDCTL_USER="patroni:$pw" {base} {cert} {args}',
+                      stdin=(password + "\n").encode(), timeout=60)
+    try:
+        inside = as_patroni("put /patroni/runbook-probe x")
+        assert inside.ok, inside.stderr
+        assert as_patroni("del /patroni/runbook-probe").ok
+        for key in ("/outside", "/patroni-other/x", "/"):
+            out = as_patroni(f"put {key} x")
+            assert not out.ok and "permission denied" in out.stderr, (key, out.stderr)
+        auth = as_patroni("auth disable")
+        assert not auth.ok and "permission denied" in auth.stderr, auth.stderr
+        bare = sh(tr, inventory, e1.name, f"{base} {cert} get /patroni --prefix --keys-only")
+        assert not bare.ok and ("permission denied" in bare.stderr or "user name is empty" in bare.stderr), bare.stderr
+        rest = sh(tr, inventory, e1.name, f"{base} --cert=/tmp/probe-rest-client.crt "
+                                          "--key=/tmp/probe-rest-client.key get /patroni --prefix --keys-only")
+        assert not rest.ok and ("user name not found" in rest.stderr or "permission denied" in rest.stderr), rest.stderr
+        status = sh(tr, inventory, e1.name, "ectl auth status").stdout
+        assert "Authentication Status: true" in status
+    finally:
+        sh(tr, inventory, e1.name, "rm -f /tmp/probe-etcd-client.* /tmp/probe-rest-client.*")
 
 
 def test_etcd_files_modes_and_owners(cluster, tr):
     inventory, _ = cluster
     for h in (E1, E2, E3):
-        r = sh(tr, inventory, h, f"stat -c '%n %a %U' /etc/etcd/tls /etc/etcd/tls/{h}.key /var/lib/etcd; "
-                                            "getent passwd etcd | cut -d: -f7; systemctl show -p User etcd")
+        r = sh(tr, inventory, h, "stat -c '%n %a %U' /etc/etcd/tls /etc/etcd/tls/etcd-peer.key "
+                                 "/etc/etcd/tls/etcd-server.key /etc/etcd/tls/etcd-root.key /var/lib/etcd; "
+                                 "getent passwd etcd | cut -d: -f7; systemctl show -p User etcd; ls /etc/etcd/tls")
         lines = r.stdout.split("\n")
         assert lines[0] == "/etc/etcd/tls 750 etcd"
-        assert lines[1] == f"/etc/etcd/tls/{h}.key 600 etcd"
-        assert lines[2] == "/var/lib/etcd 700 etcd"
-        assert lines[3].endswith("nologin") and lines[4] == "User=etcd"
+        assert lines[1:4] == ["/etc/etcd/tls/etcd-peer.key 600 etcd", "/etc/etcd/tls/etcd-server.key 600 etcd",
+                              "/etc/etcd/tls/etcd-root.key 600 root"]  # root only: the etcd root user's key
+        assert lines[4] == "/var/lib/etcd 700 etcd"
+        assert lines[5].endswith("nologin") and lines[6] == "User=etcd"
+        assert sorted(x for x in lines[7:] if x) == ["ca.crt", "etcd-peer.crt", "etcd-peer.key", "etcd-root.crt",
+                                                     "etcd-root.key", "etcd-server.crt", "etcd-server.key",
+                                                     "peer-ca.crt"]
 
 
 def test_cluster_up_killed_in_patroni_section_then_resumed(cluster):
@@ -242,7 +347,7 @@ def test_secrets_and_keys_are_0600_and_owned_by_service_users(cluster, tr):
     assert (state / "secrets.yml").stat().st_mode & 0o777 == 0o600
     assert (state / "pki/ca.key").stat().st_mode & 0o777 == 0o600
     for h in (N1, N2):
-        r = sh(tr, inventory, h, f"stat -c '%a %U' /opt/patroni/.tls/{h}.key /etc/patroni/config.yml; "
+        r = sh(tr, inventory, h, "stat -c '%a %U' /opt/patroni/.tls/etcd-client.key /etc/patroni/config.yml; "
                                             "test -e /etc/patroni/post_bootstrap.sh && echo left || echo gone; "
                                             "systemctl show -p User patroni")
         # the bootstrap script is there for the first start only (10.8)
@@ -271,11 +376,12 @@ def test_postgres_refuses_non_ssl_and_md5(cluster, tr):
         psycopg.connect(_dsn(state, user="md5user", password="md5-password-123"))
 
 
-def test_rest_api_refuses_unauthenticated_post(cluster):
-    _, state = cluster
+def test_rest_api_refuses_unauthenticated_post_and_wrong_purpose_certificates(cluster):
+    inventory, state = cluster
     pki = state / "pki"
+    n1 = inventory.get(T("node01"))
     with_cert = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    with_cert.load_cert_chain(str(pki / f"{N1}.crt"), str(pki / f"{N1}.key"))
+    with_cert.load_cert_chain(str(pki / N1 / "rest-client.crt"), str(pki / N1 / "rest-client.key"))
     req = urllib.request.Request(f"https://{N1}:8008/restart", data=b"{}", method="POST")
     req.full_url = f"https://{ADDR[N1]}:8008/restart"
     with_cert.check_hostname = False  # the certificate names the host and its address; we dial the address
@@ -287,6 +393,13 @@ def test_rest_api_refuses_unauthenticated_post(cluster):
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(urllib.request.Request(f"https://{ADDR[N1]}:8008/patroni"),
                                context=no_cert, timeout=10).read()
+    # server certificates (serverAuth only) are refused as client certificates, even of our CA and this host
+    assert _tls_get(n1.address, 8008, "/patroni", pki / "ca.crt", pki / n1.name / "rest-client.crt",
+                    pki / n1.name / "rest-client.key")[0] == 200
+    for purpose in ("rest-server", "pg-server"):
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            _tls_get(n1.address, 8008, "/patroni", pki / "ca.crt", pki / n1.name / f"{purpose}.crt",
+                     pki / n1.name / f"{purpose}.key")
 
 
 def _leader(state) -> str | None:

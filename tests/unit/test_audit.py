@@ -148,7 +148,8 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
 
     def stat(host, cmd):
         if "/etc/etcd/tls" in cmd:
-            return 0, f"/etc/etcd/tls|750|etcd\n/etc/etcd/tls/{host.name}.key|600|etcd\n"
+            return 0, ("/etc/etcd/tls|750|etcd\n/etc/etcd/tls/etcd-peer.key|600|etcd\n"
+                       "/etc/etcd/tls/etcd-server.key|600|etcd\n/etc/etcd/tls/etcd-root.key|600|root\n")
         out = PATRONI_STAT.replace("a-node01", host.name)
         return 0, out.replace("config.yml|600", "config.yml|644") if bad_mode and host.name == "node01" else out
 
@@ -174,16 +175,22 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
     t.on(r"from pg_replication_slots", (0, "patroni_node02|t|0|reserved\n"))
     t.on(r"show max_slot_wal_keep_size", (0, "8GB\n"))
     t.on(r"SYSLOG_IDENTIFIER=sudo", (0, "scanned|40|12\n"))
+    from test_pki_lifecycle import _hosts_serve_the_record
+
+    _hosts_serve_the_record(ctx)
+    from runbook.procedures import audit_purposes as ap
+
+    t.on(r"refuses a PostgreSQL server certificate", lambda h, c: (0, "".join(
+        f"{what}|refused:SSLError tlsv13 alert certificate required\n" for what, *_ in ap.probes(ctx, h))))
 
 
 def _state(ctx) -> None:
     from runbook.core.ledger import Ledger
 
+    from test_pki_lifecycle import _issue_all
+
     assert ctx.secrets["admin"]["password"]  # generates state/secrets.yml (0600)
-    (ctx.pki_dir).mkdir(parents=True, exist_ok=True)
-    key = ctx.pki_dir / "ca.key"
-    key.write_text("k")
-    os.chmod(key, 0o600)
+    _issue_all(ctx)  # the CAs and every host's certificates, as the hosts hold them (_lab_answers)
     Ledger(ctx.state_dir / f"{ctx.inventory.cluster.name}.db").db.conn.close()
 
 
@@ -193,7 +200,9 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     checks = a.run_audit(ctx)
     assert [(c.host, c.name, c.problems) for c in checks if c.problems] == []
     assert {c.host for c in checks} == {"local", "etcd01", "etcd02", "etcd03", "node01", "node02"}
-    assert len(checks) == 3 + 3 * (6 + 3) + 2 * (10 + 1)  # local (+ backups) + security + capacity per host
+    # local (+ backups), security + capacity per host, the certificates of each host and the local CAs, and
+    # the three wrong-purpose probes
+    assert len(checks) == 3 + 3 * (6 + 3) + 2 * (10 + 1) + 6 + 3
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
 
@@ -260,3 +269,25 @@ def test_rewind_verdict_on_captured_patroni_log():
     assert rewind_verdict(lines, 2, 2) == "pg_rewind ran; timeline 2 = leader's 2"
     assert rewind_verdict([], 3, 3).startswith("no pg_rewind in the Patroni log")
     assert "!=" in rewind_verdict([], 2, 3)
+
+
+def test_a_wrong_purpose_certificate_accepted_is_a_finding(ctx):
+    """The probe's verdicts: refused is fine; any HTTP answer names the service and the certificate; no verdict
+    (the probe could not load the pair, say) is a finding too, never a pass."""
+    from runbook.procedures import audit_purposes as ap
+
+    node = ctx.inventory.get("node01")
+    ps = ap.probes(ctx, node)
+    assert [p[1] for p in ps] == ["https://192.168.60.141:2379/version", "https://192.168.60.141:2380/members",
+                                  "https://192.168.60.132:8008/patroni"]  # the REST API of another host
+    assert [p[2].rsplit("/", 1)[1] for p in ps] == ["pg-server.crt", "etcd-client.crt", "pg-server.crt"]
+    ctx.transport.on(r"refuses a PostgreSQL server certificate", (0, (
+        f"{ps[0][0]}|refused:SSLError tlsv13 alert certificate required\n"
+        f"{ps[1][0]}|answered:200\n")))
+    checks = {c.name: c.problems for c in ap.audit_wrong_purposes(ctx)}
+    assert checks[ps[0][0]] == []
+    assert checks[ps[1][0]] == ["etcd peer port (etcd01:2380) accepted a certificate of the wrong purpose "
+                                "(Patroni's etcd client certificate): HTTP 200"]
+    assert checks[ps[2][0]] == ["the probe gave no verdict: no answer"]
+    sent = [c for c in ctx.transport.commands() if "bin/python -" in c]
+    assert sent and all(ctx.secrets["admin"]["password"] not in c for c in sent)

@@ -126,7 +126,7 @@ def test_dynamic_config_archives_only_with_a_backup_host(binv, inv):
 def test_replicas_restore_from_the_repository_first(binv, inv):
     s = {role: {"username": user, "password": f"{role}-Pw_0123456789abcdefghij"[:32]}
          for role, user in (("superuser", "postgres"), ("replication", "replicator"), ("rewind", "rewind_user"),
-                            ("admin", "admin"), ("restapi", "patroni"))}
+                            ("admin", "admin"), ("restapi", "patroni"), ("etcd", "patroni"))}
     with_b = yaml.safe_load(render("patroni/config.yml.j2", **patroni_context(binv, binv.get("node02"), s)))
     assert with_b["postgresql"]["create_replica_methods"] == ["pgbackrest", "basebackup"]
     assert "--stanza=patroni_cluster" in with_b["postgresql"]["pgbackrest"]["command"]
@@ -154,13 +154,24 @@ def test_certificate_per_host_and_purpose(tmp_path, binv):
     c.pki = Pki(tmp_path / "pki")
     from cryptography import x509
 
-    ca, crt, key, key_path = sec.pgbackrest_cert(c, binv.get("node01"))
-    cert = x509.load_pem_x509_certificate(crt)
-    assert cert.subject.rfc4514_string() == "CN=node01-pgbackrest" and key_path.name == "node01-pgbackrest.key"
+    from runbook.core.step import Put
+    from runbook.sections.tls_files import host_purposes, leaf
+
+    lf = leaf(c, binv.get("node01"), "pgbackrest")
+    cert = x509.load_pem_x509_certificate(lf.cert_pem)
+    assert cert.subject.rfc4514_string() == "CN=node01-pgbackrest"
+    assert lf.key_path == c.pki.dir / "node01" / "pgbackrest.key"
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "node01" in sans.get_values_for_type(x509.DNSName)  # the repository verifies the server by name
-    host_crt, _, _ = c.pki.host("node01", ["node01"], [binv.get("node01").address])
-    assert host_crt != crt  # its own key, not the host certificate
+    others = {leaf(c, binv.get("node01"), p).key_pem for p in ("pg-server", "rest-client")}
+    assert lf.key_pem not in others  # its own key
+    puts = {a.path: a for a in sec.tls.actions_fn(c, binv.get("node01")) if isinstance(a, Put)}
+    assert set(puts) == {"/etc/pgbackrest/tls/ca.crt", "/etc/pgbackrest/tls/node01-pgbackrest.crt",
+                         "/etc/pgbackrest/tls/node01-pgbackrest.key"}  # the names pgbackrest.conf gives
+    assert puts["/etc/pgbackrest/tls/node01-pgbackrest.key"].mode == "0600"
+    # a purpose of every host of the backup (the repository and restore hosts too), and only with a backup host
+    assert {h.name for h in binv.hosts if "pgbackrest" in [p.name for p in host_purposes(h, binv)]} == \
+        {h.name for h in binv.hosts if h.has("postgres") or h.has("backup") or h.has("restore")}
 
 
 def test_restore_steps_mark_the_wipe_irreversible(bctx, binv):

@@ -187,7 +187,8 @@ def test_config_file_unknown_key(guard_dir, tmp_path):
     out = refused(r, tmp_path, f"{cfg}:2: runbook.inventroy: unknown key (did you mean 'inventory'?)",
                   f"{cfg}:3: runbook.paralel: unknown key (did you mean 'parallel'?)",
                   "allowed: allow_downgrade, bundle_dir, cache, debian_mirror, debian_security_mirror, etcd_sha256, "
-                  "etcd_url, inventory, lab_dir, manifest_sha256, parallel, patroni_version, pip_index, state_dir, "
+                  "etcd_url, inventory, lab_dir, manifest_sha256, parallel, patroni_version, pip_index, "
+                  "pki_expiry_days, state_dir, "
                   "wheel_python")
     assert out.count("unknown key") == 2  # every problem at once
 

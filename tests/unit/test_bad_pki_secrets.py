@@ -14,6 +14,7 @@ from test_cli_errors import GUARD
 
 from runbook.core.engine import RunFailed, apply
 from runbook.credentials import pki
+from runbook.credentials.purposes import ETCD_SERVER
 from runbook.inventory import LOCAL
 from runbook.sections import section_steps
 from runbook.sections.tls_files import sans
@@ -57,7 +58,8 @@ def _cert(signer_cert: x509.Certificate, signer_key, name: str, names: list[str]
 
 
 def _plant(ctx, host: str, cert_key: tuple[bytes, bytes]) -> bytes:
-    crt, key = pki.host_paths(ctx.pki_dir, host)
+    crt, key = pki.leaf_paths(ctx.pki_dir, host, "etcd-server")
+    crt.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     crt.write_bytes(cert_key[0])
     key.write_bytes(cert_key[1])
     key.chmod(0o600)
@@ -67,7 +69,7 @@ def _plant(ctx, host: str, cert_key: tuple[bytes, bytes]) -> bytes:
 def _host_names(ctx, name: str) -> list[str]:
     h = next(h for h in ctx.inventory.hosts if h.name == name)
     dns, ips = sans(ctx, h)
-    return dns + ips + ["localhost", "127.0.0.1"]
+    return dns + ips
 
 
 def _step(name: str):
@@ -93,14 +95,14 @@ def test_pki_step_reissues_a_bad_host_certificate(ctx, kind):
     pki_step = _step("etcd.pki")
     old = _plant(ctx, "etcd01", _bad_cert(ctx, kind))
     ca = pki.ensure_ca(ctx.pki_dir)
-    crt = pki.host_paths(ctx.pki_dir, "etcd01")[0]
-    problems = pki.check_cert(crt, ca, _host_names(ctx, "etcd01"), include_local=False)
+    crt = pki.leaf_paths(ctx.pki_dir, "etcd01", "etcd-server")[0]
+    problems = pki.check_leaf(crt, ca, ETCD_SERVER, "etcd01", _host_names(ctx, "etcd01"))
     assert any(PKI_REISSUE[kind] in p and str(crt) in p for p in problems), problems
     assert pki_step.check_fn(ctx, LOCAL) is False
     report = apply(ctx, [pki_step], ctx.inventory.hosts)
     assert report.executed == [("local", "etcd.pki")] and not report.failed
     assert crt.read_bytes() != old, "not re-issued"
-    assert pki.check_cert(crt, ca, _host_names(ctx, "etcd01"), min_days=pki.RENEW_DAYS, include_local=False) == []
+    assert pki.check_leaf(crt, ca, ETCD_SERVER, "etcd01", _host_names(ctx, "etcd01"), min_days=pki.RENEW_DAYS) == []
     assert ctx.transport.writes == []  # a local step: no host touched
 
 
@@ -110,11 +112,11 @@ def test_certificate_expired_after_pki_was_done_is_reissued_and_redeployed(ctx):
     steps = [_step("etcd.pki"), _step("etcd.tls")]
     etcd01 = ctx.inventory.select("etcd01")
     apply(ctx, steps, etcd01)
-    first = ctx.transport.files[("etcd01", "/etc/etcd/tls/etcd01.crt")][0]
+    first = ctx.transport.files[("etcd01", "/etc/etcd/tls/etcd-server.crt")][0]
     expired = _plant(ctx, "etcd01", _bad_cert(ctx, "expired"))
     report = apply(ctx, steps, etcd01)
     assert ("etcd01", "etcd.tls") in report.executed, report
-    sent = ctx.transport.files[("etcd01", "/etc/etcd/tls/etcd01.crt")][0]
+    sent = ctx.transport.files[("etcd01", "/etc/etcd/tls/etcd-server.crt")][0]
     assert sent not in (first, expired)
     ca = pki.ensure_ca(ctx.pki_dir)
     cert = x509.load_pem_x509_certificate(sent)

@@ -31,7 +31,8 @@ def _inv(tmp_path: Path, cluster: str, etcd01: str = "", node02: str = ""):
 
 SECRETS = {role: {"username": user, "password": f"{role}-Pw_0123456789abcdefghij"[:32]}
            for role, user in (("superuser", "postgres"), ("replication", "replicator"),
-                              ("rewind", "rewind_user"), ("admin", "admin"), ("restapi", "patroni"))}
+                              ("rewind", "rewind_user"), ("admin", "admin"), ("restapi", "patroni"),
+                              ("etcd", "patroni"))}
 
 
 @pytest.mark.parametrize("os_line, major, tag", [("", 15, "cp311"), ("  os: debian12\n", 15, "cp311"),

@@ -17,7 +17,7 @@ from runbook.sections.patroni import section
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {k: {"username": u, "password": f"pw-{k}-0123456789abcdef"} for k, u in (
     ("superuser", "postgres"), ("replication", "replicator"), ("rewind", "rewind_user"), ("admin", "admin"),
-    ("restapi", "patroni"))}
+    ("restapi", "patroni"), ("etcd", "patroni"))}
 
 
 def _inv(tmp_path: Path, patroni_block: str = ""):

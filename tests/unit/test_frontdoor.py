@@ -92,8 +92,8 @@ def test_pgbouncer_ini(fctx):
     assert kv["auth_type"] == "scram-sha-256" and kv["auth_user"] == "pgbouncer_auth"
     assert kv["auth_query"] == "SELECT usename, passwd FROM pgbouncer.get_auth($1)"
     assert kv["client_tls_sslmode"] == "require"
-    assert kv["client_tls_cert_file"] == "/opt/patroni/.tls/node01.crt"
-    assert kv["client_tls_key_file"] == "/opt/patroni/.tls/node01.key"
+    assert kv["client_tls_cert_file"] == "/opt/patroni/.tls/pgbouncer-server.crt"  # its own server certificate
+    assert kv["client_tls_key_file"] == "/opt/patroni/.tls/pgbouncer-server.key"
     assert kv["listen_addr"] == "192.168.60.131,127.0.0.1" and kv["listen_port"] == "6432"
     assert kv["*"] == "host=/var/run/postgresql port=5432"  # the local socket
     assert "auth_file" in kv and "userlist" in kv["auth_file"]
@@ -245,6 +245,35 @@ def test_front_door_files_end_with_newline_and_hold_only_their_own_secret(fctx):
             assert put.secret and put.mode == "0600"
     key = [a for a in tls.actions_fn(fctx, host) if getattr(a, "path", "").endswith(".key")]
     assert key and key[0].mode == "0600" and key[0].secret
+
+
+def test_front_door_certificates_are_of_their_own_purpose(fctx, tmp_path):
+    """HAProxy shows the REST API a client-only certificate (CN haproxy, its own key, client.pem + client.pem.key,
+    0600 root); PgBouncer serves its own server-only certificate, put by postgres.tls beside Patroni's, and only
+    when the front door is on."""
+    from cryptography import x509
+
+    from runbook.core.step import Put
+    from runbook.credentials.certinfo import cert_cn, cert_eku
+    from runbook.sections.balancer import tls
+    from runbook.sections.postgres import tls as pg_tls
+
+    host = fctx.inventory.get("node01")
+    puts = {a.path: a for a in tls.actions_fn(fctx, host) if isinstance(a, Put)}
+    assert set(puts) == {"/etc/haproxy/tls/ca.crt", "/etc/haproxy/tls/client.pem", "/etc/haproxy/tls/client.pem.key"}
+    cert = x509.load_pem_x509_certificate(puts["/etc/haproxy/tls/client.pem"].content)
+    assert cert_eku(cert) == {"client"} and cert_cn(cert) == "haproxy"
+    key = puts["/etc/haproxy/tls/client.pem.key"]
+    assert key.mode == "0600" and key.owner == "root" and key.secret
+    pg = {a.path: a for a in pg_tls.actions_fn(fctx, host) if isinstance(a, Put)}
+    bouncer = x509.load_pem_x509_certificate(pg["/opt/patroni/.tls/pgbouncer-server.crt"].content)
+    assert cert_eku(bouncer) == {"server"} and cert_cn(bouncer) == "node01"
+    assert pg["/opt/patroni/.tls/pgbouncer-server.key"].content != pg["/opt/patroni/.tls/pg-server.key"].content
+    (tmp_path / "off").mkdir()
+    off = Ctx(inventory=load_inventory(_inventory(tmp_path / "off", vip=None)), transport=FakeTransport(),
+              state_dir=tmp_path / "off-state", bundle_dir=tmp_path / "bundle", options=Options())
+    assert not [a for a in pg_tls.actions_fn(off, off.inventory.get("node01"))
+                if "pgbouncer" in getattr(a, "path", "")]  # no front door: no PgBouncer certificate
 
 
 # -- audit -----------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from runbook.inventory import InventoryError, load_inventory
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {role: {"username": user, "password": f"{role}-Pw_0123456789abcdefghij"[:32]}
            for role, user in (("superuser", "postgres"), ("replication", "replicator"),
-                              ("rewind", "rewind_user"), ("admin", "admin"), ("restapi", "patroni"))}
+                              ("rewind", "rewind_user"), ("admin", "admin"), ("restapi", "patroni"),
+                              ("etcd", "patroni"))}
 # `patronictl show-config` of a cluster installed before the fix (a-* lab, 2026-11), trimmed.
 OLD_DCS = """failsafe_mode: true
 loop_wait: 10

@@ -32,12 +32,16 @@ def members_are(t, members: list[dict]) -> None:
 
 
 @pytest.fixture
-def cluster(ctx):
+def cluster(ctx, monkeypatch):
     """A cluster whose leader is node02 (after a switchover), bootstrapped on node01 (recorded)."""
+    from runbook.procedures import secrets_etcd
+
+    monkeypatch.setattr(secrets_etcd, "_sleep", lambda s: None)  # a test replaces it to see the wait
     t = ctx.transport
     members_are(t, SWITCHED)
     t.on(r"^sh -s$", (0, ALL_OK))
     t.on(r"/bin/python -c", (0, "restapi|ok|refused\n"))
+    t.on(r"/v3/auth/authenticate", (0, "etcd|ok|refused\n"))
     ctx.ledger.set("node01", "patroni.bootstrap", "done", fingerprint="x")
     apply(ctx, [config], ctx.inventory.postgres)  # the configs as cluster.up left them
     return t
@@ -61,7 +65,8 @@ def test_rotation_changes_the_leader_first_then_the_configs(ctx, cluster):
     res = sr.rotate(ctx, None)
     assert res["leader"] == "node02" and seen == {"host": "node02", "configs": []}
     new = {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()}
-    assert set(new) == set(old) and all(new[k] != old[k] for k in old)  # superuser and restapi included
+    # superuser, restapi and the etcd user included
+    assert set(new) == set(old) and all(new[k] != old[k] for k in old)
     assert sorted(configs_with(cluster, new["superuser"])) == ["node01", "node02"]
     assert not sr.rotation_path(ctx.state_dir).exists()
     argv = "\n".join(cluster.commands())
@@ -103,6 +108,7 @@ def test_a_resumed_run_keeps_the_applied_passwords(ctx, cluster, monkeypatch):
         sr.rotate(ctx, "admin")
     alters = len([c for c in cluster.commands("node02") if c.endswith("-f -")])
     cluster.on(r"/bin/python -c", (0, "restapi|ok|refused\n"))
+    cluster.on(r"/v3/auth/authenticate", (0, "etcd|ok|refused\n"))
     res = sr.rotate(ctx, None)
     assert res["rotation"] == first.id
     assert {k: v["password"] for k, v in ensure_secrets(ctx.state_dir).items()} == \
@@ -185,7 +191,7 @@ def test_the_front_doors_secrets_rotate_too(ctx, cluster):
     assert "IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgbouncer_auth')" in sql
     assert "PASSWORD 'SCRAM-SHA-256$4096:" in sql and "n" * 32 not in sql
     assert not [c for c in cluster.commands() if "pgbouncer" in c or "keepalived" in c]  # not deployed: no config
-    with pytest.raises(ProcedureFailed, match="--role nope: unknown; one of .*restapi, pooler, vrrp"):
+    with pytest.raises(ProcedureFailed, match="--role nope: unknown; one of .*restapi, etcd, pooler, vrrp"):
         sr.rotate(ctx, "nope")
 
 
@@ -234,3 +240,53 @@ def test_pgbouncer_is_reloaded_when_it_listens_there(tmp_path, active, listening
     subprocess.run(["sh", "-c", reload_or_restart("10.0.0.5", 6432)], check=True, timeout=30,
                    env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert log.read_text().splitlines()[-1] == f"{expected} pgbouncer"
+
+
+def test_the_etcd_password_changes_in_etcd_after_every_patroni_has_it(ctx, cluster, monkeypatch):
+    """Patroni keeps its etcd token across a reload and logs in again only when etcd's auth revision moves: the
+    configs (reloaded) carry the new password before `user passwd` runs, after a wait of one Patroni loop; then
+    a login through the JSON gateway proves new in, old out. The password travels on stdin only."""
+    from runbook.procedures import secrets_etcd
+
+    waited = []
+    monkeypatch.setattr(secrets_etcd, "_sleep", lambda s: waited.append(s))
+    old = ensure_secrets(ctx.state_dir)["etcd"]["password"]
+    seen = {}
+
+    def passwd(host, cmd):
+        rot = sr.load_rotation(ctx.state_dir)
+        seen["host"], seen["waited"] = host.name, list(waited)
+        seen["configs"] = sorted(configs_with(cluster, rot.roles["etcd"]["new"]))
+        return 0
+    cluster.on(r"user passwd patroni --interactive=false", passwd)
+
+    def patronictl_list(host, cmd):  # a fresh patronictl logs in with the config's password: refused until passwd
+        rot = sr.load_rotation(ctx.state_dir)
+        ahead = rot is not None and configs_with(cluster, rot.roles["etcd"]["new"]) and "host" not in seen
+        return (1, "") if ahead else (0, json.dumps(SWITCHED))
+    cluster.on(r"list -f json", patronictl_list)
+    res = sr.rotate(ctx, "etcd")
+    new = ensure_secrets(ctx.state_dir)["etcd"]["password"]
+    assert res["roles"] == ["etcd"] and new != old and res["logins"] == {"etcd": {"new": "ok", "old": "refused"}}
+    wait = ctx.inventory.cluster.patroni.loop_wait + secrets_etcd.RELOAD_MARGIN
+    assert seen == {"host": "etcd01", "configs": ["node01", "node02"], "waited": [wait]}
+    cmds = cluster.commands()
+    assert "etcd-root.crt" in next(c for c in cmds if "user passwd patroni" in c)
+    login = next(c for c in cmds if "/v3/auth/authenticate" in c)
+    assert "etcd-client.crt" in login and "/etcd01:2379/" in login.replace("https:/", "")
+    argv, dump = "\n".join(cmds), "\n".join(ctx.ledger.db.conn.iterdump())
+    assert all(pw not in argv and pw not in dump for pw in (old, new))
+    assert not [c for c in cmds if "ALTER ROLE" in c]  # not a PostgreSQL role
+    roles_on = [h for h, _u, c in cluster.calls if "roles change on the leader only" in c]
+    assert roles_on == ["node02"]  # patroni.roles found the leader: it ran after etcd had the new password
+
+
+def test_an_old_etcd_password_still_accepted_fails_the_rotation(ctx, cluster, monkeypatch):
+    from runbook.procedures import secrets_etcd
+
+    monkeypatch.setattr(secrets_etcd, "_sleep", lambda s: None)
+    monkeypatch.setattr(sr, "VERIFY_TRIES", 1)
+    cluster.on(r"/v3/auth/authenticate", (0, "etcd|ok|ok\n"))
+    with pytest.raises(ProcedureFailed, match="etcd .patroni.: the old password is not refused: ok"):
+        sr.rotate(ctx, "etcd")
+    assert sr.rotation_path(ctx.state_dir).exists()  # the rotation stays open, to resume

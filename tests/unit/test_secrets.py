@@ -15,7 +15,7 @@ def test_generated_once_with_expected_users(tmp_path: Path) -> None:
     s = sec.ensure_secrets(tmp_path / "state")
     assert {r: e["username"] for r, e in s.items()} == {
         "superuser": "postgres", "replication": "replicator", "rewind": "rewind_user",
-        "admin": "admin", "restapi": "patroni"}
+        "admin": "admin", "restapi": "patroni", "etcd": "patroni"}
     pws = [e["password"] for e in s.values()]
     assert len(set(pws)) == len(pws)
     assert all(re.fullmatch(r"[A-Za-z0-9_-]{32}", p) and not p.startswith("-") for p in pws)

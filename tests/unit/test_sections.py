@@ -48,7 +48,7 @@ def test_export_is_complete_and_masks_secrets(ctx, inv, bundle):
     for entry in ctx.secrets.values():
         assert entry["password"] not in text
     assert "PRIVATE KEY" not in text  # keys are referenced by their local path, never shown
-    assert "state/pki/etcd01.key" in text or "pki/etcd01.key" in text
+    assert "pki/etcd01/etcd-peer.key" in text and "pki/node01/etcd-client.key" in text
 
 
 def test_tls_keys_are_0600_owned_by_the_service_user(ctx, inv, bundle):
@@ -57,8 +57,9 @@ def test_tls_keys_are_0600_owned_by_the_service_user(ctx, inv, bundle):
     keys = [a for s in all_steps() if s.name in ("etcd.tls", "postgres.tls")
             for h in inv.role(s.role) for a in s.actions_fn(ctx, h)
             if isinstance(a, Put) and a.path.endswith(".key")]
-    assert len(keys) == 5
-    assert {(k.mode, k.owner) for k in keys} == {("0600", "etcd"), ("0600", "postgres")}
+    assert len(keys) == 3 * 3 + 2 * 4  # etcd: peer, server, root; postgres: etcd-client, rest x2, pg-server
+    assert {(k.mode, k.owner) for k in keys} == {("0600", "etcd"), ("0600", "postgres"), ("0600", "root")}
+    assert {k.path.rsplit("/", 1)[1] for k in keys if k.owner == "root"} == {"etcd-root.key"}
     from runbook.sections.patroni import config
 
     conf = [a for h in inv.postgres for a in config.actions_fn(ctx, h)

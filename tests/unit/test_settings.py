@@ -53,7 +53,8 @@ def test_every_problem_names_file_line_or_variable(tmp_path):
     p = exc.value.problems
     assert p[0] == (f"{cfg}:3: runbook.state_dri: unknown key (did you mean 'state_dir'?); allowed: "
                     "allow_downgrade, bundle_dir, cache, debian_mirror, debian_security_mirror, etcd_sha256, "
-                    "etcd_url, inventory, lab_dir, manifest_sha256, parallel, patroni_version, pip_index, state_dir, "
+                    "etcd_url, inventory, lab_dir, manifest_sha256, parallel, patroni_version, pip_index, "
+                  "pki_expiry_days, state_dir, "
                     "wheel_python")
     assert "INVOKE_RUNBOOK_ETCD_SHA256: runbook.etcd_sha256 = 'z': must be a sha256: 64 hex digits" in p[1]
     assert f"{cfg}:4: runbook.manifest_sha256 = 'abc': must be a sha256" in p[2]

@@ -61,7 +61,8 @@ def inv():
 def secrets() -> dict:
     return {role: {"username": user, "password": f"{role}-Pw_0123456789abcdefghij"[:32]}
             for role, user in (("superuser", "postgres"), ("replication", "replicator"),
-                               ("rewind", "rewind_user"), ("admin", "admin"), ("restapi", "patroni"))}
+                               ("rewind", "rewind_user"), ("admin", "admin"), ("restapi", "patroni"),
+                               ("etcd", "patroni"))}
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +110,11 @@ def test_paths_defaults() -> None:
 
 def test_etcd_config_walkthrough_values(ectx) -> None:
     cfg = _load(render("etcd/etcd.conf.yml.j2", **ectx))
-    tls = {"cert-file": f"{ETLS}/etcd01.crt", "key-file": f"{ETLS}/etcd01.key",
+    # one certificate per purpose; peers trust only the peer CA
+    tls = {"cert-file": f"{ETLS}/etcd-server.crt", "key-file": f"{ETLS}/etcd-server.key",
            "client-cert-auth": True, "trusted-ca-file": f"{ETLS}/ca.crt"}
+    peer = {"cert-file": f"{ETLS}/etcd-peer.crt", "key-file": f"{ETLS}/etcd-peer.key",
+            "client-cert-auth": True, "trusted-ca-file": f"{ETLS}/peer-ca.crt"}
     assert cfg == {
         "name": "etcd01",
         "data-dir": "/var/lib/etcd/default",
@@ -127,7 +131,7 @@ def test_etcd_config_walkthrough_values(ectx) -> None:
         "auto-compaction-retention": "1h",
         "quota-backend-bytes": 2 * 1024**3,
         "client-transport-security": tls,
-        "peer-transport-security": tls,
+        "peer-transport-security": peer,
     }
 
 
@@ -135,7 +139,7 @@ def test_etcd_config_existing_and_token(inv) -> None:
     ctx = etcd_context(inv, inv.get("etcd02"), Paths(), initial_cluster_state="existing", cluster_token="t2")
     cfg = _load(render("etcd/etcd.conf.yml.j2", **ctx))
     assert cfg["initial-cluster-state"] == "existing" and cfg["initial-cluster-token"] == "t2"
-    assert cfg["name"] == "etcd02" and cfg["peer-transport-security"]["cert-file"] == f"{ETLS}/etcd02.crt"
+    assert cfg["name"] == "etcd02" and cfg["peer-transport-security"]["cert-file"] == f"{ETLS}/etcd-peer.crt"
     with pytest.raises(ValueError, match="new' or 'existing"):
         etcd_context(inv, inv.get("etcd02"), Paths(), initial_cluster_state="old")
     with pytest.raises(ValueError, match="no 'etcd' role"):
@@ -162,7 +166,7 @@ def test_ectl_wrapper(ectx) -> None:
     text = render("etcd/ectl.sh.j2", **ectx)
     assert text.startswith("#!/bin/sh\n")
     assert f"--cacert={ETLS}/ca.crt" in text
-    assert f"--cert={ETLS}/etcd01.crt" in text and f"--key={ETLS}/etcd01.key" in text
+    assert f"--cert={ETLS}/etcd-root.crt" in text and f"--key={ETLS}/etcd-root.key" in text
     assert "--endpoints=https://etcd01:2379,https://etcd02:2379,https://etcd03:2379" in text
     assert 'exec /usr/bin/etcdctl' in text and '"$@"' in text
 
@@ -173,15 +177,17 @@ def test_patroni_top_level_walkthrough_values(pcfg) -> None:
     assert pcfg["scope"] == "patroni_cluster" and pcfg["namespace"] == "/patroni"
     assert pcfg["name"] == "patroni_node01"
     assert pcfg["log"] == {"level": "INFO", "dir": "/data/log/patroni", "file_size": 50000000, "file_num": 10}
-    tls = {"cafile": f"{TLS}/ca.crt", "certfile": f"{TLS}/node01.crt", "keyfile": f"{TLS}/node01.key"}
+    tls = {"cafile": f"{TLS}/ca.crt", "certfile": f"{TLS}/rest-server.crt", "keyfile": f"{TLS}/rest-server.key"}
     assert pcfg["restapi"] == {"listen": "0.0.0.0:8008", "connect_address": "node01:8008",
                                "verify_client": "required", **tls,
                                "authentication": {"username": "patroni",
                                                   "password": "restapi-Pw_0123456789abcdefghij"}}
-    assert pcfg["ctl"] == {"cacert": f"{TLS}/ca.crt", "certfile": f"{TLS}/node01.crt",
-                           "keyfile": f"{TLS}/node01.key"}
+    assert pcfg["ctl"] == {"cacert": f"{TLS}/ca.crt", "certfile": f"{TLS}/rest-client.crt",
+                           "keyfile": f"{TLS}/rest-client.key"}
     assert pcfg["etcd3"] == {"hosts": ["etcd01:2379", "etcd02:2379", "etcd03:2379"], "protocol": "https",
-                             "cacert": f"{TLS}/ca.crt", "cert": f"{TLS}/node01.crt", "key": f"{TLS}/node01.key"}
+                             "cacert": f"{TLS}/ca.crt", "cert": f"{TLS}/etcd-client.crt",
+                             "key": f"{TLS}/etcd-client.key", "username": "patroni",
+                             "password": "etcd-Pw_0123456789abcdefghij"}
     assert pcfg["watchdog"] == {"mode": "off"}  # the string, not YAML's boolean
     assert pcfg["tags"] == {"nofailover": False, "noloadbalance": False, "clonefrom": False, "nosync": False}
 
@@ -228,7 +234,7 @@ def test_patroni_postgresql_section(pcfg, secrets) -> None:
         assert auth[role] == {"username": user, "password": secrets[role]["password"],
                               "sslmode": "verify-full", "sslrootcert": f"{TLS}/ca.crt"}
     assert pg["parameters"] == {"unix_socket_directories": "/var/run/postgresql",
-                                "ssl_cert_file": f"{TLS}/node01.crt", "ssl_key_file": f"{TLS}/node01.key",
+                                "ssl_cert_file": f"{TLS}/pg-server.crt", "ssl_key_file": f"{TLS}/pg-server.key",
                                 "ssl_ca_file": f"{TLS}/ca.crt"}
     assert pg["create_replica_methods"] == ["basebackup"]
     assert pg["basebackup"] == {"max-rate": "100M", "checkpoint": "fast"}
@@ -287,7 +293,6 @@ def test_node02_differs_only_where_the_walkthrough_says(inv, secrets, pcfg) -> N
     assert other["name"] == member_name(inv.get("node02")) == "patroni_node02"
     assert other["restapi"]["connect_address"] == "node02:8008"
     assert other["postgresql"]["connect_address"] == "192.168.60.132:5432"
-    assert other["etcd3"]["cert"] == f"{TLS}/node02.crt"
     assert other["bootstrap"] == json.loads(json.dumps(pcfg["bootstrap"]).replace("node01", "node02"))
 
 

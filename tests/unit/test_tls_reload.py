@@ -44,18 +44,27 @@ def host_sim(tmp_path, monkeypatch):
 
 
 def script(inv, tmp: Path, owner: str = "postgres") -> str:
-    unit, reload, ports = tf.SERVED_BY[owner]
+    """The proof for one certificate on the ports of both Patroni-served purposes (or etcd's client port)."""
+    if owner == "etcd":
+        unit, reload, ports = tf.SERVED_BY["etcd-server"]
+    else:
+        unit, reload, ports = tf.SERVED_BY["rest-server"]
+        ports = ports + tf.SERVED_BY["pg-server"][2]
     return tf.serve_new_cert(inv.get("node01"), str(tmp / "cert"), unit, reload, ports)
 
 
 def test_tls_files_end_with_the_reload_and_the_proof(ctx, inv):
     acts = tf.tls_files(ctx, inv.get("node01"), ctx.paths.patroni_tls_dir, "postgres")
-    assert [type(a) for a in acts] == [Run, Put, Put, Put, Run]
-    last = acts[-1].cmd
-    assert "systemctl is-active -q patroni" in last and "systemctl reload patroni" in last
-    assert "for p in 8008 5432:postgres" in last and '-starttls ${1#*:}' in last
-    etcd = tf.tls_files(ctx, inv.get("etcd01"), ctx.paths.etcd_tls_dir, "etcd")[-1].cmd
-    assert "for p in 2379;" in etcd and "systemctl reload" not in etcd  # etcd re-reads per handshake
+    # dir, CA, then per purpose: etcd-client (no proof: a client), rest-server + proof, rest-client, pg-server + proof
+    assert [type(a) for a in acts] == [Run, Put, Put, Put, Put, Put, Run, Put, Put, Put, Put, Run]
+    rest, pg = acts[6].cmd, acts[-1].cmd
+    assert "systemctl is-active -q patroni" in rest and "systemctl reload patroni" in rest
+    assert "for p in 8008;" in rest and "rest-server.crt" in rest
+    assert "for p in 5432:postgres;" in pg and '-starttls ${1#*:}' in pg and "pg-server.crt" in pg
+    etcd = [a.cmd for a in tf.tls_files(ctx, inv.get("etcd01"), ctx.paths.etcd_tls_dir, "etcd") if isinstance(a, Run)]
+    assert any("for p in 2379;" in c and "etcd-server.crt" in c for c in etcd)
+    assert any("for p in 2380;" in c and "etcd-peer.crt" in c for c in etcd)
+    assert not any("systemctl reload" in c for c in etcd)  # etcd re-reads per handshake
 
 
 def test_not_running_first_install_does_nothing(inv, host_sim):
