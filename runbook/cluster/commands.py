@@ -43,7 +43,7 @@ def rest_client(ctx: Ctx, host: Host) -> tuple[str, str, str, str]:
     """(CA, client certificate, key, host:port) with which patronictl asks the host's REST API: the `ctl:` section
     and restapi.connect_address of its Patroni config, named once by runbook.cluster.render.patroni_context."""
     c = patroni_context(ctx.inventory, host, ctx.secrets, ctx.paths)
-    return c["ca_file"], c["cert_file"], c["key_file"], c["restapi_connect_address"]
+    return c["ca_file"], c["ctl_cert_file"], c["ctl_key_file"], c["restapi_connect_address"]
 
 
 # GET some paths of the host's Patroni REST API with patronictl's client certificate, then run a verdict on the

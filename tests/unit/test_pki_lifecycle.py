@@ -119,10 +119,10 @@ def test_rotate_steps_issue_once_then_roll_out_with_proof_and_a_masked_key(ctx):
 
 
 def test_rotate_orders_the_leader_last(ctx):
-    ctx.transport.on(r"patronictl .* list -f json", (0, '[{"Member": "patroni_node01", "Host": "node01", '
-                                                        '"Role": "Leader", "State": "running"}, '
-                                                        '{"Member": "patroni_node02", "Host": "node02", '
-                                                        '"Role": "Sync Standby", "State": "streaming"}]'))
+    ctx.transport.on(r"(?s)python3 -I -S -c .* /cluster$",  # the REST API's GET /cluster (readers.leader)
+                     (0, '{"members": [{"name": "patroni_node01", "host": "node01", "role": "leader", '
+                         '"state": "running"}, {"name": "patroni_node02", "host": "node02", '
+                         '"role": "sync_standby", "state": "streaming"}]}'))
     pg = ctx.inventory.postgres
     assert [h.name for h in rot.leader_last(ctx, pg)] == ["node02", "node01"]
 

@@ -127,7 +127,8 @@ def test_rest_client_is_what_patronictl_presents(ctx, inv):
     node01 = inv.get("node01")
     c = patroni.pctx(ctx, node01)
     cmd = rest_get(ctx, node01, ["/cluster"], "pass")
-    assert shlex.split(cmd)[5:9] == [c["ca_file"], c["cert_file"], c["key_file"], c["restapi_connect_address"]]
+    assert shlex.split(cmd)[5:9] == [c["ca_file"], c["ctl_cert_file"], c["ctl_key_file"], c["restapi_connect_address"]]
+    assert c["ctl_cert_file"].endswith("/rest-client.crt")  # the REST API client purpose, not a server pair
 
 
 def test_member_check_passes_for_a_running_leader_or_a_streaming_replica(ctx, inv, tls, api):
