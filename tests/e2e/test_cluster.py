@@ -115,7 +115,7 @@ c.check_hostname = False
 c.load_cert_chain(crt, key)
 try:
     r = urllib.request.urlopen(url, context=c, timeout=10)
-    print("status=%d %s" % (r.status, r.read()[:200].decode(errors="replace")))
+    print("status=%d %s" % (r.status, r.read()[:4000].decode(errors="replace")))  # the whole member list
 except Exception as e:
     print("refused=" + type(e).__name__)
 """
