@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
-from helpers import inv
-from test_pki import _status
+from helpers import inv, kill_when, ledger
+from test_pki import _status, tr  # noqa: F401  (tr: a fixture)
 
 pytestmark = pytest.mark.e2e
 SOAK = os.environ.get("RUNBOOK_SOAK") == "1"
@@ -56,5 +57,47 @@ def test_the_ca_is_rotated_in_three_phases_under_a_writer(converged):
     assert inv(state, "cluster.audit", check=False, timeout=600).returncode == 0
 
 
+
+def _starts(tr, h, unit: str, since: float) -> int:  # noqa: F811
+    r = tr.run(h, f"journalctl -u {unit} --since @{int(since)} -o cat --no-pager | grep -c '^Started ' || true",
+               timeout=30)
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_rotation_killed_in_phase_one_resumes_without_a_second_restart(converged, tr):  # noqa: F811
+    inventory, state = converged
+    pki = state / "pki"
+    peer_before = (pki / "peer-ca.crt").read_bytes()
+    main_before = (pki / "ca.crt").read_bytes()
+    since = time.time() - 1
+    # SIGKILL the whole run once two etcd members took the bundle (the third may be restarting right then)
+    kill_when(state, ["pki.rotate-ca", "--ca", "peer", "--yes"],
+              "select 1 from checkpoints where step = 'pki.rotate-ca.trust-etcd' and status = 'done' "
+              f"and host = 'etcd02' and finished > {since}", budget=600)  # this run's, not the drill's
+    assert (pki / "peer-ca-next.key").exists() and (pki / "peer-ca.crt").read_bytes() == peer_before
+    made = (pki / "peer-ca-next.crt").read_bytes()  # the new CA the killed run made and the hosts now trust
+    out = inv(state, "pki.rotate-ca", "--ca", "peer", "--yes", timeout=900).stdout
+    assert "resumed the interrupted CA rotation" in out, out[-3000:]
+    # each etcd member started once in phase 1 and once in phase 3, whatever the kill interrupted; Patroni never
+    starts = {h.name: _starts(tr, h, "etcd", since) for h in inventory.etcd}
+    assert starts == {h.name: 2 for h in inventory.etcd}, starts
+    assert {h.name: _starts(tr, h, "patroni", since) for h in inventory.postgres} == \
+        {h.name: 0 for h in inventory.postgres}
+    with ledger(state) as db:
+        rec = db.execute("select status from checkpoints where step = 'pki.rotate-ca.discard'").fetchone()
+    assert rec[0] == "done"
+    assert (pki / "peer-ca.crt").read_bytes() == made  # the resumed run made no second new CA
+    assert (pki / "ca.crt").read_bytes() == main_before  # --ca peer: the main CA untouched
+    assert not (pki / "peer-ca-old.key").exists() and (pki / "peer-ca-retired.crt").read_bytes() == peer_before
+    doc = _status(state)
+    assert doc["findings"] == [], doc["findings"]
+    peer_ca = next(r for r in doc["rows"] if r["host"] == "local" and r["service"] == "peer-ca")
+    assert {r["issuer"] for r in doc["rows"] if r["service"] == "etcd-peer" and r["host"] != "local"} == \
+        {peer_ca["subject"]}
+    st = json.loads(inv(state, "cluster.status", "--json", timeout=300).stdout)
+    assert st["error"] is None and not st["etcd"]["unreachable"] and len(st["etcd"]["endpoints"]) == 3
+
+
 if not SOAK:  # `make soak` only: every etcd and Patroni member restarted twice under the writer (minutes)
     del test_the_ca_is_rotated_in_three_phases_under_a_writer
+    del test_a_rotation_killed_in_phase_one_resumes_without_a_second_restart
