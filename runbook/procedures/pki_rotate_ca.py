@@ -11,10 +11,11 @@ Phase 1, trust both
   trust-etcd      one etcd member at a time: restart (etcd reads its trusted CA files only when it starts),
                   every member healthy before the next
   trust-pause     Patroni's maintenance mode: a Patroni restarted now leaves PostgreSQL running
-  trust-patroni   replicas first, the leader last: restart Patroni (its REST API and its etcd client read their
-                  CA only when they start; a SIGHUP reloads the REST context only when its own certificate
-                  changed), the member back, then `systemctl reload patroni` (PostgreSQL re-reads ssl_ca_file),
-                  and PgBouncer reloaded / pgBackRest's server restarted where the inventory turns them on
+  trust-patroni   replicas first, the leader last: restart Patroni (its etcd client loads its CA when it starts,
+                  and a SIGHUP is not relied on to rebuild the REST API's TLS context for a CA file alone: a
+                  restart, paused, is sure for both), the member back, then `systemctl reload patroni`
+                  (PostgreSQL re-reads ssl_ca_file on reload), and PgBouncer reloaded / pgBackRest's server
+                  restarted where the inventory turns them on
   trust-resume    maintenance mode off
   trust-others    HAProxy hosts (cluster.vip): `reload-or-restart haproxy`; backup hosts: pgBackRest's server
 Phase 2, re-issue
@@ -30,6 +31,10 @@ Phase 3, trust only the new CA
 Each member restarts at most once per phase (etcd and Patroni in phases 1 and 3; none in phase 2). Every step
 is a ledger step of the operation ``pki-rotate-ca`` (--dry, --step, --export, resume); a resumed run skips what
 is done and never repeats `discard`.
+
+Between phase 1 and the end of phase 3, `pki.status` reports the hosts' CA files as differing from state/pki
+(they hold the bundle): expected until the rotation ends. Clients outside the cluster that verify with the CA
+(applications' sslrootcert) need old + new from phase 1 to the end of phase 2; the runbook does not reach them.
 """
 from __future__ import annotations
 
@@ -196,8 +201,8 @@ def _phase(sec: Section, phase: str, cas: tuple[str, ...], op_id: str) -> list[S
             acts.append(Run("systemctl try-restart pgbackrest-server", timeout=60))
         return acts
 
-    patroni.doc = (f"Replicas first, the leader last: restart Patroni (its REST API and etcd client read their CA "
-                   f"only when they start: now {what}; PostgreSQL stays up, paused), the member back, then reload "
+    patroni.doc = (f"Replicas first, the leader last: restart Patroni (its etcd client and REST API load their CA "
+                   f"when they start: now {what}; PostgreSQL stays up, paused), the member back, then reload "
                    "(PostgreSQL re-reads ssl_ca_file); PgBouncer reloaded, pgBackRest's server restarted if held")
 
     @patroni.check
@@ -316,6 +321,19 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     from runbook.core.fsutil import write_atomic
 
     write_atomic(path, data, mode)
+
+
+def rotation_refusal(ctx: Ctx, command: str) -> str | None:
+    """Why *command* (an install section or a membership procedure) must not run now: a CA rotation is unfinished
+    and would lose the trust of one CA on the hosts it converges (None: it may)."""
+    left = sorted(f.name for w in (MAIN_CA, PEER_CA)
+                  for f in (*files(ctx.pki_dir, w, "next"), files(ctx.pki_dir, w, "old")[1]) if f.exists())
+    if not left:
+        return None
+    return (f"{command} refused: a CA rotation is unfinished (state/pki {ctx.pki_dir} holds {', '.join(left)}): the "
+            "hosts trust old + new CA while it runs, and converging now would put back one CA alone and break the "
+            "certificates of the other. Run `inv pki.rotate-ca` again with the same --ca (it resumes where it "
+            f"stopped; `--dry` shows what is left), then `inv {command}`.")
 
 
 def target(ctx: Ctx, cas: tuple[str, ...]) -> str:

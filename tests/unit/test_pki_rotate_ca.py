@@ -206,3 +206,19 @@ def test_dry_plans_every_step_on_its_hosts_marks_discard_and_writes_nothing(ctx)
     assert [n for n, _, irr in planned if irr] == ["pki.rotate-ca.discard"]
     assert sorted(p.name for p in ctx.pki_dir.rglob("*")) == before  # nothing written
     assert ctx.ledger.get("local", f"membership:{rc.OP}:{rc.target(ctx, rc.cas_of('all'))}") is None
+
+
+def test_install_and_membership_runs_are_refused_while_a_rotation_is_unfinished(ctx):
+    from runbook.procedures.pki_migrate import refusal
+
+    _installed(ctx)
+    assert refusal(ctx, "cluster.up") is None
+    steps = rc.rotate_ca_steps(ctx, rc.cas_of("peer"), "op-r")
+    steps[0].actions_fn(ctx, None)[0].fn()  # new-ca: peer-ca-next.* in state/pki
+    why = refusal(ctx, "etcd.add")
+    assert why and "a CA rotation is unfinished" in why and "peer-ca-next.crt" in why and "inv pki.rotate-ca" in why
+    switch = next(s for s in steps if s.name == "pki.rotate-ca.switch")
+    switch.actions_fn(ctx, None)[0].fn()  # the old key kept aside: still unfinished
+    assert "peer-ca-old.key" in (refusal(ctx, "cluster.up") or "")
+    next(s for s in steps if s.name == "pki.rotate-ca.discard").actions_fn(ctx, None)[0].fn()
+    assert refusal(ctx, "cluster.up") is None
