@@ -2,7 +2,8 @@
 harness (`pki.drill --ca all`): three phases, each member of etcd and Patroni started at most once per phase
 (journal), `cluster.status` healthy after each phase, 0 acknowledged rows lost, the longest write gap printed;
 then every leaf on the hosts is issued by the new CAs (`pki.status`), the old CA keys are gone from state/pki,
-`cluster.audit` passes and `cluster.up` finds nothing to change in the certificates. CI runs the plan's unit
+`cluster.audit` passes. A run killed in phase 1 resumes without a second restart of any member; `cluster.up`
+afterwards keeps the new CA on the hosts (state/pki and the hosts agree). CI runs the plan's unit
 tests (tests/unit/test_pki_rotate_ca.py) only: the rotation restarts every member twice (minutes)."""
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def test_a_rotation_killed_in_phase_one_resumes_without_a_second_restart(converg
         {peer_ca["subject"]}
     st = json.loads(inv(state, "cluster.status", "--json", timeout=300).stdout)
     assert st["error"] is None and not st["etcd"]["unreachable"] and len(st["etcd"]["endpoints"]) == 3
+    inv(state, "cluster.up", timeout=900)  # the install's view after a rotation: nothing of the old CA put back
+    after = _status(state)
+    assert after["findings"] == [] and all(r["matches"] for r in after["rows"] if r["host"] != "local")
 
 
 if not SOAK:  # `make soak` only: every etcd and Patroni member restarted twice under the writer (minutes)
