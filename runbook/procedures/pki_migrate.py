@@ -55,7 +55,11 @@ def legacy_hosts(ctx: Ctx) -> list[str]:
 
 
 def refusal(ctx: Ctx, command: str) -> str | None:
-    """Why *command* must not run on this state/pki (None: it may)."""
+    """Why *command* must not run on this state/pki (None: it may); also while a CA rotation is unfinished."""
+    from runbook.procedures.pki_rotate_ca import rotation_refusal
+
+    if why := rotation_refusal(ctx, command):
+        return why
     old = legacy_hosts(ctx)
     if not old:
         return None

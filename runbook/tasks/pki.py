@@ -1,5 +1,6 @@
-"""Tasks of the PKI: `pki.status` (every certificate in use, per host and purpose) and `pki.rotate` (new leaf
-certificates rolled out host by host as ledger steps: --dry, --step, --export, resume)."""
+"""Tasks of the PKI: `pki.status` (every certificate in use, per host and purpose), `pki.rotate` (new leaf
+certificates rolled out host by host as ledger steps: --dry, --step, --export, resume) and `pki.rotate-ca`
+(a new CA in three recorded phases)."""
 from __future__ import annotations
 
 import json as jsonlib
@@ -68,7 +69,6 @@ def rotate(c, hosts=None, service=None, dry=False, step=False, export=False):
     from runbook.procedures.membership_ops import operation_id
     from runbook.procedures.pki_rotate import OP, rotate_steps, run_rotation, selection, target_of
     from runbook.tasks.operation import procedure_options
-    from runbook.tasks.session import show_plan
 
     options = procedure_options(c, dry, step, export)
     with session(c, "pki.rotate", lock=not (dry or export), options=options) as ctx:
@@ -76,15 +76,54 @@ def rotate(c, hosts=None, service=None, dry=False, step=False, export=False):
         if export:
             print(export_markdown(ctx, rotate_steps(ctx, pairs, operation_id(ctx, OP, target_of(pairs))[0])))
             return
-        t0 = time.monotonic()
-        report, op_id, resumed = run_rotation(ctx, pairs)
-        if dry:
-            show_plan(ctx, report)
+        done = _run_shown(ctx, dry, lambda: run_rotation(ctx, pairs), "rotation")
+        if done:
+            ui.console.print(f"[bold green]✓[/] pki.rotate ({done[0]}): {len(pairs)} certificate(s) on "
+                             f"{len({h.name for h, _ in pairs})} host(s); {done[1]}")
+
+
+def _run_shown(ctx, dry: bool, run, what: str) -> tuple[str, str] | None:
+    """Run an operation (*run*: () -> (report, id, resumed)); --dry: show its plan, None; else (id, summary)."""
+    from runbook.tasks.session import show_plan
+
+    t0 = time.monotonic()
+    report, op_id, resumed = run()
+    if dry:
+        show_plan(ctx, report)
+        return None
+    if resumed:
+        ui.console.print(f"[yellow]![/] resumed the interrupted {what} {op_id}")
+    return op_id, ui.summary_line(report, time.monotonic() - t0)
+
+
+@task(help={"ca": "which CA: main (every client-facing certificate), peer (etcd peer certificates) or all (default)",
+            "dry": "show the plan (steps x hosts, the irreversible step marked); change nothing",
+            "step": "ask before every step: yes / skip / continue-all / quit (answers are recorded)",
+            "export": "print the procedure as Markdown (exact commands and checks per host); change nothing",
+            "yes": "do not ask before the irreversible step (needed without a terminal)"})
+def rotate_ca(c, ca="all", dry=False, step=False, export=False, yes=False):
+    """A new CA without downtime, in three recorded phases: (1) every CA file on every host holds old + new CA,
+    etcd restarted member by member, Patroni (paused) replicas first, the leader last; (2) every leaf of that CA
+    re-issued from the new one and rolled out as `pki.rotate` does; (3) the new CA alone, the same restarts,
+    then the old CA's key (kept aside in state/pki until then) is deleted: irreversible. Interrupted: run it
+    again, it resumes; done steps are skipped."""
+    from runbook.core.export import export_markdown
+    from runbook.procedures.membership_ops import operation_id
+    from runbook.procedures.pki_rotate_ca import OP, cas_of, rotate_ca_steps, run_rotate_ca, target
+    from runbook.tasks.operation import confirm_irreversible, procedure_options
+
+    options = procedure_options(c, dry, step, export)
+    with session(c, "pki.rotate-ca", lock=not (dry or export), options=options) as ctx:
+        cas = cas_of(ca)
+        op_id, resumed = operation_id(ctx, OP, target(ctx, cas))
+        if export:
+            print(export_markdown(ctx, rotate_ca_steps(ctx, cas, op_id)))
             return
-        if resumed:
-            ui.console.print(f"[yellow]![/] resumed the interrupted rotation {op_id}")
-        ui.console.print(f"[bold green]✓[/] pki.rotate ({op_id}): {len(pairs)} certificate(s) on "
-                         f"{len({h.name for h, _ in pairs})} host(s); {ui.summary_line(report, time.monotonic() - t0)}")
+        if not dry:
+            confirm_irreversible(rotate_ca_steps(ctx, cas, op_id), yes)
+        done = _run_shown(ctx, dry, lambda: run_rotate_ca(ctx, cas), "CA rotation")
+        if done:
+            ui.console.print(f"[bold green]✓[/] pki.rotate-ca ({done[0]}): {', '.join(cas)} replaced; {done[1]}")
 
 
 @task(help={"hosts": "the hosts of the rotation to undo, as given to pki.rotate (default: every host)",
@@ -117,12 +156,17 @@ def rollback(c, hosts=None, service=None):
 
 
 @task(help={"hosts": "comma-separated host names (default: every host)",
-            "service": "only these purposes (default: every purpose)"})
-def drill(c, hosts=None, service=None):
+            "service": "only these purposes (default: every purpose)",
+            "ca": "drill `pki.rotate-ca --ca CA` instead (main, peer or all): per phase its time, the starts of "
+                  "etcd and Patroni per member and the cluster's health"})
+def drill(c, hosts=None, service=None, ca=None):
     """Lab drill: `pki.rotate` (every certificate by default) under a writer; prints the rotation time, the
-    writer's longest gap, services restarted (none expected) and proves no acknowledged row was lost."""
+    writer's longest gap, services restarted (none expected) and proves no acknowledged row was lost.
+    With --ca: `pki.rotate-ca` under the writer instead, phase by phase."""
     from runbook.procedures.pki_drill import rotation_drill
 
+    if ca is not None:
+        return _drill_ca(c, ca)
     with session(c, "pki.drill") as ctx:
         res = rotation_drill(ctx, hosts, service)
         ctx.ledger.event("local", "pki.drill", "result", jsonlib.dumps(res), 0 if res["lost"] == 0 else 1)
@@ -137,6 +181,34 @@ def drill(c, hosts=None, service=None):
                        f"{', '.join(res['restarted']) or 'none'}", code=1)
         ui.console.print(f"[bold green]✓[/] pki.drill: {res['certificates']} certificates rotated in "
                          f"{res['rotation_s']} s, longest write gap {res['longest_write_gap_s']} s, 0 lost")
+
+
+def _drill_ca(c, ca: str) -> None:
+    from runbook.procedures.pki_drill import rotate_ca_drill
+    from runbook.procedures.pki_rotate_ca import cas_of
+
+    with session(c, "pki.drill") as ctx:
+        res = rotate_ca_drill(ctx, cas_of(ca))
+        ctx.ledger.event("local", "pki.drill", "result", jsonlib.dumps(res), 0 if res["lost"] == 0 else 1)
+        t = Table(title=f"pki.drill: pki.rotate-ca --ca {ca} under a writer", title_justify="left")
+        for col in ("phase", "s", "steps", "starts per member (etcd / Patroni)", "healthy after"):
+            t.add_column(col)
+        bad = []
+        for ph in res["phases"]:
+            starts = ", ".join(f"{h} {n}" for h, n in ph["starts"].items())
+            if any(n > 1 for n in ph["starts"].values()) or ph["unhealthy"]:
+                bad.append(ph["phase"])
+            t.add_row(ph["phase"], str(ph["seconds"]), str(ph["steps_executed"]), starts,
+                      "[green]yes[/]" if not ph["unhealthy"] else "[red]" + "; ".join(ph["unhealthy"]) + "[/]")
+        ui.console.print(t)
+        ui.console.print(f"acknowledged {res['acknowledged']}, present {res['present']}, lost {res['lost']}; "
+                         f"longest write gap {res['longest_write_gap_s']} s; {res['rotation_s']} s in all")
+        print("DRILL-JSON " + jsonlib.dumps(res))
+        if res["lost"] or bad:
+            raise Exit(f"pki.drill --ca: {res['lost']} acknowledged row(s) lost; phases with more than one start "
+                       f"per member or unhealthy after: {', '.join(bad) or 'none'}", code=1)
+        ui.console.print(f"[bold green]✓[/] pki.drill --ca {ca}: rotated in {res['rotation_s']} s, longest write gap "
+                         f"{res['longest_write_gap_s']} s, 0 lost")
 
 
 @task(help={"dry": "show the plan (steps x hosts); change nothing",
@@ -169,4 +241,5 @@ ns.add_task(migrate, name="migrate")
 ns.add_task(drill, name="drill")
 ns.add_task(status, name="status")
 ns.add_task(rotate, name="rotate")
+ns.add_task(rotate_ca, name="rotate-ca")
 ns.add_task(rollback, name="rollback")
