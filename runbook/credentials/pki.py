@@ -50,7 +50,7 @@ def _ensure_dir(pki_dir: Path) -> Path:
     return pki_dir
 
 
-def _key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -85,7 +85,7 @@ def _ca_paths(pki_dir: Path, which: str = "ca") -> tuple[Path, Path]:
     return pki_dir / f"{which}.crt", pki_dir / f"{which}.key"
 
 
-def _new_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()
@@ -119,8 +119,8 @@ def ensure_ca(pki_dir: str | Path, common_name: str | None = None, which: str = 
     if ca is not None:
         return ca
     cert_path, key_path = _ca_paths(pki_dir, which)
-    cert, key = _new_ca(common_name or (PEER_CA_CN if which == "peer-ca" else CA_CN))
-    write_atomic(key_path, _key_bytes(key), 0o600)
+    cert, key = make_ca(common_name or (PEER_CA_CN if which == "peer-ca" else CA_CN))
+    write_atomic(key_path, private_key_pem(key), 0o600)
     write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return CA(cert, key, cert_path, key_path)
 
@@ -243,7 +243,7 @@ class Pki:
         if which not in self._cas:
             ca = load_ca(self.dir, which)
             if ca is None:
-                cert, key = _new_ca(PEER_CA_CN if which == PEER_CA else CA_CN)
+                cert, key = make_ca(PEER_CA_CN if which == PEER_CA else CA_CN)
                 ca = CA(cert, key, *_ca_paths(self.dir, which))
             self._cas[which] = ca
         return self._cas[which]
@@ -268,13 +268,13 @@ class Pki:
             if self.write:
                 cert, key = issue_leaf(ca, p, cn, dns, ip_set, days)
                 _ensure_dir(cert_path.parent)
-                write_atomic(key_path, _key_bytes(key), 0o600)
+                write_atomic(key_path, private_key_pem(key), 0o600)
                 write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
                 return self._leaf(p, host, cert_path.read_bytes(), key_path.read_bytes(), key_path, cert_path)
             k = (host, p.name, tuple(sorted(dns | ip_set)))
             if k not in self._mem:
                 cert, key = issue_leaf(ca, p, cn, dns, ip_set, days)
-                self._mem[k] = (cert.public_bytes(serialization.Encoding.PEM), _key_bytes(key))
+                self._mem[k] = (cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key))
             return self._leaf(p, host, *self._mem[k], key_path, cert_path)
 
     def problems(self, host: str, purpose: Purpose | str, dns_names: Iterable[str] = (), ips: Iterable[str] = (),

@@ -71,7 +71,8 @@ def refusal(ctx: Ctx, command: str) -> str | None:
             f"then `inv {command}`.")
 
 
-def _health(ctx: Ctx, host: Host) -> str:
+def etcd_healthy_wait(ctx: Ctx, host: Host) -> str:
+    """Shell, run on an etcd host: wait (bounded, HEALTH_WAIT s) until every etcd member answers healthy."""
     endpoints = ",".join(f"https://{h.name}:2379" for h in ctx.inventory.etcd)
     return wait_for(etcdctl(ctx, host, "endpoint health", endpoints), HEALTH_WAIT)
 
@@ -86,7 +87,8 @@ def _conf(ctx: Ctx, host: Host, trust_both: bool) -> Put:
 
 
 def _restart(ctx: Ctx, host: Host, conf: Put) -> list:
-    return [conf, Run("systemctl restart etcd", timeout=120), Run(_health(ctx, host), timeout=HEALTH_WAIT + 30)]
+    return [conf, Run("systemctl restart etcd", timeout=120),
+            Run(etcd_healthy_wait(ctx, host), timeout=HEALTH_WAIT + 30)]
 
 
 def _conf_check(ctx: Ctx, host: Host, conf: Put) -> str:
@@ -148,7 +150,7 @@ def migrate_steps(ctx: Ctx) -> list[Step]:
         peer = next(p for p in for_role("etcd") if p.ca == PEER_CA)
         return [*leaf_actions(ctx, h, tls, peer, prove=False),
                 Run(serve_new_cert(h, f"{tls}/{peer.name}.crt", *SERVED_BY[peer.name]), timeout=SERVE_WAIT + 60),
-                Run(_health(ctx, h), timeout=HEALTH_WAIT + 30)]
+                Run(etcd_healthy_wait(ctx, h), timeout=HEALTH_WAIT + 30)]
 
     etcd_config = _rolling_config(sec, "etcd-config", False, "One member at a time: the final config (peer "
                                   "trust: the peer CA only); restart; every member healthy")

@@ -68,7 +68,7 @@ def target_of(pairs: list[tuple[Host, Purpose]]) -> str:
     return ",".join(sorted({f"{h.name}/{p.name}" for h, p in pairs}))
 
 
-def _marker(ctx: Ctx, op_id: str):
+def issued_marker(ctx: Ctx, op_id: str):
     """Says the operation's certificates are issued (its id names hosts and purposes: hashed for a file name)."""
     return ctx.pki_dir / f".issued-{hashlib.sha256(op_id.encode()).hexdigest()[:16]}"
 
@@ -115,7 +115,7 @@ def rotate_steps(ctx: Ctx, pairs: list[tuple[Host, Purpose]], op_id: str) -> lis
         """Re-issue the selected certificates in state/pki (new keys); the previous pairs kept as .prev
         Once per operation: a resumed rotation rolls out what this step issued, it does not issue again."""
         def run() -> str:
-            marker = _marker(ctx, op_id)
+            marker = issued_marker(ctx, op_id)
             if marker.exists():
                 return f"already issued for {op_id}"
             for host, p in pairs:
@@ -133,7 +133,7 @@ def rotate_steps(ctx: Ctx, pairs: list[tuple[Host, Purpose]], op_id: str) -> lis
 
     @issue.check
     def _issue_check(ctx: Ctx, h: Host) -> bool:
-        return _marker(ctx, op_id).exists()
+        return issued_marker(ctx, op_id).exists()
 
     @issue.undo
     def _issue_undo(ctx: Ctx, h: Host) -> list:
@@ -145,7 +145,7 @@ def rotate_steps(ctx: Ctx, pairs: list[tuple[Host, Purpose]], op_id: str) -> lis
                     if prev.exists():
                         prev.replace(f)
                         n += 1
-            _marker(ctx, op_id).unlink(missing_ok=True)
+            issued_marker(ctx, op_id).unlink(missing_ok=True)
             return f"{n} file(s) of state/pki restored from .prev"
         return [Local("restore the previous certificates in state/pki from .prev", run, key=target_of(pairs))]
 
@@ -208,5 +208,5 @@ def run_rotation(ctx: Ctx, pairs: list[tuple[Host, Purpose]]) -> tuple[Report, s
     op_id, resumed = operation_id(ctx, OP, target)
     out = run_with_id(ctx, OP, target, rotate_steps(ctx, pairs, op_id), op_id, resumed)
     if not ctx.options.dry:
-        _marker(ctx, op_id).unlink(missing_ok=True)
+        issued_marker(ctx, op_id).unlink(missing_ok=True)
     return out

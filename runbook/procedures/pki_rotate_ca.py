@@ -51,13 +51,13 @@ from runbook.cluster.commands import member_ok, patronictl
 from runbook.cluster.context import Ctx
 from runbook.core.engine import Report
 from runbook.core.step import Local, Put, Run, Section, Step, wait_for
-from runbook.credentials.pki import _key_bytes, _new_ca
+from runbook.credentials.pki import private_key_pem, make_ca
 from runbook.credentials.purposes import MAIN_CA, PEER_CA
 from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.procedures.membership_ops import operation_id, run_with_id
-from runbook.procedures.pki_migrate import HEALTH_WAIT, _health
-from runbook.procedures.pki_rotate import _marker, leader_last, rotate_steps
+from runbook.procedures.pki_migrate import HEALTH_WAIT, etcd_healthy_wait
+from runbook.procedures.pki_rotate import issued_marker, leader_last, rotate_steps
 from runbook.procedures.pki_status import tls_dir
 from runbook.sections.tls_files import host_purposes
 
@@ -100,8 +100,8 @@ def old_new(ctx: Ctx, which: str, op_id: str = "") -> tuple[bytes, bytes]:
         return retired.read_bytes(), cur.read_bytes()
     k = (str(ctx.pki_dir), which)
     if k not in _MEM:
-        cert, key = _new_ca(_cn(ctx, which))
-        _MEM[k] = (cert.public_bytes(serialization.Encoding.PEM), _key_bytes(key))
+        cert, key = make_ca(_cn(ctx, which))
+        _MEM[k] = (cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key))
     return (cur.read_bytes() if cur.exists() else ctx.pki.ca_pem(which)), _MEM[k][0]
 
 
@@ -170,14 +170,14 @@ def _phase(sec: Section, phase: str, cas: tuple[str, ...], op_id: str) -> list[S
         return f"{ctx.paths.etcd_tls_dir}/{ca_file(cas[0])}"
 
     def etcd_actions(ctx: Ctx, h: Host) -> list:
-        return [Run("systemctl restart etcd", timeout=120), Run(_health(ctx, h), timeout=HEALTH_WAIT + 30)]
+        return [Run("systemctl restart etcd", timeout=120), Run(etcd_healthy_wait(ctx, h), timeout=HEALTH_WAIT + 30)]
 
     etcd_actions.__doc__ = (f"One member at a time: restart etcd (it reads its trusted CA files only when it "
                             f"starts: now {what}); every member healthy before the next")
     etcd = sec.step(f"{phase}-etcd", role="etcd", kind="serial",
                     host_order=lambda ctx, hs: sorted(hs, key=lambda h: h.name))(etcd_actions)
     etcd = replace(etcd, check_fn=lambda ctx, h: f"{_started_after('etcd', etcd_file(ctx, h))} && "
-                                                 f"{_health(ctx, h)}")
+                                                 f"{etcd_healthy_wait(ctx, h)}")
     steps: list[Step] = [files_step, etcd]
     if MAIN_CA not in cas:  # the peer CA: etcd alone verifies with it
         return steps
@@ -244,8 +244,8 @@ def phase_steps(ctx: Ctx, cas: tuple[str, ...], op_id: str) -> list[tuple[str, l
                 crt, key = files(ctx.pki_dir, which, "next")
                 if crt.exists() and key.exists():
                     continue
-                cert, k = _new_ca(_cn(ctx, which))
-                _write(key, _key_bytes(k), 0o600)
+                cert, k = make_ca(_cn(ctx, which))
+                _write(key, private_key_pem(k), 0o600)
                 _write(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
                 made.append(crt.name)
             return f"made {', '.join(made) or 'nothing (already there)'} in {ctx.pki_dir}"
@@ -347,7 +347,7 @@ def rotate_ca_steps(ctx: Ctx, cas: tuple[str, ...], op_id: str) -> list[Step]:
 def finish(ctx: Ctx, op_id: str) -> None:
     """After the last phase: the markers of the operation go (a next rotation is a new operation)."""
     if not ctx.options.dry:
-        _marker(ctx, op_id).unlink(missing_ok=True)
+        issued_marker(ctx, op_id).unlink(missing_ok=True)
         discard_mark(ctx, op_id).unlink(missing_ok=True)
 
 
