@@ -97,7 +97,8 @@ def tls_files(ctx: Ctx, host: Host, tls_dir: str, owner: str, role: str | None =
 
 
 def serve_new_cert(host: Host, crt: str, unit: str, reload: str | None, ports: list[tuple[int, str | None]]) -> str:
-    """Shell: nothing when `unit` is not running (a first install); else reload it when a port serves a
+    """Shell: nothing when `unit` is not running or serves TLS on none of its ports (a first install, its own
+    section not yet run); else reload it when a port serves a
     certificate other than `crt`, then wait (bounded) until fresh handshakes serve `crt` (SHA-256
     fingerprints) on every port that answers TLS, at least one; rc 1 with the fingerprints when not."""
     specs = " ".join(f"{p}:{st}" if st else str(p) for p, st in ports)
@@ -109,6 +110,10 @@ def serve_new_cert(host: Host, crt: str, unit: str, reload: str | None, ports: l
         "done; }",
         f"systemctl is-active -q {unit} || {{ echo '{unit} is not running: nothing to reload'; exit 0; }}",
         f"want=$(fp < {crt})",
+        # running but serving no TLS on its ports at all: not configured by its own section yet (a package's
+        # service started with its default config, e.g. PgBouncer on localhost): nothing to reload
+        f'up=0; for p in {specs}; do [ -n "$(served $p)" ] && up=1; done; [ $up -eq 1 ] || {{ echo "{unit} '
+        f'serves no TLS on {host.address}:{specs} yet (its own section configures it): nothing to reload"; exit 0; }}',
         f'stale() {{ n=0; for p in {specs}; do s=$(served $p); [ -z "$s" ] && continue; n=$((n+1)); '
         '[ "$s" = "$want" ] || return 0; done; [ $n -eq 0 ]; }',
         f"if stale; then echo '{unit} serves another certificate than {crt}: reloading'; {reload or ':'}; fi",

@@ -22,7 +22,7 @@ STUB_SYSTEMCTL = """#!/bin/sh
 case "$1" in
   is-active) [ -e "$STATE/active" ];;
   reload) echo "$2" >> "$STATE/reloads"; [ -e "$STATE/reload_works" ] && for f in "$STATE"/served_*; do
-            cp "$STATE/cert" "$f"; done; true;;
+            cp "$STATE/cert" "$f"; done; [ -e "$STATE/reload_breaks" ] && rm -f "$STATE"/served_*; true;;
 esac
 """
 
@@ -105,8 +105,21 @@ def test_a_reload_that_does_not_take_the_file_fails_with_both_fingerprints(inv, 
     assert "(NEW)" in r.stderr and "8008 serves OLD" in r.stderr
 
 
-def test_running_but_serving_nothing_is_not_proof(inv, host_sim):
+def test_running_but_serving_no_tls_yet_is_left_to_its_own_section(inv, host_sim):
+    """A package's service started with its default config (PgBouncer on localhost) before its section ran:
+    no port of it answers TLS, so there is nothing to reload and nothing to prove yet."""
     tmp, run = host_sim
     (tmp / "active").touch()
     r = run(script(inv, tmp, "etcd"))
-    assert r.returncode == 1 and "2379 serves nothing" in r.stderr
+    assert r.returncode == 0 and "serves no TLS on 192.168.60.131:2379 yet" in r.stdout, r.stdout + r.stderr
+    assert not (tmp / "reloads").exists()
+
+
+def test_a_reload_after_which_nothing_is_served_is_not_proof(inv, host_sim):
+    tmp, run = host_sim
+    for f in ("active", "reload_breaks"):
+        (tmp / f).touch()
+    (tmp / "served_8008").write_text("OLD\n")  # Patroni's REST API served the old one, then nothing after the reload
+    r = run(script(inv, tmp))
+    assert r.returncode == 1 and "8008 serves nothing" in r.stderr, r.stdout + r.stderr
+    assert (tmp / "reloads").read_text() == "patroni\n"
