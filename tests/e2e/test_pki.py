@@ -67,11 +67,11 @@ def test_a_short_lived_certificate_is_an_audit_finding_until_rotated(converged, 
                                                                              "0600")):
         tr.put(node, path, data, mode=mode, owner="postgres")
     assert tr.run(node, "systemctl reload patroni", timeout=60).ok
-    audit = inv(state, "cluster.audit", check=False, timeout=600)
+    audit = inv(state, "cluster.audit", "--json", check=False, timeout=600)  # JSON: a table wraps its cells
     assert audit.returncode == 1, audit.stdout
-    out = " ".join(audit.stdout.split())  # the table wraps long findings
-    assert "pg-server certificate /opt/patroni/.tls/pg-server.crt expires on" in out and "(< 30)" in out, out
-    assert "pki.rotate" in out
+    found = [f for ch in json.loads(audit.stdout)["checks"] if ch["host"] == node.name for f in ch["findings"]]
+    assert any("pg-server certificate /opt/patroni/.tls/pg-server.crt expires on" in f and "(< 30)" in f
+               and "pki.rotate" in f for f in found), found
     assert any(f["host"] == node.name and "in 1 day(s)" in f["finding"] for f in _status(state)["findings"])
     t0 = time.monotonic()
     rot = inv(state, "pki.rotate", "--hosts", node.name, "--service", "pg-server", timeout=600).stdout
