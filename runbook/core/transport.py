@@ -116,6 +116,31 @@ class Transport:
         pass
 
 
+BANNER_TRIES = 3  # a host that accepts TCP but sends no SSH banner in time (sshd starved of CPU): tries in all
+
+
+def _open_with_banner_retries(connection, host: Host):
+    """connection().open(), tried again (bounded: BANNER_TRIES, 1 s apart) only when the TCP connection was
+    accepted but no SSH banner came within the timeout: a busy sshd, not a wrong host. Every other failure, and
+    the last banner timeout, propagates at once."""
+    import paramiko
+
+    for attempt in range(1, BANNER_TRIES + 1):
+        conn = connection()
+        try:
+            conn.open()
+            return conn
+        except paramiko.SSHException as exc:
+            conn.close()
+            if "protocol banner" not in str(exc) or attempt == BANNER_TRIES:
+                if "protocol banner" in str(exc):
+                    raise paramiko.SSHException(f"{exc} (no SSH banner within {host.connect_timeout:g} s, "
+                                                f"{BANNER_TRIES} tries)") from exc
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")  # pragma: no cover: the loop returns or raises
+
+
 class SshTransport(Transport):
     def __init__(self) -> None:
         self._conns: dict[str, Connection] = {}
@@ -156,17 +181,23 @@ class SshTransport(Transport):
                 raise TransportError(f"{host.name}: SSH key {host.key} does not exist (hosts.yml ssh.key); "
                                      "create it, or run `inv lab.up` for the lab")
             kw["key_filename"] = str(host.key)
-        conn = Connection(host.address, user=host.user, port=host.port, connect_timeout=int(host.connect_timeout),
-                          connect_kwargs=kw)
-        conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-        if host.known_hosts is not None:
-            if not host.known_hosts.exists():
-                raise TransportError(f"{host.name}: known_hosts {host.known_hosts} does not exist "
-                                     "(hosts.yml ssh.known_hosts); record the host keys first")
-            conn.client.load_host_keys(str(host.known_hosts))
+
+        def connection() -> Connection:
+            # the handshake's own wait (connect_timeout) outlasts banner_timeout, so that a silent sshd is
+            # reported as such ("protocol banner") and not as a session that never started
+            c = Connection(host.address, user=host.user, port=host.port,
+                           connect_timeout=int(host.connect_timeout) + 2, connect_kwargs=kw)
+            c.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            if host.known_hosts is not None:
+                c.client.load_host_keys(str(host.known_hosts))
+            return c
+
+        if host.known_hosts is not None and not host.known_hosts.exists():
+            raise TransportError(f"{host.name}: known_hosts {host.known_hosts} does not exist "
+                                 "(hosts.yml ssh.known_hosts); record the host keys first")
         kh = host.known_hosts or "~/.ssh/known_hosts"
         try:
-            conn.open()
+            conn = _open_with_banner_retries(connection, host)
         except paramiko.BadHostKeyException as exc:
             raise TransportError(f"{host.name} ({host.address}): host key mismatch: the host's "
                                  f"{exc.key.get_name()} key differs from the one in {kh} (hosts.yml "

@@ -36,3 +36,41 @@ def test_commands_run_through_sudo_and_content_never_in_argv(inv):
         "sudo -n -H -- flock -w 900 -E 75 /run/lock/pg-ha-runbook.lock sh -c 'dpkg -i x.deb'"
     cmd = put_command("/etc/patroni/config.yml", "0600", "postgres", None)
     assert 'cat > "$t"' in cmd and "umask 077" in cmd and "chmod 0600" in cmd
+
+
+def test_a_silent_sshd_is_tried_again_bounded_then_named(inv, tmp_path):
+    """A host that accepts TCP but sends no SSH banner in time (a busy sshd) is tried BANNER_TRIES times, then
+    refused with a message that says so; a real loopback socket, no SSH server."""
+    import socket
+    import threading
+
+    from runbook.core import transport
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        srv.settimeout(20)
+        try:
+            while len(accepted) < transport.BANNER_TRIES + 1:
+                accepted.append(srv.accept()[0])  # and say nothing
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    (tmp_path / "key").write_text("not used before the banner\n")
+    (tmp_path / "known_hosts").write_text("")
+    h = inv.get("etcd01").model_copy(update=dict(address="127.0.0.1", port=srv.getsockname()[1],
+                                                 connect_timeout=1.0, key=tmp_path / "key",
+                                                 known_hosts=tmp_path / "known_hosts"))
+    t = SshTransport()
+    try:
+        with pytest.raises(TransportError, match=r"no SSH banner within 1 s, 3 tries"):
+            t.run(h, "true")
+        assert len(accepted) == transport.BANNER_TRIES
+    finally:
+        srv.close()
+        for c in accepted:
+            c.close()
