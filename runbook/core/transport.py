@@ -134,8 +134,11 @@ def _open_with_banner_retries(connection, host: Host):
             conn.close()
             if "protocol banner" not in str(exc) or attempt == BANNER_TRIES:
                 if "protocol banner" in str(exc):
-                    raise paramiko.SSHException(f"{exc} (no SSH banner within {host.connect_timeout:g} s, "
-                                                f"{BANNER_TRIES} tries)") from exc
+                    raise paramiko.SSHException(
+                        f"{exc} (no SSH banner within {host.connect_timeout:g} s, {BANNER_TRIES} tries: sshd is "
+                        "busy, or OpenSSH 9.8 or later refuses this machine's address for a while after failed "
+                        "logins from it (sshd_config PerSourcePenalties); it lifts by itself within minutes, or "
+                        "restart sshd on the host)") from exc
                 raise
             time.sleep(1)
     raise AssertionError("unreachable")  # pragma: no cover: the loop returns or raises

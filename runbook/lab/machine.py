@@ -182,6 +182,12 @@ class Machine:
             _sh("chroot", str(r), "ssh-keygen", "-A", what=f"{self.name}: generating sshd host keys")
         if port != 22:
             (r / "etc/ssh/sshd_config.d/lab-port.conf").write_text(f"Port {port}\n")
+        if b"PerSourcePenalties" in (r / "usr/sbin/sshd").read_bytes():  # OpenSSH >= 9.8 (Debian 13)
+            # Every connection to a lab host comes from one address, this machine's. sshd's default penalties
+            # would refuse that address for up to 10 minutes after a few failed logins (the bad-host tests fail
+            # logins on purpose): every later run would then see "Error reading SSH protocol banner".
+            (r / "etc/ssh/sshd_config.d/lab-penalties.conf").write_text(
+                "# the lab: one client address for every test (runbook/lab/machine.py)\nPerSourcePenalties no\n")
         self._user(user, pubkey)
 
     def _user(self, user: str, pubkey: str) -> None:
