@@ -132,16 +132,16 @@ def _open_with_banner_retries(connection, host: Host):
             return conn
         except paramiko.SSHException as exc:
             conn.close()
-            if "protocol banner" not in str(exc) or attempt == BANNER_TRIES:
-                if "protocol banner" in str(exc):
-                    raise paramiko.SSHException(
-                        f"{exc} (no SSH banner within {host.connect_timeout:g} s, {BANNER_TRIES} tries: sshd is "
-                        "busy, or OpenSSH 9.8 or later refuses this machine's address for a while after failed "
-                        "logins from it (sshd_config PerSourcePenalties); it lifts by itself within minutes, or "
-                        "restart sshd on the host)") from exc
+            if "protocol banner" not in str(exc):
                 raise
+            if attempt == BANNER_TRIES:
+                raise paramiko.SSHException(
+                    f"{exc} (no SSH banner within {host.connect_timeout:g} s, {BANNER_TRIES} tries: sshd is "
+                    "busy, or OpenSSH 9.8 or later refuses this machine's address for a while after failed "
+                    "logins from it (sshd_config PerSourcePenalties); it lifts by itself within minutes, or "
+                    "restart sshd on the host)") from exc
             time.sleep(1)
-    raise AssertionError("unreachable")  # pragma: no cover: the loop returns or raises
+    raise AssertionError("BANNER_TRIES < 1")  # the loop returns or raises
 
 
 class SshTransport(Transport):
