@@ -59,7 +59,6 @@ class Purpose:
     also: tuple[str, ...] = ()  # further roles whose hosts hold it (pgBackRest: postgres, backup, restore)
     files: tuple[str, str] | None = None  # (certificate, key) file names in tls_dir; None: <name>.crt/.key
     only: Callable[[Any], bool] | None = None  # inventory -> bool: held at all (e.g. only with a backup host)
-    reload: str | None = None  # shell run after a client purpose's new pair is written (HAProxy reads at load)
 
     def common_name(self, host: str) -> str:
         """The subject CN on *host*: the host's name (cn None), or cn with ``{host}`` filled in."""
@@ -109,8 +108,7 @@ PGBACKREST_TLS_DIR = "/etc/pgbackrest/tls"
 HAPROXY_CLIENT = register(Purpose("haproxy-client", "balancer", (CLIENT,), "root", cn="haproxy",
                                   service="HAProxy checks of the REST API", tls_dir=HAPROXY_TLS_DIR,
                                   files=("client.pem", "client.pem.key"),
-                                  only=lambda inv: inv.cluster.vip is not None,
-                                  reload="systemctl reload-or-restart haproxy"))
+                                  only=lambda inv: inv.cluster.vip is not None))
 PGBOUNCER_SERVER = register(Purpose("pgbouncer-server", "postgres", (SERVER,), "postgres", sans=True,
                                     service="PgBouncer (clients' TLS)",
                                     only=lambda inv: inv.cluster.vip is not None))

@@ -29,6 +29,7 @@ from runbook.errors import ProcedureFailed
 from runbook.inventory import Host
 from runbook.procedures.membership_ops import operation_id, run_with_id
 from runbook.procedures.pki_status import tls_dir
+from runbook.sections.balancer import checks_pass_after_reload
 from runbook.sections.tls_files import SERVE_WAIT, cert_files, host_purposes, sans, serve_new_cert, served_by
 
 OP = "pki-rotate"
@@ -94,8 +95,8 @@ def _proof(ctx: Ctx, host: Host, p: Purpose, crt: str, key: str) -> str | None:
         url = f"https://{(ctx.inventory.etcd[0] if p.role != 'etcd' else host).name}:2379/version"
     elif p.name == "rest-client":
         url = f"https://{host.name}:8008/patroni"
-    elif p.reload:  # a client that reads its pair when it loads (HAProxy): reload it, it must stay up
-        return f"{p.reload} && sleep 2 && systemctl is-active -q {p.reload.split()[-1]}"
+    elif p.name == "haproxy-client":  # read when HAProxy loads; its health checks show it to each REST API
+        return checks_pass_after_reload()
     else:
         return None
     ca = f"{tls_dir(ctx, host, p)}/ca.crt"

@@ -97,6 +97,13 @@ def rw_routes() -> str:
     return f"{SHOW_STAT} | python3 -c {shlex.quote(py)}"
 
 
+def checks_pass_after_reload() -> str:
+    """Shell proving HAProxy took a new client pair: reload it (a new worker reads client.pem), let its checks
+    run past `fall` (2 x 1 s: a REST API refusing the pair marks every backend DOWN by then), then a bounded
+    wait until the read-write listener has exactly one backend UP, i.e. the REST APIs accept the pair."""
+    return f"systemctl reload-or-restart haproxy && sleep 3 && {wait_for(rw_routes(), WAIT)}"
+
+
 @section.step("haproxy", role="balancer")
 def haproxy(ctx: Ctx, host: Host) -> list:
     """HAProxy: read-write and read-only listeners (Patroni /primary, /replica?lag= over TLS with a client

@@ -108,6 +108,30 @@ def test_diff_backup_and_archiving_after_a_switchover(backed):
     figures["wal_after_switchover"] = f"{before['wal']['max']} -> {after['wal']['max']}"
 
 
+def test_pgbackrest_certificates_rotate_and_the_next_backup_uses_them(backed):
+    """`pki.rotate --service pgbackrest` on every host holding one (PostgreSQL, repository, restore host):
+    each running pgBackRest server serves its new certificate, and the next backup (the repository host's
+    client to the leader's server, both on new pairs) and `backup.check` (archiving) pass."""
+    state, path, figures = backed
+
+    def rows() -> dict:
+        doc = json.loads(run(state, path, "pki.status", "--json").stdout)
+        return {(r["host"], r["service"]): r for r in doc["rows"]}
+
+    before = rows()
+    mine = [k for k in before if k[1] == "pgbackrest"]
+    t0 = time.monotonic()
+    run(state, path, "pki.rotate", "--service", "pgbackrest", timeout=600)
+    figures["pgbackrest_rotate_s"] = round(time.monotonic() - t0, 1)
+    after = rows()
+    assert len(mine) == len(load_inventory(path).postgres) + 2, mine  # + the repository and restore hosts
+    assert all(after[k]["sha256"] != before[k]["sha256"] and after[k]["matches"] for k in mine), \
+        [(k, before[k]["sha256"][:12], after[k]["sha256"][:12]) for k in mine]
+    run(state, path, "backup.run", "--type", "incr", timeout=600)
+    assert [b["type"] for b in info(state, path)["backups"]][-1] == "incr"
+    run(state, path, "backup.check", timeout=300)
+
+
 def test_restore_drill(backed):
     state, path, figures = backed
     secs = "30" if SOAK else "2"

@@ -155,6 +155,32 @@ def show(title: str, res: dict) -> None:
           f"present {res['present']}, lost {res['lost']}; write errors (retried) {res['write_errors']}")
 
 
+def pooler_pids(ctx, inventory: Inventory) -> dict[str, str]:
+    return {h.name: ctx.transport.run(h, "systemctl show -p MainPID --value pgbouncer").stdout.strip()
+            for h in inventory.postgres}
+
+
+def under_writer(ctx, name: str, *commands: tuple[str, ...], state: Path,
+                 inventory: Inventory) -> tuple[dict, float, str]:
+    """Run `inv` *commands* one after the other while a writer goes through VIP:5000: (proof, seconds, output)."""
+    from runbook.cluster.readers import host_of, members
+    from runbook.procedures.drill import one_leader, prepare_table, prove, start_writer, writes_go_on
+    from runbook.procedures.frontdoor import frontdoor_dsn
+
+    prepare_table(ctx, host_of(ctx, one_leader(members(ctx)).name))
+    w = start_writer(ctx, name, frontdoor_dsn(ctx))
+    out = ""
+    try:
+        t0 = time.monotonic()
+        for args in commands:
+            out += run(state, inventory, *args, timeout=600).stdout
+        seconds = time.monotonic() - t0
+        writes_go_on(w, 20, 30)
+    finally:
+        w.stop(30)
+    return prove(ctx, w), seconds, out
+
+
 def test_switchover_through_the_vip_loses_nothing_and_the_client_follows(front):
     from runbook.cluster.readers import members
     from runbook.procedures.drill import switchover_drill
@@ -180,30 +206,16 @@ def test_switchover_through_the_vip_loses_nothing_and_the_client_follows(front):
 def test_front_door_secrets_rotate_under_a_writer_through_the_vip(front):
     """`secrets.rotate --role pooler` then `--role vrrp` while a writer goes through VIP:5000: PgBouncer and
     keepalived reload (no restart: the writer's connection stays), one balancer holds the VIP, nothing lost."""
-    from runbook.cluster.readers import host_of, members
     from runbook.credentials.secrets import load_secrets
-    from runbook.procedures.drill import one_leader, prepare_table, prove, start_writer, writes_go_on
-    from runbook.procedures.frontdoor import frontdoor_dsn
 
     inventory, state = front
     ctx = drill_ctx(inventory, state)
     old = load_secrets(state)
-    pids = {h.name: ctx.transport.run(h, "systemctl show -p MainPID --value pgbouncer").stdout.strip()
-            for h in inventory.postgres}
+    pids = pooler_pids(ctx, inventory)
     try:
-        prepare_table(ctx, host_of(ctx, one_leader(members(ctx)).name))
-        w = start_writer(ctx, "frontdoor-rotate", frontdoor_dsn(ctx))
-        try:
-            t0 = time.monotonic()
-            for role in ("pooler", "vrrp"):
-                run(state, inventory, "secrets.rotate", "--role", role, timeout=600)
-            seconds = time.monotonic() - t0
-            writes_go_on(w, 20, 30)
-        finally:
-            w.stop(30)
-        res = prove(ctx, w)
-        after = {h.name: ctx.transport.run(h, "systemctl show -p MainPID --value pgbouncer").stdout.strip()
-                 for h in inventory.postgres}
+        res, seconds, _ = under_writer(ctx, "frontdoor-rotate", ("secrets.rotate", "--role", "pooler"),
+                                       ("secrets.rotate", "--role", "vrrp"), state=state, inventory=inventory)
+        after = pooler_pids(ctx, inventory)
         doc = frontdoor_doc(ctx)
     finally:
         ctx.transport.close()
@@ -214,6 +226,49 @@ def test_front_door_secrets_rotate_under_a_writer_through_the_vip(front):
     assert after == pids  # reloaded, not restarted
     assert sum(b["holds_vip"] for b in doc["balancers"]) == 1, doc
     assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)  # a new connection logs in
+
+
+def test_front_door_certificates_rotate_under_a_writer_through_the_vip(front):
+    """`pki.rotate --service pgbouncer-server,haproxy-client` while a writer goes through VIP:5000: each
+    PgBouncer reloads (not restarted) and serves its new certificate; each HAProxy reloads and its health
+    checks pass with the new client pair (the read-write listener still routes to the leader); nothing lost."""
+    from runbook.cluster.readers import host_of, members
+    from runbook.procedures.drill import one_leader
+
+    inventory, state = front
+    rows = lambda: {(r["host"], r["service"]): r for r in json.loads(  # noqa: E731
+        run(state, inventory, "pki.status", "--json").stdout)["rows"]}
+    before = rows()
+    ctx = drill_ctx(inventory, state)
+    pids = pooler_pids(ctx, inventory)
+    try:
+        res, seconds, out = under_writer(ctx, "frontdoor-pki",
+                                         ("pki.rotate", "--service", "pgbouncer-server,haproxy-client"),
+                                         state=state, inventory=inventory)
+        after_pids = pooler_pids(ctx, inventory)
+        served = {h.name: ctx.transport.run(
+            h, f"timeout 5 openssl s_client -starttls postgres -connect {h.address}:{inventory.cluster.ports.pgbouncer}"
+               " </dev/null 2>/dev/null | openssl x509 -noout -fingerprint -sha256", timeout=30).stdout.strip()
+            for h in inventory.postgres}
+        on_file = {h.name: ctx.transport.run(
+            h, f"openssl x509 -noout -fingerprint -sha256 -in {before[(h.name, 'pgbouncer-server')]['path']}",
+            timeout=30).stdout.strip() for h in inventory.postgres}
+        time.sleep(3)  # past `fall` (2 x 1 s) of checks made with the new pair
+        doc = frontdoor_doc(ctx)
+        lead = host_of(ctx, one_leader(members(ctx)).name).name
+    finally:
+        ctx.transport.close()
+    show(f"front door certificates rotated in {seconds:.1f} s (writer on VIP:5000)", res)
+    after = rows()
+    rotated = [k for k in before if k[1] in ("pgbouncer-server", "haproxy-client")]
+    assert len(rotated) == 2 * len(inventory.postgres), rotated
+    assert all(after[k]["sha256"] != before[k]["sha256"] and after[k]["matches"] for k in rotated), out[-2000:]
+    assert all(after[k]["sha256"] == before[k]["sha256"] for k in before if k not in rotated)
+    assert res["lost"] == 0 and res["acknowledged"] == res["present"] > 0, res
+    assert after_pids == pids  # PgBouncer reloaded, not restarted
+    assert all(served[n] and served[n] == on_file[n] for n in served), (served, on_file)
+    assert all(b["listeners"]["postgres_rw"]["up"] == [lead] for b in doc["balancers"]), doc
+    assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)  # a new client: new certificate
 
 
 if SOAK:  # `make soak` only (minutes each): the power-off drills through the VIP

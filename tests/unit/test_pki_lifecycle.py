@@ -153,3 +153,15 @@ def test_a_registered_purpose_with_its_own_directory_is_listed_and_rotatable(ctx
         assert (ctx.inventory.get("node01"), p) in rot.selection(ctx, "node01", "test-balancer-client")
     finally:
         purposes.PURPOSES.pop("test-balancer-client", None)
+
+
+def test_haproxy_client_rotation_is_proven_by_its_checks_passing_not_by_haproxy_running(ctx):
+    """HAProxy shows its client pair to the REST APIs only in its health checks: after the reload the proof
+    waits past `fall` and then wants the read-write listener's one backend UP (a refused pair: all DOWN)."""
+    from runbook.credentials.purposes import HAPROXY_CLIENT
+    from runbook.sections.balancer import RW, rw_routes
+
+    proof = rot._proof(ctx, ctx.inventory.postgres[0], HAPROXY_CLIENT, "/etc/haproxy/tls/client.pem",
+                       "/etc/haproxy/tls/client.pem.key")
+    reload, _, rest = proof.partition(" && sleep 3 && ")
+    assert reload == "systemctl reload-or-restart haproxy" and rw_routes() in rest and RW in rest
