@@ -11,6 +11,7 @@ import os
 import shlex
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class Writer:
     acked: list[tuple[int, float]] = field(default_factory=list)  # (seq, monotonic time of the ack)
     local_only: list[int] = field(default_factory=list)  # commits whose sync-rep wait was cancelled
     errors: int = 0
+    error_kinds: Counter = field(default_factory=Counter)  # first line of each error's message (no DSN in it)
     started: float = 0.0
     stopped: float = 0.0
 
@@ -79,8 +81,9 @@ class Writer:
                     conn.add_notice_handler(lambda d: warned.append(d.message_primary or ""))
                 warned.clear()
                 conn.execute(f"INSERT INTO {TABLE} (run, seq) VALUES (%s, %s)", (self.run, seq))
-            except psycopg.Error:
+            except psycopg.Error as exc:
                 self.errors += 1
+                self.error_kinds[(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]] += 1
                 _close(conn)
                 conn = None
                 self._stop.wait(0.1)
@@ -147,7 +150,8 @@ def prove(ctx: Ctx, w: Writer) -> dict:
     final = next((h.name for h in ctx.inventory.postgres if h.address == addr), addr)
     return {"final_primary": final, "acknowledged": len(acked), "present": len(present & set(acked)),
             "lost": len(lost), "lost_seqs": lost[:20], "local_only_commits": len(w.local_only),
-            "write_errors": w.errors, "longest_write_gap_s": round(w.gap()[0], 2)}
+            "write_errors": w.errors, "write_error_kinds": dict(w.error_kinds.most_common(3)),
+            "longest_write_gap_s": round(w.gap()[0], 2)}
 
 
 # -- lab guard and helpers ----------------------------------------------------------------------

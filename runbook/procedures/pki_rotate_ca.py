@@ -59,6 +59,7 @@ from runbook.procedures.membership_ops import operation_id, run_with_id
 from runbook.procedures.pki_migrate import HEALTH_WAIT, etcd_healthy_wait
 from runbook.procedures.pki_rotate import issued_marker, leader_last, rotate_steps
 from runbook.procedures.pki_status import tls_dir
+from runbook.sections.frontdoor import checks_held
 from runbook.sections.tls_files import host_purposes
 
 OP = "pki-rotate-ca"
@@ -192,9 +193,10 @@ def _phase(sec: Section, phase: str, cas: tuple[str, ...], op_id: str) -> list[S
 
     @sec.step(f"{phase}-patroni", role="postgres", kind="serial", host_order=leader_last)
     def patroni(ctx: Ctx, h: Host) -> list:
-        acts: list = [Run("systemctl restart patroni", timeout=120),
+        hold, release = checks_held(ctx, h)
+        acts: list = [*hold, Run("systemctl restart patroni", timeout=120),
                       Run(wait_for(member_ok(ctx, h), HEALTH_WAIT), timeout=HEALTH_WAIT + 30),
-                      Run("systemctl reload patroni", timeout=60)]
+                      *release, Run("systemctl reload patroni", timeout=60)]
         if _has(ctx, h, "pgbouncer-server"):
             acts.append(Run("systemctl try-reload-or-restart pgbouncer", timeout=60))
         if _has(ctx, h, "pgbackrest"):
@@ -203,7 +205,8 @@ def _phase(sec: Section, phase: str, cas: tuple[str, ...], op_id: str) -> list[S
 
     patroni.doc = (f"Replicas first, the leader last: restart Patroni (its etcd client and REST API load their CA "
                    f"when they start: now {what}; PostgreSQL stays up, paused), the member back, then reload "
-                   "(PostgreSQL re-reads ssl_ca_file); PgBouncer reloaded, pgBackRest's server restarted if held")
+                   "(PostgreSQL re-reads ssl_ca_file); PgBouncer reloaded, pgBackRest's server restarted if held; "
+                   "with the front door, HAProxy keeps routing to the member unchecked while its Patroni restarts")
 
     @patroni.check
     def _patroni_check(ctx: Ctx, h: Host) -> str:

@@ -40,6 +40,7 @@ from runbook.procedures.update_plan import (
     parse_patroni_version,
     plan_update,
 )
+from runbook.sections.frontdoor import checks_held
 from runbook.sections.bundle_files import CONFIGURE_PENDING, manifest, remote
 
 ORDER = 70
@@ -181,11 +182,13 @@ def patroni_step(sec: Section, ctx: Ctx, item: Item) -> Step:
                             f"grep -qF '{member_name(h)}: Patroni {version} '")
 
     def actions(ctx: Ctx, h: Host) -> list:
+        hold, release = checks_held(ctx, h)
         return [Run(f"{_paused_sh(ctx)} || {{ echo 'the cluster is not paused: not restarting Patroni on {h.name} "
                     "(the pause step comes first)' >&2; exit 3; }"),
-                *wheels.actions_fn(ctx, h),
+                *wheels.actions_fn(ctx, h), *hold,
                 Run("systemctl restart patroni", timeout=180),
-                Run(wait_for(f"{_as_postgres(member_ok(ctx, h))} && {running_version(h)}", 120, 2), timeout=180)]
+                Run(wait_for(f"{_as_postgres(member_ok(ctx, h))} && {running_version(h)}", 120, 2), timeout=180),
+                *release]
 
     def check(ctx: Ctx, h: Host) -> str:
         return (f"{ctx.paths.patroni_venv}/bin/patroni --version | grep -qx 'patroni {version}' && "

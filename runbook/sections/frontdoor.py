@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import shlex
 import threading
 
 import yaml
 
 from runbook.cluster.context import Ctx
 from runbook.core.fsutil import write_atomic
+from runbook.core.step import Local
 from runbook.credentials.purposes import HAPROXY_CLIENT, HAPROXY_TLS_DIR
 from runbook.credentials.secrets import new_password, secrets_path
 from runbook.inventory import Host
@@ -112,3 +114,72 @@ def parse_show_stat(csv: str) -> dict[str, dict[str, str]]:
 def up(servers: dict[str, str]) -> list[str]:
     """The servers HAProxy sends traffic to (UP, or UP and going down: 'UP 1/2')."""
     return sorted(n for n, s in servers.items() if s.startswith("UP"))
+
+
+# -- holding a backend's health checks while its Patroni restarts ----------------------------------------
+# HAProxy asks Patroni's REST API whether a server is the primary / a replica. While Patroni restarts
+# (PostgreSQL and PgBouncer keep running: the cluster is paused), those checks fail: after `fall` HAProxy
+# marks the server DOWN, cuts its clients (on-marked-down shutdown-sessions) and, for the leader, leaves the
+# read-write listener with no backend for seconds (measured: 3.6 s through the VIP during a CA rotation).
+# `disable health` keeps a server that is UP routed to, unchecked, until `enable health`; a transient
+# systemd timer on each balancer turns the checks on again after HOLD_S whatever happens to the run.
+HOLD_S = 180
+_HOLD_PY = """import socket, sys
+sock, server, action = sys.argv[1:4]
+def ask(cmd):
+    s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sock)
+    s.sendall(cmd.encode() + b"\\n"); out = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        out += b
+    s.close(); return out.decode()
+lines = ask("show stat").splitlines()
+cols = lines[0][2:].split(",")
+px, sv, st = cols.index("pxname"), cols.index("svname"), cols.index("status")
+for f in (ln.split(",") for ln in lines[1:] if ln.strip()):
+    if len(f) > st and f[sv] == server:
+        if action == "release":
+            ask(f"enable health {f[px]}/{server}"); print(f"{f[px]}/{server}: checked again")
+        elif f[st].startswith("UP"):
+            ask(f"disable health {f[px]}/{server}"); print(f"{f[px]}/{server}: UP, checks held")
+"""
+
+
+def _hold_cmd(server: str, action: str) -> str:
+    return f"/usr/bin/python3 -c {shlex.quote(_HOLD_PY)} {STATS_SOCKET} {shlex.quote(server)} {action}"
+
+
+def hold_shell(server: str, seconds: int = HOLD_S) -> str:
+    """Shell on a balancer: hold *server*'s checks where it is UP, and arm the timer that releases them."""
+    return (f"{_hold_cmd(server, 'hold')} && systemd-run --quiet --collect --on-active={seconds} "
+            f"--unit=runbook-hold-{server}-$(date +%s%N) {_hold_cmd(server, 'release')}")
+
+
+def release_shell(server: str) -> str:
+    return _hold_cmd(server, "release")
+
+
+def checks_held(ctx: Ctx, host: Host) -> tuple[list[Local], list[Local]]:
+    """(before, after) a restart of *host*'s Patroni: Local actions holding, then releasing, its server's
+    health checks on every balancer (none without the front door). A balancer that cannot be asked fails the
+    hold (the restart does not start); the release is tried on every balancer, the timer covers the rest."""
+    if not enabled(ctx):
+        return [], []
+
+    def each(shell: str, what: str) -> str:
+        out: list[str] = []
+        bad: list[str] = []
+        for b in ctx.inventory.balancers:
+            r = ctx.transport.run(b, shell, timeout=30)
+            (out if r.ok else bad).append(f"{b.name}: {(r.stdout if r.ok else r.stderr).strip()}")
+        if bad:
+            raise RuntimeError(f"{what}: " + "; ".join(bad))
+        return "\n".join(out)
+
+    hold = Local(f"HAProxy on every balancer keeps routing to {host.name} unchecked while its Patroni restarts "
+                 f"(disable health where UP; released after, or by a timer in {HOLD_S} s)",
+                 lambda: each(hold_shell(host.name), "holding the checks"), key=host.name)
+    release = Local(f"HAProxy checks {host.name} again (enable health)",
+                    lambda: each(release_shell(host.name), "releasing the checks"), key=host.name)
+    return [hold], [release]

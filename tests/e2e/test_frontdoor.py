@@ -152,7 +152,8 @@ def drill_ctx(inventory: Inventory, state: Path):
 
 def show(title: str, res: dict) -> None:
     print(f"\n{title}: longest write gap {res['longest_write_gap_s']} s; rows acknowledged {res['acknowledged']}, "
-          f"present {res['present']}, lost {res['lost']}; write errors (retried) {res['write_errors']}")
+          f"present {res['present']}, lost {res['lost']}; write errors (retried) {res['write_errors']}"
+          + (f" {res['write_error_kinds']}" if res["write_errors"] else ""))
 
 
 def pooler_pids(ctx, inventory: Inventory) -> dict[str, str]:
@@ -271,7 +272,38 @@ def test_front_door_certificates_rotate_under_a_writer_through_the_vip(front):
     assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)  # a new client: new certificate
 
 
-if SOAK:  # `make soak` only (minutes each): the power-off drills through the VIP
+if SOAK:  # `make soak` only (minutes each): the main CA replaced, then the power-off drills through the VIP
+    def test_soak_ca_rotation_with_the_front_door_under_a_writer_through_the_vip(front):
+        """`pki.rotate-ca --ca main` with HAProxy, keepalived and PgBouncer running: the writer on VIP:5000
+        loses nothing, PgBouncer is reloaded (never restarted), HAProxy's checks pass with the new CA and its
+        new client pair, and a new client verifying with the new CA alone logs in on both listeners."""
+        from runbook.cluster.readers import host_of, members
+        from runbook.procedures.drill import one_leader
+
+        inventory, state = front
+        ctx = drill_ctx(inventory, state)
+        old_ca = (state / "pki" / "ca.crt").read_bytes()
+        pids = pooler_pids(ctx, inventory)
+        try:
+            res, seconds, out = under_writer(ctx, "frontdoor-ca", ("pki.rotate-ca", "--ca", "main", "--yes"),
+                                             state=state, inventory=inventory)
+            after_pids = pooler_pids(ctx, inventory)
+            time.sleep(3)  # past `fall` of HAProxy's checks
+            doc = frontdoor_doc(ctx)
+            lead = host_of(ctx, one_leader(members(ctx)).name).name
+        finally:
+            ctx.transport.close()
+        show(f"front door: main CA replaced in {seconds:.1f} s (writer on VIP:5000)", res)
+        assert (state / "pki" / "ca.crt").read_bytes() != old_ca
+        assert res["lost"] == 0 and res["acknowledged"] == res["present"] > 0, res
+        assert after_pids == pids, (pids, after_pids)
+        assert all(b["listeners"]["postgres_rw"]["up"] == [lead] for b in doc["balancers"]), doc
+        assert sum(b["holds_vip"] for b in doc["balancers"]) == 1, doc
+        assert ask(inventory, state, inventory.cluster.ports.rw) == (False, True)
+        assert ask(inventory, state, inventory.cluster.ports.ro) == (True, True)
+        findings = json.loads(run(state, inventory, "pki.status", "--json").stdout)["findings"]
+        assert findings == [], findings
+
     def test_soak_failover_by_power_off_of_the_leader_through_the_vip(front):
         from runbook.procedures.drill import failover_drill
         from runbook.procedures.frontdoor import frontdoor_dsn

@@ -308,3 +308,68 @@ def test_frontdoor_writer_goes_to_the_vip_and_needs_one(fctx, ctx):
     dsn = dict(kv.split("=", 1) for kv in _writer_dsn(fctx, True).split())
     assert (dsn["host"], dsn["port"], dsn["sslmode"]) == ("192.168.60.100", "5000", "verify-ca")
     assert "target_session_attrs" not in dsn  # HAProxy chooses the primary
+
+
+def _stats_socket(path: Path, csv: str, got: list[str]):
+    """A stand-in for HAProxy's stats socket: answers `show stat` with *csv*, records every command."""
+    import socket
+    import threading
+
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(8)
+    srv.settimeout(10)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            cmd = conn.recv(4096).decode().strip()
+            got.append(cmd)
+            conn.sendall(csv.encode() if cmd == "show stat" else b"\n")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_hold_stops_checks_only_where_the_server_is_up_and_release_turns_all_on(tmp_path):
+    """The script a balancer runs around a Patroni restart, against a socket answering like HAProxy."""
+    import shlex
+
+    from runbook.sections import frontdoor as fd
+
+    csv = ("# pxname,svname,qcur,status\n"
+           f"{RW},FRONTEND,,OPEN\n{RW},node01,0,UP\n{RW},node02,0,DOWN\n{RW},BACKEND,0,UP\n"
+           f"{RO},FRONTEND,,OPEN\n{RO},node01,0,DOWN\n{RO},node02,0,UP 1/2\n{RO},BACKEND,0,UP\n")
+    got: list[str] = []
+    sock = tmp_path / "admin.sock"
+    srv = _stats_socket(sock, csv, got)
+    try:
+        def run(server: str, action: str) -> str:
+            cmd = fd._hold_cmd(server, action).replace(fd.STATS_SOCKET, shlex.quote(str(sock)))
+            return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30, check=True).stdout
+        out = run("node01", "hold")
+        assert [c for c in got if c != "show stat"] == [f"disable health {RW}/node01"], got
+        assert f"{RW}/node01: UP, checks held" in out
+        got.clear()
+        run("node02", "hold")  # UP 1/2 (going down) still routes: held too
+        assert [c for c in got if c != "show stat"] == [f"disable health {RO}/node02"], got
+        got.clear()
+        run("node01", "release")
+        assert [c for c in got if c != "show stat"] == [f"enable health {RW}/node01", f"enable health {RO}/node01"]
+    finally:
+        srv.close()
+    armed = fd.hold_shell("node01", 90)
+    assert "systemd-run --quiet --collect --on-active=90" in armed and armed.endswith(fd._hold_cmd("node01", "release"))
+
+
+def test_checks_are_held_only_with_the_front_door(tmp_path, fctx):
+    from runbook.sections.frontdoor import checks_held
+
+    hold, release = checks_held(fctx, fctx.inventory.postgres[0])
+    assert len(hold) == len(release) == 1 and "unchecked" in hold[0].label and "enable health" in release[0].label
+    plain = Ctx(inventory=load_inventory(_inventory(tmp_path, vip=None)), transport=FakeTransport(),
+                state_dir=tmp_path, bundle_dir=tmp_path)
+    assert checks_held(plain, plain.inventory.postgres[0]) == ([], [])
