@@ -1,6 +1,8 @@
 """Bundle section: check the offline bundle on the control machine, then push what each host needs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from runbook.cluster.context import Ctx
 from runbook.core.files import stat_commit, stat_record
 from runbook.core.step import Local, Put, Run, Section, Upload
@@ -17,14 +19,17 @@ section = Section("bundle", 10, "Push the offline bundle to the hosts")
 @section.step("verify", role="local", always_check=True)
 def verify(ctx: Ctx, host: Host) -> list:
     """Verify the bundle against its manifest on the control machine
-    Every file is re-hashed; a missing, extra or altered file stops the run before any host is touched."""
+    A missing, extra or altered file stops the run before any host is touched. Every file is re-hashed, except
+    one whose size, mtime, ctime, inode and device are those recorded when it last hashed right (state dir,
+    bundle.stat.json): any write, chmod, rename or touch sets a file's ctime to now, which no program can set
+    back, so a file changed since is always read again."""
     from runbook.bundle.manifest import approved, verify_bundle
 
     m = manifest(ctx)
     pinned = (ctx.settings.manifest_sha256 if ctx.settings else None) or ""
 
     def run() -> str:
-        verified = verify_bundle(ctx.bundle_dir)
+        verified = verify_bundle(ctx.bundle_dir, record=bundle_record(ctx))
         verified.check_for(ctx.inventory.hosts)  # complete: what later steps need on every host
         digest = approved(verified, pinned)  # runbook.manifest_sha256: only the approved bundle goes out
         return f"{len(m.files)} files verified" + (f", manifest {digest[:16]}... approved" if pinned else "")
@@ -38,7 +43,7 @@ def _verify_check(ctx: Ctx, host: Host) -> bool:
     from runbook.bundle.manifest import BundleError, verify_bundle
 
     try:
-        verified = verify_bundle(ctx.bundle_dir)
+        verified = verify_bundle(ctx.bundle_dir, record=bundle_record(ctx))
         verified.check_for(ctx.inventory.hosts)
         return True
     except BundleError:
@@ -48,6 +53,11 @@ def _verify_check(ctx: Ctx, host: Host) -> bool:
 @verify.undo
 def _verify_undo(ctx: Ctx, host: Host) -> list:
     return []  # a probe of the control machine's bundle: nothing to revert
+
+
+def bundle_record(ctx: Ctx) -> Path:
+    """The local bundle's stat record, in the runbook's private state dir (runbook.bundle.manifest.verify_bundle)."""
+    return Path(ctx.state_dir) / "bundle.stat.json"
 
 
 def _key(m) -> str:

@@ -216,3 +216,55 @@ def test_installed_reads_each_stanza_status(tmp_path):
     st.write_text(STATUS.replace("deinstall ok config-files", "install ok installed"))
     assert sh(installed(["postgresql-15", "python3-venv"], str(st))) == 0
     assert sh(installed(["postgresql-15"], str(tmp_path / "absent"))) != 0
+
+
+# -- bundle.verify: the local bundle's stat record ----------------------------------------------------------
+def local_bundle(root: Path) -> Path:
+    from runbook.bundle.manifest import make_entry, write_manifest
+
+    entries = []
+    for rel in ("debs/a.deb", "debs/b.deb", "wheels/requirements.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode() * 50)
+        entries.append(make_entry(root, rel, kind="deb", version="1", source="test", roles=("postgres",)))
+    write_manifest(root, entries, etcd_version="3.5.16", target={"os": "debian12"}, created="now")
+    return root
+
+
+def test_bundle_verify_rehashes_only_what_changed_since_the_record(tmp_path, monkeypatch):
+    import pytest
+
+    from runbook.bundle import manifest as mf
+
+    root = local_bundle(tmp_path / "bundle")
+    record = tmp_path / "state" / "bundle.stat.json"
+    record.parent.mkdir()
+    read: list[str] = []
+    real = mf.sha256_file
+    monkeypatch.setattr(mf, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
+    mf.verify_bundle(root, record=record)
+    assert sorted(read) == ["a.deb", "b.deb", "requirements.txt"]
+    assert oct(record.stat().st_mode & 0o777) == "0o600"
+    read.clear()
+    mf.verify_bundle(root, record=record)
+    assert read == []  # nothing changed: nothing read
+    os.utime(root / "debs/b.deb")  # touched, intact: read again, passes
+    mf.verify_bundle(root, record=record)
+    assert read == ["b.deb"]
+    read.clear()
+    a = root / "debs/a.deb"
+    st = a.stat()
+    a.write_bytes(a.read_bytes().replace(b"debs", b"DEBS", 1))  # same size, mtime put back
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(mf.BundleError, match="a.deb: sha256 mismatch"):
+        mf.verify_bundle(root, record=record)
+    a.write_bytes(a.read_bytes().replace(b"DEBS", b"debs", 1))
+    mf.verify_bundle(root, record=record)
+    other = local_bundle(tmp_path / "copy")  # another bundle directory: the record does not vouch for it
+    read.clear()
+    mf.verify_bundle(other, record=record)
+    assert sorted(read) == ["a.deb", "b.deb", "requirements.txt"]
+    record.write_text("not json")
+    read.clear()
+    mf.verify_bundle(root, record=record)
+    assert len(read) == 3
