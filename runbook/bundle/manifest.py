@@ -302,14 +302,15 @@ def approved(manifest: Manifest, pinned: str) -> str:
     return digest
 
 
-def verify_bundle(bundle_dir: str | Path, record: Path | None = None) -> Manifest:
+def verify_bundle(bundle_dir: str | Path, record: Path | None = None, keep: bool = True) -> Manifest:
     """Load the manifest and re-hash every file; raise BundleError listing every problem.
 
     `record` (a file in the runbook's private state dir): each file's size, mtime, ctime, inode and device
     when it last hashed right, with its sha256. A file whose stat and manifest sha256 are the recorded ones is
     not read again; any other file is. Any write, chmod, rename or `touch` sets a file's ctime to now, and no
     program can set it back (only a change of the clock): a file changed since it was hashed is always read
-    again. Written only when the whole bundle verified, from stats taken before the hashing."""
+    again. Written (unless not `keep`: a dry run writes nothing) only when the whole bundle verified, from
+    stats taken before the hashing."""
     manifest = load_manifest(bundle_dir)
     known = _read_record(record, manifest.root) if record else None
     seen: dict = {}
@@ -317,7 +318,7 @@ def verify_bundle(bundle_dir: str | Path, record: Path | None = None) -> Manifes
     if found:
         head = f"bundle {manifest.root} does not match its manifest ({len(found)} problem(s)):"
         raise BundleError("\n".join([head, *("  " + p for p in found)]))
-    if record and seen != known:
+    if record and keep and seen != known:
         _write_record(record, manifest.root, seen)
     return manifest
 

@@ -29,7 +29,7 @@ def verify(ctx: Ctx, host: Host) -> list:
     pinned = (ctx.settings.manifest_sha256 if ctx.settings else None) or ""
 
     def run() -> str:
-        verified = verify_bundle(ctx.bundle_dir, record=bundle_record(ctx))
+        verified = verify_bundle(ctx.bundle_dir, record=bundle_record(ctx), keep=not ctx.options.dry)
         verified.check_for(ctx.inventory.hosts)  # complete: what later steps need on every host
         digest = approved(verified, pinned)  # runbook.manifest_sha256: only the approved bundle goes out
         return f"{len(m.files)} files verified" + (f", manifest {digest[:16]}... approved" if pinned else "")
@@ -43,7 +43,7 @@ def _verify_check(ctx: Ctx, host: Host) -> bool:
     from runbook.bundle.manifest import BundleError, verify_bundle
 
     try:
-        verified = verify_bundle(ctx.bundle_dir, record=bundle_record(ctx))
+        verified = verify_bundle(ctx.bundle_dir, record=bundle_record(ctx), keep=not ctx.options.dry)
         verified.check_for(ctx.inventory.hosts)
         return True
     except BundleError:

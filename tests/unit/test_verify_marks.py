@@ -242,6 +242,9 @@ def test_bundle_verify_rehashes_only_what_changed_since_the_record(tmp_path, mon
     read: list[str] = []
     real = mf.sha256_file
     monkeypatch.setattr(mf, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
+    mf.verify_bundle(root, record=record, keep=False)  # a dry run writes nothing
+    assert not record.exists()
+    read.clear()
     mf.verify_bundle(root, record=record)
     assert sorted(read) == ["a.deb", "b.deb", "requirements.txt"]
     assert oct(record.stat().st_mode & 0o777) == "0o600"
