@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from runbook.core.files import files_check, stat_commit, stat_record, stat_verified
 from runbook.core.step import Upload
 from runbook.sections.postgres import installed
@@ -31,6 +33,23 @@ def record(ups: list[Upload], mark: Path) -> None:
     assert sh(f"{stat_record([u.path for u in ups], str(mark))} && {stat_commit(str(mark))}") == 0
 
 
+@pytest.fixture
+def recorded(tmp_path) -> tuple[list[Upload], Path]:
+    """Three uploads on disk and the record taken when they hashed right."""
+    mark = tmp_path / "bundle.stat"
+    ups = uploads(tmp_path, mark)
+    record(ups, mark)
+    return ups, mark
+
+
+def rewrite_keeping_mtime(path: Path, old: bytes, new: bytes) -> None:
+    """Change the file's content, same size, and put its mtime back: only its ctime tells."""
+    st = path.stat()
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
 def test_the_record_is_root_only_and_written_only_once_the_files_hashed_right(tmp_path):
     mark = tmp_path / "lib" / "bundle.stat"
     ups = uploads(tmp_path, mark)
@@ -41,10 +60,8 @@ def test_the_record_is_root_only_and_written_only_once_the_files_hashed_right(tm
     assert len(mark.read_text().splitlines()) == 3 and "file 0.deb" in mark.read_text()
 
 
-def test_unchanged_files_are_not_read_again(tmp_path):
-    mark = tmp_path / "bundle.stat"
-    ups = uploads(tmp_path, mark)
-    record(ups, mark)
+def test_unchanged_files_are_not_read_again(recorded):
+    ups, mark = recorded
     assert sh(stat_verified(ups, str(mark))) == 0
     # proof that nothing is hashed: a file made unreadable for sha256sum (0000) would fail a re-hash as root
     # too, so instead the wanted sums are made wrong: with the record matching, no sum is compared
@@ -56,24 +73,14 @@ def test_unchanged_files_are_not_read_again(tmp_path):
     assert sh(stat_verified(ups, str(mark))) == 0  # no record: all re-hashed, all right
 
 
-def test_a_file_changed_with_its_size_and_mtime_put_back_is_hashed_again_and_fails(tmp_path):
-    mark = tmp_path / "bundle.stat"
-    ups = uploads(tmp_path, mark)
-    record(ups, mark)
-    f = Path(ups[1].path)
-    st = f.stat()
-    data = bytearray(f.read_bytes())
-    data[10] ^= 1
-    f.write_bytes(bytes(data))
-    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the ctime tells
-    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+def test_a_file_changed_with_its_size_and_mtime_put_back_is_hashed_again_and_fails(recorded):
+    ups, mark = recorded
+    rewrite_keeping_mtime(Path(ups[1].path), b"content", b"CONTENT")
     assert sh(stat_verified(ups, str(mark))) != 0
 
 
-def test_a_file_touched_but_intact_passes_by_its_hash(tmp_path):
-    mark = tmp_path / "bundle.stat"
-    ups = uploads(tmp_path, mark)
-    record(ups, mark)
+def test_a_file_touched_but_intact_passes_by_its_hash(recorded):
+    ups, mark = recorded
     os.chmod(ups[0].path, 0o644)  # ctime moves, the content does not
     os.utime(ups[2].path)
     assert sh(stat_verified(ups, str(mark))) == 0
@@ -82,10 +89,8 @@ def test_a_file_touched_but_intact_passes_by_its_hash(tmp_path):
     assert sh(stat_verified(wrong, str(mark))) != 0  # ... and it was really hashed
 
 
-def test_a_missing_or_replaced_file_fails(tmp_path):
-    mark = tmp_path / "bundle.stat"
-    ups = uploads(tmp_path, mark)
-    record(ups, mark)
+def test_a_missing_or_replaced_file_fails(recorded):
+    ups, mark = recorded
     p = Path(ups[0].path)
     data = p.read_bytes()
     p.unlink()
@@ -142,10 +147,7 @@ def test_the_venv_mark_sees_a_package_removed_a_file_written_or_added_and_not_by
     site = tmp_path / "patroni" / "lib" / "python3.11" / "site-packages"
     (site / "etcd" / "__pycache__" / "__init__.cpython-311.pyc").write_bytes(b"bytecode")  # an import as root
     assert sh(check) == 0
-    init = site / "psycopg2" / "__init__.py"
-    st = init.stat()
-    init.write_text("# PSYCOPG\n")  # same size, mtime put back: the ctime tells
-    os.utime(init, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rewrite_keeping_mtime(site / "psycopg2" / "__init__.py", b"psycopg2", b"PSYCOPG2")
     assert sh(check) != 0
     assert sh(f"{state} > {tmp_path}/mark") == 0 and sh(check) == 0
     (site / "extra.pth").write_text("import os\n")
@@ -232,8 +234,6 @@ def local_bundle(root: Path) -> Path:
 
 
 def test_bundle_verify_rehashes_only_what_changed_since_the_record(tmp_path, monkeypatch):
-    import pytest
-
     from runbook.bundle import manifest as mf
 
     root = local_bundle(tmp_path / "bundle")
@@ -256,9 +256,7 @@ def test_bundle_verify_rehashes_only_what_changed_since_the_record(tmp_path, mon
     assert read == ["b.deb"]
     read.clear()
     a = root / "debs/a.deb"
-    st = a.stat()
-    a.write_bytes(a.read_bytes().replace(b"debs", b"DEBS", 1))  # same size, mtime put back
-    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rewrite_keeping_mtime(a, b"debs", b"DEBS")
     with pytest.raises(mf.BundleError, match="a.deb: sha256 mismatch"):
         mf.verify_bundle(root, record=record)
     a.write_bytes(a.read_bytes().replace(b"DEBS", b"debs", 1))
