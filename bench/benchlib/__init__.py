@@ -214,8 +214,12 @@ def lab_up(inventory: Path, fresh: bool) -> float:
 
 
 def lab_down(inventory: Path, state: Path) -> None:
-    """Tear the private lab down with `inv lab.down` (disks removed)."""
-    p = subprocess.run([INV, "lab.down"], cwd=REPO, env=env(inventory, state), capture_output=True, text=True,
+    """Tear the private lab down with `inv lab.down` (disks removed), in the lab directory lab_up used (this
+    process's runbook.lab_dir: `--state` moves the runbook's state, not the lab's disks and mounts)."""
+    from runbook.lab.lab import lab_root
+
+    e = dict(env(inventory, state), INVOKE_RUNBOOK_LAB_DIR=str(lab_root()))
+    p = subprocess.run([INV, "lab.down"], cwd=REPO, env=e, capture_output=True, text=True,
                        stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise BenchFailed(f"inv lab.down exited {p.returncode}: {p.stdout[-1500:]} {p.stderr[-1500:]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -188,10 +189,14 @@ def phase_probe(a) -> None:
                    f"median {med(lat) * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms, sum {sum(lat):.2f}s")
         top = sorted(per_step.items(), key=lambda kv: -kv[1])[:5]
         record("probe", f"{label}: costliest steps (each applied alone)", ", ".join(f"{k} {v:.2f}s" for k, v in top))
+    check_costs(a)
     t = time.monotonic()
     verify_bundle(REPO / "bundle")
-    record("probe", "bundle.verify (always_check, local): re-hash of the 109 MB bundle on every run",
-           f"{time.monotonic() - t:.2f}s")
+    record("probe", "bundle.verify's full re-hash of the local bundle (no stat record)", f"{time.monotonic() - t:.2f}s")
+    t = time.monotonic()
+    verify_bundle(REPO / "bundle", record=a.state / "bundle.stat.json")
+    record("probe", "bundle.verify (always_check, local) as a run does it: with the state dir's stat record",
+           f"{time.monotonic() - t:.3f}s")
     ctx = make_ctx(a)
     node = ctx.inventory.postgres[0].name  # the inventory's first postgres host (b-node01 in the default lab)
     t = time.monotonic()
@@ -222,3 +227,61 @@ def phase_probe(a) -> None:
         ssh(a.inventory, node, "true")
         o.append(time.monotonic() - t)
     record("probe", "OpenSSH `ssh host true` incl. connect and auth (x5)", f"median {med(o) * 1000:.0f} ms")
+
+
+def check_costs(a) -> None:
+    """What bounds each host's one remote execution of --verify: the batch script as the engine sends it (the
+    checks side by side), all hosts at once, then each of its checks alone, one after another, timed on the
+    host itself (no SSH in the figure)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runbook.core.batch import batch_script
+    from runbook.sections import all_steps
+
+    ctx = make_ctx(a)
+    ctx.options.verify = True
+    recs = {(r["host"], r["step"]) for r in checkpoints_done(a)}
+    per_host: dict[str, list[tuple[str, str]]] = {}
+    for step in all_steps():
+        if step.role == "local":
+            continue
+        for h in step.hosts(ctx, list(ctx.inventory.hosts)):
+            probe = step.probe(ctx, h)
+            if (h.name, step.name) in recs and isinstance(probe, str):
+                per_host.setdefault(h.name, []).append((step.name, probe))
+    hosts = {h.name: h for h in ctx.inventory.hosts}
+
+    def whole(name: str) -> float:
+        t = time.monotonic()
+        ctx.transport.run(hosts[name], batch_script([c for _, c in per_host[name]], False), timeout=600)
+        return time.monotonic() - t
+
+    def each(name: str) -> list[tuple[float, str, int]]:
+        lines = []
+        for i, (_, cmd) in enumerate(per_host[name]):
+            lines.append(f"s=$(date +%s%N); timeout 300 sh -c {shlex.quote(cmd)} </dev/null >/dev/null 2>&1; "
+                         f"rc=$?; echo \"T {i} $rc $(( $(date +%s%N) - s ))\"")
+        out = ctx.transport.run(hosts[name], "\n".join(lines), timeout=900).stdout
+        got = []
+        for m in re.finditer(r"^T (\d+) (\d+) (\d+)$", out, re.M):
+            got.append((int(m.group(3)) / 1e9, per_host[name][int(m.group(1))][0], int(m.group(2))))
+        return sorted(got, reverse=True)
+
+    for name in per_host:  # connect first: the figures are the scripts', not the handshakes'
+        ctx.transport.run(hosts[name], "true")
+    with ThreadPoolExecutor(max_workers=len(per_host)) as pool:
+        walls = dict(zip(per_host, pool.map(whole, per_host), strict=True))
+    record("probe", "--verify batch script per host, all hosts at once (open connection)",
+           ", ".join(f"{n} {w:.2f}s" for n, w in walls.items()))
+    for name in per_host:
+        got = each(name)
+        failed = [s for _, s, rc in got if rc]
+        record("probe", f"{name}: its {len(got)} checks alone, sum {sum(t for t, _, _ in got):.2f}s; costliest",
+               ", ".join(f"{s} {t:.2f}s" for t, s, _ in got[:6]) + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    ctx.transport.close()
+
+
+def checkpoints_done(a) -> list[dict]:
+    from . import checkpoints
+
+    return [r for r in checkpoints(a.state) if r["status"] == "done"]

@@ -251,8 +251,10 @@ def _walk(root: Path) -> set[str]:
     return found
 
 
-def problems(manifest: Manifest) -> list[str]:
-    """Every mismatch between the bundle directory and its manifest, one message per file."""
+def problems(manifest: Manifest, known: dict | None = None, seen: dict | None = None) -> list[str]:
+    """Every mismatch between the bundle directory and its manifest, one message per file. `known`: each file's
+    stat key when it last hashed right (verify_bundle's record): a file whose key is unchanged is not read
+    again. `seen` receives every file's key, taken before it was hashed."""
     root = manifest.root
     out: list[str] = []
     for e in manifest.files:
@@ -263,11 +265,17 @@ def problems(manifest: Manifest) -> list[str]:
         if not p.exists():
             out.append(f"{p}: missing (manifest lists {e.size} bytes, {e.kind}); {REBUILD_HINT}")
             continue
-        size = p.stat().st_size
+        st = p.stat()
+        size = st.st_size
         if size != e.size:
             what = "truncated" if size < e.size else "larger than built"
             out.append(f"{p}: {what}: {size} bytes, manifest says {e.size}; {REBUILD_HINT}")
             continue
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, e.sha256]
+        if seen is not None:
+            seen[e.path] = key
+        if known is not None and known.get(e.path) == key:
+            continue  # unchanged since it hashed right: any write would have moved its ctime
         if sha256_file(p) != e.sha256:
             out.append(f"{p}: sha256 mismatch (altered or corrupt): manifest says {e.sha256[:16]}...; "
                        f"{REBUILD_HINT}")
@@ -294,11 +302,42 @@ def approved(manifest: Manifest, pinned: str) -> str:
     return digest
 
 
-def verify_bundle(bundle_dir: str | Path) -> Manifest:
-    """Load the manifest and re-hash every file; raise BundleError listing every problem."""
+def verify_bundle(bundle_dir: str | Path, record: Path | None = None, keep: bool = True) -> Manifest:
+    """Load the manifest and re-hash every file; raise BundleError listing every problem.
+
+    `record` (a file in the runbook's private state dir): each file's size, mtime, ctime, inode and device
+    when it last hashed right, with its sha256. A file whose stat and manifest sha256 are the recorded ones is
+    not read again; any other file is. Any write, chmod, rename or `touch` sets a file's ctime to now, and no
+    program can set it back (only a change of the clock): a file changed since it was hashed is always read
+    again. Written (unless not `keep`: a dry run writes nothing) only when the whole bundle verified, from
+    stats taken before the hashing."""
     manifest = load_manifest(bundle_dir)
-    found = problems(manifest)
+    known = _read_record(record, manifest.root) if record else None
+    seen: dict = {}
+    found = problems(manifest, known, seen)
     if found:
         head = f"bundle {manifest.root} does not match its manifest ({len(found)} problem(s)):"
         raise BundleError("\n".join([head, *("  " + p for p in found)]))
+    if record and keep and seen != known:
+        _write_record(record, manifest.root, seen)
     return manifest
+
+
+def _read_record(record: Path, root: Path) -> dict | None:
+    try:
+        data = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None  # none yet, or unreadable: every file is hashed
+    return data.get("files") if isinstance(data, dict) and data.get("root") == str(root.resolve()) else None
+
+
+def _write_record(record: Path, root: Path, files: dict) -> None:
+    """Atomically, 0600; a record that cannot be written only costs the next run a full re-hash."""
+    tmp = record.with_name(record.name + ".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"root": str(root.resolve()), "files": files}, f)
+        os.replace(tmp, record)
+    except OSError:
+        tmp.unlink(missing_ok=True)

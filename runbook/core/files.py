@@ -57,9 +57,59 @@ def files_check(actions: list[Action], full: bool = False) -> str | None:
     if ups:
         parts.append(_stat_test(ups, "%a %U %G %s", [f"{_mode(u.mode)} {u.owner} {u.group} {u.size}" for u in ups]))
         if full:
-            sums = " ".join(shlex.quote(f"{u.sha256}  {u.path}") for u in ups)
-            parts.append(f"printf '%s\\n' {sums} | sha256sum --quiet --status -c - 2>/dev/null")
+            marked: dict[str, list[Upload]] = {}
+            for u in ups:
+                if u.stat_mark:
+                    marked.setdefault(u.stat_mark, []).append(u)
+            parts += [stat_verified(group, mark) for mark, group in marked.items()]
+            plain_ups = [u for u in ups if not u.stat_mark]
+            if plain_ups:
+                sums = " ".join(shlex.quote(f"{u.sha256}  {u.path}") for u in plain_ups)
+                parts.append(f"printf '%s\\n' {sums} | sha256sum --quiet --status -c - 2>/dev/null")
     return " && ".join(parts)
+
+
+# Size, mtime and ctime (to the nanosecond), inode, path: what any write to a file changes. A program can set a
+# file's mtime back (touch -d), never its ctime: the kernel sets it to "now" on every write, chmod, chown,
+# rename and touch. Only a change of the system clock could forge it, and root alone can do that.
+STAT_FORMAT = "%s %.9Y %.9Z %i %n"
+
+
+def stat_record(paths: Sequence[str], mark: str) -> str:
+    """A command that takes the files' stat into `mark`.pending (root-only, 0600 in a 0700 directory). Take it
+    BEFORE hashing the files, and move it to `mark` only once they hashed right: a file written after the
+    record was taken has another ctime, so the record never vouches for content that was not hashed."""
+    m = shlex.quote(mark)
+    d = shlex.quote(mark.rsplit("/", 1)[0])
+    files = " ".join(shlex.quote(p) for p in paths)
+    return (f"install -d -m 0700 {d} && rm -f {m} && (umask 077 && "
+            f"stat -c {shlex.quote(STAT_FORMAT)} {files} > {m}.pending)")
+
+
+def stat_commit(mark: str) -> str:
+    """After the files hashed right: the pending record becomes the record."""
+    return f"mv {shlex.quote(mark)}.pending {shlex.quote(mark)}"
+
+
+def _awk_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def stat_verified(ups: Sequence[Upload], mark: str) -> str:
+    """One shell command (exit 0 = every file holds its sha256): a file whose stat line is the one in `mark`
+    (taken when the file was hashed: stat_record) is not read again; every other file (a stat that differs, no
+    record, a missing file) is re-hashed against its sha256. Cost: one stat per file, plus the hashing of
+    what changed."""
+    table = "; ".join(f"want[{_awk_str(u.path)}] = {_awk_str(u.sha256 + '  ' + u.path)}" for u in ups)
+    awk = (f"BEGIN {{ {table}; while ((getline line < {_awk_str(mark)}) > 0) seen[line] = 1 }} "
+           # a line as stat prints it now, absent from the record: its file is hashed again
+           "!($0 in seen) { p = $0; sub(/^[^ ]+ [^ ]+ [^ ]+ [^ ]+ /, \"\", p); "
+           "print ((p in want) ? want[p] : \"0  \" p) } "
+           # a file stat could not read (missing): a line that can never match
+           f"END {{ if (NR != {len(ups)}) print \"0  missing\" }}")
+    files = " ".join(shlex.quote(u.path) for u in ups)
+    return (f"{{ d=$(stat -c {shlex.quote(STAT_FORMAT)} {files} 2>/dev/null | awk {shlex.quote(awk)}) && "
+            "{ [ -z \"$d\" ] || printf '%s\\n' \"$d\" | sha256sum --quiet --status --strict -c - 2>/dev/null; }; }")
 
 
 def _sha(f: FileAction) -> str:

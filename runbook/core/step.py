@@ -93,6 +93,9 @@ class Upload:
     size: int
     mode: str = "0644"
     owner: str = "root"
+    # A root-only record of the files' stat (runbook.core.files.stat_record), written by the step when it had
+    # hashed them on the host: --verify then re-hashes only the files whose stat no longer matches it.
+    stat_mark: str | None = None
 
     @property
     def group(self) -> str:

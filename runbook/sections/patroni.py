@@ -52,26 +52,49 @@ def _venv_undo(ctx: Ctx, host: Host) -> list:
 
 @section.step("wheels", role="postgres")
 def wheels(ctx: Ctx, host: Host) -> list:
-    """Patroni from the wheelhouse: pip install --no-index --require-hashes (no network, no compiler)"""
+    """Patroni from the wheelhouse: pip install --no-index --require-hashes (no network, no compiler)
+    Then what `patroni --version` loads (the entry point's module and its imports) and the drivers are imported
+    once; when they import, the venv's files are recorded (root-only, /var/lib/pg-ha-runbook/patroni-venv.stat:
+    the sha256 of every file's size, mtime, ctime, inode and path, taken before the import). The check compares
+    that record with the venv as it is: a package removed or added, a file written, replaced, removed or
+    touched (any write sets its ctime to now, which no program can set back) re-runs the step."""
     req = manifest(ctx).requirements(host.os)
     wheel_dir = remote(req).rsplit("/", 1)[0]
     v = ctx.paths.patroni_venv
+    mark = WHEELS_MARK
     return [Run(f"echo '{req.sha256}  {remote(req)}' | sha256sum --quiet -c -"),
             Run(f"PIP_CONFIG_FILE=/dev/null {v}/bin/pip install --quiet --no-index --disable-pip-version-check "
-                f"--find-links {wheel_dir} --require-hashes -r {remote(req)}", timeout=900)]
+                f"--find-links {wheel_dir} --require-hashes -r {remote(req)}", timeout=900),
+            # -B: the import writes no bytecode, so the record taken before it still matches after it
+            Run(f"install -d -m 0700 {mark.rsplit('/', 1)[0]} && rm -f {mark} && (umask 077 && "
+                f"{venv_state(ctx)} > {mark}.pending) && test -x {v}/bin/patroni && "
+                f"{v}/bin/python -B -c 'import patroni.__main__, psycopg2, etcd' && mv {mark}.pending {mark}")]
+
+
+# Root-only (the directory is 0700 root): the venv as it was when its imports last passed.
+WHEELS_MARK = "/var/lib/pg-ha-runbook/patroni-venv.stat"
+
+
+def venv_state(ctx: Ctx) -> str:
+    """A command printing the sha256 of the venv's files: size, mtime, ctime (ns), inode and path of every file
+    and link under bin/ and lib/, and pyvenv.cfg. Not the __pycache__ directories (bytecode an import as root
+    may add: Python checks it against its source) nor the directories themselves (their times move with
+    that); a file added, removed or written changes the sum. ~2000 files: one find, no interpreter."""
+    v = ctx.paths.patroni_venv
+    return (f"find {v}/bin {v}/lib {v}/pyvenv.cfg -name __pycache__ -prune -o ! -type d "
+            f"-printf '%s %T@ %C@ %i %p\\n' 2>&1 | LC_ALL=C sort | sha256sum | cut -d' ' -f1")
 
 
 @wheels.check
 def _wheels_check(ctx: Ctx, host: Host) -> str:
-    v = ctx.paths.patroni_venv
-    # one interpreter: what `patroni --version` loads (the entry point's module and its imports) and the
-    # drivers, instead of two Python start-ups (a --verify runs it on every postgres host at once)
-    return f"test -x {v}/bin/patroni && {v}/bin/python -c 'import patroni.__main__, psycopg2, etcd'"
+    """The venv's files are the ones recorded when the imports last passed (no interpreter started)."""
+    return f"test \"$({venv_state(ctx)})\" = \"$(cat {WHEELS_MARK} 2>/dev/null)\""
 
 
 @wheels.undo
 def _wheels_undo(ctx: Ctx, host: Host) -> list:
-    return [Run(f"{ctx.paths.patroni_venv}/bin/pip uninstall -y -q patroni psycopg2-binary || true")]
+    return [Run(f"{ctx.paths.patroni_venv}/bin/pip uninstall -y -q patroni psycopg2-binary || true"),
+            Run(f"rm -f {WHEELS_MARK} {WHEELS_MARK}.pending")]
 
 
 @section.step("profile", role="postgres")

@@ -1,6 +1,8 @@
 """PostgreSQL section: packages from the bundle, no distribution cluster, PGDATA and TLS files."""
 from __future__ import annotations
 
+import shlex
+
 from runbook.cluster.context import Ctx
 from runbook.core.step import Put, Run, Section
 from runbook.inventory import Host
@@ -53,9 +55,24 @@ def allow_downgrade(ctx: Ctx) -> bool:
 
 @packages.check
 def _packages_check(ctx: Ctx, host: Host) -> str:
+    """PostgreSQL's package and python3-venv are installed (dpkg's status file, read once by awk: no dpkg-query,
+    no interpreter), and ensurepip, which python3-venv brings and `python3 -m venv` needs, is in place."""
     p = ctx.paths_for(host)
-    return (f"dpkg-query -W -f='${{Status}}' {p.pg_package()} | grep -q 'install ok installed' && "
-            f"{p.python3} -c 'import venv, ensurepip'")
+    return (f"{installed([p.pg_package(), p.venv_package])} && "
+            "ls /usr/lib/python3*/ensurepip/__init__.py >/dev/null 2>&1")
+
+
+DPKG_STATUS = "/var/lib/dpkg/status"
+
+
+def installed(packages: list[str], status: str = DPKG_STATUS) -> str:
+    """A command: exit 0 when every package is "install ok installed" in dpkg's status file (a stanza's
+    Package: line comes first; a removed package keeps its stanza with another Status)."""
+    want = " ".join(packages)
+    return (f"awk -v want={shlex.quote(want)} "
+            "'BEGIN { n = split(want, w, \" \"); for (i = 1; i <= n; i++) need[w[i]] = 1 } "
+            "/^Package: / { p = $2 } /^Status: install ok installed$/ && (p in need) { ok[p] = 1 } "
+            f"END {{ for (k in need) if (!(k in ok)) exit 1 }}' {status}")
 
 
 @packages.undo

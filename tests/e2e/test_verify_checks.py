@@ -15,6 +15,7 @@ from runbook.cluster.commands import patronictl
 from runbook.cluster.context import Ctx
 from runbook.core.context import Options
 from runbook.core.transport import SshTransport
+from runbook.sections.bundle_files import REMOTE_BUNDLE
 from runbook.sections.patroni import VALIDATED
 
 
@@ -48,6 +49,52 @@ def test_verify_sees_a_fresh_dcs_edit_and_a_validation_mark_that_does_not_match(
         mode = tr.run(other, f"stat -c '%a %U' {shlex.quote(VALIDATED)} {shlex.quote(VALIDATED.rsplit('/', 1)[0])}",
                       timeout=60).stdout.split("\n")
         assert mode[:2] == ["600 root", "700 root"]
+
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        assert "0 (host, step) executed" in out, out[-3000:]
+    finally:
+        tr.close()
+
+
+# A byte of a bundle file flipped with its size and mtime put back (only the ctime tells), by root as a
+# mistaken hand or a disk would: printed as the file's sha256 before and after.
+FLIP = ("import os, sys, hashlib; p = sys.argv[1]; st = os.stat(p); b = bytearray(open(p, 'rb').read()); "
+        "b[len(b) // 2] ^= 0xFF; open(p, 'r+b').write(b); os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns)); "
+        "print(hashlib.sha256(b).hexdigest())")
+
+
+def test_verify_repairs_drift_its_cheap_checks_see(converged):
+    """bundle.push (stat record), postgres.packages (dpkg's status) and patroni.wheels (the venv's record): each
+    drift made on a real host is seen by --verify, that (host, step) runs again and repairs it, and nothing
+    else runs; a bundle file only touched (its ctime moved, its content intact) is re-hashed and passes."""
+    inventory, state = converged
+    tr = SshTransport()
+    try:
+        ctx = Ctx(inventory=inventory, transport=tr, state_dir=state, bundle_dir=state, options=Options())
+        first, other = inventory.postgres[0], inventory.postgres[1]
+        venv_pkg = ctx.paths_for(first).venv_package
+        deb = tr.run(first, f"find {REMOTE_BUNDLE} -name '*.deb' | sort | head -1", timeout=60).stdout.strip()
+        good = tr.run(first, f"sha256sum {shlex.quote(deb)} | cut -c1-64", timeout=60).stdout.strip()
+        assert deb and len(good) == 64
+        size = tr.run(first, f"stat -c '%s %.9Y' {shlex.quote(deb)}", timeout=60).stdout.strip()
+        r = tr.run(first, f"python3 -I -c {shlex.quote(FLIP)} {shlex.quote(deb)}", timeout=60)
+        assert r.ok and r.stdout.strip() != good, r.stderr
+        assert tr.run(first, f"stat -c '%s %.9Y' {shlex.quote(deb)}", timeout=60).stdout.strip() == size
+        r = tr.run(first, f"dpkg -r {venv_pkg}", timeout=120)  # the package gone (python3.X-venv stays)
+        assert r.ok, r.stderr
+        touched = tr.run(other, f"f=$(find {REMOTE_BUNDLE} -name '*.deb' | sort | head -1) && touch \"$f\"",
+                         timeout=60)
+        assert touched.ok, touched.stderr
+        v = ctx.paths.patroni_venv
+        r = tr.run(other, f"{v}/bin/pip uninstall -y -q psycopg2-binary", timeout=120)  # a package gone from the venv
+        assert r.ok, r.stderr
+
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        assert _reran(state, inventory) == {(first.name, "bundle.push"), (first.name, "postgres.packages"),
+                                            (other.name, "patroni.wheels")}, out[-3000:]
+        assert tr.run(first, f"sha256sum {shlex.quote(deb)} | cut -c1-64", timeout=60).stdout.strip() == good
+        assert tr.run(first, f"dpkg-query -W -f='${{Status}}' {venv_pkg}", timeout=60).stdout == "install ok installed"
+        assert tr.run(other, f"{v}/bin/python -c 'import psycopg2'", timeout=60).ok
 
         out = inv(state, "cluster.up", "--verify", timeout=900).stdout
         assert "0 (host, step) executed" in out, out[-3000:]
