@@ -57,15 +57,30 @@ tls = ssl.create_default_context(cafile=ca)
 tls.load_cert_chain(cert, key)
 host, port = address.rsplit(":", 1)
 conn = http.client.HTTPSConnection(host, int(port), context=tls, timeout=10)
-got = {}
+got, failed = {}, []
 for path in sys.argv[6:]:
     conn.request("GET", path)
     r = conn.getresponse()
     body = r.read()
     if r.status != 200:
-        sys.exit(f"GET {path}: HTTP {r.status}")
+        failed.append(f"GET {path}: HTTP {r.status}")
+        continue
     got[path] = json.loads(body)
 exec(verdict)
+"""
+_ALL_ANSWERED = "if failed:\n    sys.exit(failed[0])\n"
+
+# Several verdicts on one set of answers (rest_verdicts): each in its own namespace, its exit status printed on
+# a line of its own; a path that did not answer 200 is missing from `got` (a verdict that reads it fails).
+_EACH = """for _name, _src in VERDICTS:
+    try:
+        exec(_src, dict(globals()))  # what rest_get's verdict sees: got, sys, json
+        _rc = 0
+    except SystemExit as e:
+        _rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception:
+        _rc = 1
+    print("RUNBOOK-VERDICT", _name, _rc, flush=True)
 """
 
 
@@ -73,16 +88,36 @@ def rest_get(ctx: Ctx, host: Host, paths: list[str], verdict: str) -> str:
     """The command (run it as postgres: the client key is postgres's) that GETs `paths` in turn from the host's
     own REST API and runs `verdict`: Python with `got` = {path: JSON}, `sys` and `json`, whose exit status is
     the command's (an HTTP error, a refused certificate or no answer: rc 1)."""
+    return _rest(ctx, host, paths, _ALL_ANSWERED + verdict)
+
+
+def _rest(ctx: Ctx, host: Host, paths: list[str], verdict: str) -> str:
     args = [*rest_client(ctx, host), verdict, *paths]
     return f"{ctx.paths_for(host).python3} -I -S -c {shlex.quote(_REST)} " + " ".join(shlex.quote(a) for a in args)
+
+
+def rest_verdicts(ctx: Ctx, host: Host, paths: list[str], verdicts: dict[str, str]) -> str:
+    """One REST reader for several checks: GETs `paths` once, then runs each named verdict (as rest_get's, but
+    `got` holds only the paths that answered 200) and prints `RUNBOOK-VERDICT <name> <rc>` for each; a check
+    reads its own with verdict_ok(name). rc 1 when the API did not answer at all."""
+    return _rest(ctx, host, paths, f"VERDICTS = {list(verdicts.items())!r}\n" + _EACH)
+
+
+def verdict_ok(name: str) -> str:
+    """The filter that passes (rc 0) when rest_verdicts' stdout says verdict `name` passed."""
+    return f"grep -qx 'RUNBOOK-VERDICT {name} 0'"
+
+
+def member_verdict(host: Host) -> str:
+    """The verdict of member_ok_rest: rc 0 when the host's member is a running leader or a streaming replica."""
+    return (f'name = {json.dumps(member_name(host))}\n'
+            'm = {x.get("name"): x for x in got["/cluster"].get("members", [])}.get(name) or {}\n'
+            'r, s = m.get("role"), m.get("state")\n'
+            'sys.exit(0 if r == "leader" and s == "running" or s == "streaming" else 1)')
 
 
 def member_ok_rest(ctx: Ctx, host: Host) -> str:
     """member_ok (a running leader or a streaming replica) from the host's own REST API (GET /cluster): the
     member record of the DCS that `patronictl list` prints, without starting patronictl. For the checks; the
     steps' own waits keep member_ok (a step's fingerprint is its rendered actions)."""
-    verdict = (f'name = {json.dumps(member_name(host))}\n'
-               'm = {x.get("name"): x for x in got["/cluster"].get("members", [])}.get(name) or {}\n'
-               'r, s = m.get("role"), m.get("state")\n'
-               'sys.exit(0 if r == "leader" and s == "running" or s == "streaming" else 1)')
-    return rest_get(ctx, host, ["/cluster"], verdict)
+    return rest_get(ctx, host, ["/cluster"], member_verdict(host))

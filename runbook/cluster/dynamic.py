@@ -14,8 +14,9 @@ import json
 import shlex
 from typing import Any
 
-from runbook.cluster.commands import patronictl, rest_get
+from runbook.cluster.commands import member_verdict, patronictl, rest_verdicts, verdict_ok
 from runbook.cluster.context import Ctx
+from runbook.core.shared import shared
 from runbook.inventory import Host, Inventory
 
 # Maps the inventory owns entirely: an entry it does not list is removed from the DCS (a permanent slot it
@@ -146,17 +147,31 @@ def dynamic_command(ctx: Ctx, mode: str, desired: dict | None = None, exact: tup
         " ".join(shlex.quote(a) for a in args)
 
 
-def dynamic_check(ctx: Ctx, host: Host) -> str:
-    """patroni.dynamic's probe: rc 0 when the DCS holds the desired settings. The DCS's config as the host's REST
-    API reads it (GET /cluster, then /config: what `patronictl show-config` prints, fresh from the DCS), compared
-    by config_patch's own source in the distribution's python3 (runbook.cluster.commands.rest_get)."""
+def dynamic_verdict(ctx: Ctx) -> str:
+    """rc 0 when the DCS's config as the REST API reads it (GET /cluster, then /config: what `patronictl
+    show-config` prints, fresh from the DCS) holds the desired settings, compared by config_patch's own source
+    in the distribution's python3 (runbook.cluster.commands.rest_get)."""
     want = desired_dynamic(ctx.inventory, ctx.paths.log_dir)
-    verdict = _verdict_source() + (
+    return _verdict_source() + (
+        "if '/cluster' not in got:\n    sys.exit('GET /cluster failed: /config may be up to loop_wait old')\n"
         f"patch = config_patch(got['/config'], json.loads({json.dumps(json.dumps(want, sort_keys=True))}), "
         f"tuple({list(EXACT)!r}))\n"
         "if patch:\n    print('differs from the desired dynamic configuration: ' + json.dumps(patch, sort_keys=True))\n"
         "sys.exit(1 if patch else 0)\n")
-    return f"sudo -u postgres {rest_get(ctx, host, ['/cluster', '/config'], verdict)}"
+
+
+def patroni_probe(ctx: Ctx, host: Host) -> str:
+    """The bootstrap host's REST reader for its checks: GET /cluster and /config once, then the verdicts
+    `member` (a running leader or streaming replica: patroni.bootstrap) and `dynamic` (patroni.dynamic), as
+    postgres (the client key is postgres's). Shared (runbook.core.shared): one interpreter and one TLS
+    handshake for both checks in a --verify batch; on its own, each check runs it whole."""
+    verdicts = {"member": member_verdict(host), "dynamic": dynamic_verdict(ctx)}
+    return shared(f"sudo -u postgres {rest_verdicts(ctx, host, ['/cluster', '/config'], verdicts)}")
+
+
+def dynamic_check(ctx: Ctx, host: Host) -> str:
+    """patroni.dynamic's probe: rc 0 when the DCS holds the desired settings (patroni_probe's `dynamic`)."""
+    return f"{patroni_probe(ctx, host)} | {verdict_ok('dynamic')}"
 
 
 @functools.lru_cache(maxsize=1)

@@ -22,6 +22,9 @@ from typing import Callable
 from runbook.core.context import RunContext
 from runbook.core.identity import IDENTITY_CMD, note_identities
 from runbook.core.offline import NeedsHost, offline
+from runbook.core.shared import ENV as SHARED
+from runbook.core.shared import run_once, to_share
+from runbook.core.shared import uses as shared_uses
 from runbook.core.step import Step
 from runbook.core.transport import TransportError
 from runbook.inventory import LOCAL, Host
@@ -44,9 +47,23 @@ def batch_script(checks: list[str], identity: bool) -> BatchScript:
         lines.append(f"printf 'RUNBOOK-ID 0 %s\\n' \"$({IDENTITY_CMD} 2>/dev/null)\"")
     # The checks are read-only probes: they run side by side (the host's batch lasts as long as its slowest
     # check, not the sum); each reports on one short line (one write: lines never interleave).
-    for i, cmd in enumerate(checks):
-        lines.append(f"( timeout {CHECK_TIMEOUT} sh -c {shlex.quote(cmd)} </dev/null >/dev/null 2>&1; "
-                     f"echo \"RUNBOOK-CHECK {i} $?\" ) &")
+    def check(i: int, cmd: str) -> str:
+        return (f"( timeout {CHECK_TIMEOUT} sh -c {shlex.quote(cmd)} </dev/null >/dev/null 2>&1; "
+                f"echo \"RUNBOOK-CHECK {i} $?\" ) &")
+
+    # A command that two or more checks share (runbook.core.shared) runs once, first; the checks that read it
+    # start when it has ended, the others at once. No temporary directory: each check runs it itself.
+    share = to_share(checks)
+    readers = {i for i, cmd in enumerate(checks) if set(shared_uses(cmd)) & set(share)}
+    if share:
+        lines.append(f"{SHARED}=$(mktemp -d 2>/dev/null) || {SHARED}=; export {SHARED}; "
+                     f"[ -z \"${SHARED}\" ] || trap 'rm -rf \"${SHARED}\"' EXIT")
+        lines.append(f"( if [ -n \"${SHARED}\" ]; then")
+        lines += [f"  {run_once(k, cmd, CHECK_TIMEOUT)} &" for k, cmd in share.items()]
+        lines.append("  wait; fi")
+        lines += [f"  {check(i, cmd)}" for i, cmd in enumerate(checks) if i in readers]
+        lines.append("  wait ) &")
+    lines += [check(i, cmd) for i, cmd in enumerate(checks) if i not in readers]
     lines.append("wait")
     s = BatchScript("\n".join(lines))
     s.parts = list(enumerate(checks))

@@ -1,12 +1,14 @@
 """etcd section: the walk-through's etcd part, a three-member TLS cluster."""
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import replace
 
 from runbook.cluster.commands import etcdctl
 from runbook.cluster.context import Ctx
 from runbook.cluster.render import etcd_context
+from runbook.core.shared import shared
 from runbook.core.step import Local, Put, Run, Section, wait_for
 from runbook.inventory import Host
 from runbook.sections.bundle_files import REMOTE_BUNDLE, manifest, remote, sums
@@ -244,6 +246,12 @@ def _all_endpoints(ctx: Ctx) -> str:
     return ",".join(f"https://{h.name}:2379" for h in ctx.inventory.etcd)
 
 
+def _health(ctx: Ctx, host: Host) -> str:
+    """The member's own `endpoint health`, as the checks ask it: once per --verify batch of the host
+    (runbook.core.shared), for etcd.start and etcd.existing alike."""
+    return shared(etcdctl(ctx, host, "endpoint health"))
+
+
 @section.step("start", role="etcd", kind="barrier")
 def start(ctx: Ctx, host: Host) -> list:
     """Start: every etcd member at once, then a bounded wait until every member is healthy
@@ -254,7 +262,7 @@ def start(ctx: Ctx, host: Host) -> list:
 
 @start.check
 def _start_check(ctx: Ctx, host: Host) -> str:
-    return f"systemctl is-active -q etcd && {etcdctl(ctx, host, 'endpoint health')}"
+    return f"systemctl is-active -q etcd && {_health(ctx, host)}"
 
 
 @start.undo
@@ -297,11 +305,14 @@ def auth(ctx: Ctx, host: Host) -> list:
 
 @auth.check
 def _auth_check(ctx: Ctx, host: Host) -> str:
-    prefix = _prefix(ctx)
+    # auth on; user patroni holds exactly one role, patroni, which may read and write the prefix: `user get
+    # --detail` prints `Role patroni` then its permissions, `[/patroni/, /patroni0) (prefix /patroni/)` under
+    # KV Read and again under KV Write (two etcdctl starts, not three)
+    prefix = json.dumps(f"(prefix {_prefix(ctx)})")
+    verdict = ('/^Role / { n++; if ($0 != "Role patroni") bad = 1 } '
+               f'index($0, {prefix}) {{ p++ }} END {{ exit !(n == 1 && !bad && p == 2) }}')
     return (f"{etcdctl(ctx, host, 'auth status')} | grep -q 'Authentication Status: true' && "
-            f"{etcdctl(ctx, host, 'user get patroni')} | grep -qx 'Roles: patroni' && "
-            # read and write, each on the prefix: `[/patroni/, /patroni0) (prefix /patroni/)` under KV Read/Write
-            f"test \"$({etcdctl(ctx, host, 'role get patroni')} | grep -cF {shlex.quote(f'(prefix {prefix})')})\" = 2")
+            f"{etcdctl(ctx, host, 'user get patroni --detail')} | awk {shlex.quote(verdict)}")
 
 
 @auth.undo
@@ -344,8 +355,7 @@ def existing(ctx: Ctx, host: Host) -> list:
 
 @existing.check
 def _existing_check(ctx: Ctx, host: Host) -> str:
-    return (f"grep -q '^initial-cluster-state: existing$' {ctx.paths.etcd_conf} && "
-            f"{etcdctl(ctx, host, 'endpoint health')}")
+    return f"grep -q '^initial-cluster-state: existing$' {ctx.paths.etcd_conf} && {_health(ctx, host)}"
 
 
 @existing.undo

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import shlex
 
-from runbook.cluster.commands import member_ok, member_ok_rest, psql
+from runbook.cluster.commands import member_ok, member_ok_rest, psql, verdict_ok
 from runbook.cluster.context import Ctx
-from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_explain, dynamic_undo
+from runbook.cluster.dynamic import dynamic_check, dynamic_command, dynamic_explain, dynamic_undo, patroni_probe
 from runbook.cluster.render import patroni_context
 from runbook.core.step import Put, Run, Section, wait_for
 from runbook.inventory import Host
@@ -216,8 +216,8 @@ def bootstrap(ctx: Ctx, host: Host) -> list:
 
 @bootstrap.check
 def _bootstrap_check(ctx: Ctx, host: Host) -> str:
-    return f"systemctl is-active -q patroni && sudo -u postgres {member_ok_rest(ctx, host)} " \
-           f"&& test ! -e {ctx.paths.post_bootstrap}"
+    return (f"systemctl is-active -q patroni && {patroni_probe(ctx, host)} | {verdict_ok('member')} "
+            f"&& test ! -e {ctx.paths.post_bootstrap}")
 
 
 @bootstrap.undo

@@ -100,3 +100,37 @@ def test_verify_repairs_drift_its_cheap_checks_see(converged):
         assert "0 (host, step) executed" in out, out[-3000:]
     finally:
         tr.close()
+
+
+def test_verify_repairs_drift_its_shared_and_merged_checks_see(converged):
+    """The checks that share one probe in a host's batch or merged their calls (runbook.core.shared): on real
+    hosts, patroni's etcd permission revoked on one etcd member (etcd.auth: `user get --detail`, one call for
+    the user and its role: every member sees it, the permission being the cluster's) and the distribution's
+    default cluster created again on a postgres host (postgres.default-off: its config directory, not
+    pg_lsclusters) are each seen by --verify, those (host, step) alone run again and repair it;
+    the shared endpoint health and REST answer pass on the other steps."""
+    inventory, state = converged
+    tr = SshTransport()
+    try:
+        ctx = Ctx(inventory=inventory, transport=tr, state_dir=state, bundle_dir=state, options=Options())
+        member, pg = inventory.etcd[0], inventory.postgres[1]
+        prefix = inventory.cluster.namespace.rstrip("/") + "/"
+        r = tr.run(member, f"{ctx.paths.ectl} role revoke-permission patroni {shlex.quote(prefix)} --prefix=true",
+                   timeout=60)
+        assert r.ok, r.stderr
+        major, name = ctx.paths_for(pg).default_cluster().split()
+        r = tr.run(pg, f"pg_createcluster {major} {name} >/dev/null", timeout=120)
+        assert r.ok, r.stderr
+
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        # the permission is the cluster's: every member's etcd.auth check sees it gone
+        assert _reran(state, inventory) == {*((h.name, "etcd.auth") for h in inventory.etcd),
+                                            (pg.name, "postgres.default-off")}, out[-3000:]
+        role = tr.run(member, f"{ctx.paths.ectl} role get patroni", timeout=60).stdout
+        assert role.count(f"(prefix {prefix})") == 2, role  # read and write again
+        assert not tr.run(pg, f"test -e /etc/postgresql/{major}/{name}", timeout=60).ok
+
+        out = inv(state, "cluster.up", "--verify", timeout=900).stdout
+        assert "0 (host, step) executed" in out, out[-3000:]
+    finally:
+        tr.close()

@@ -26,6 +26,8 @@ from runbook.cluster.commands import member_ok_rest, rest_get
 from runbook.cluster.dynamic import EXACT, bootstrap_dcs, dynamic_check
 from runbook.cluster.readers import leader, parse_cluster
 from runbook.cluster.render import Paths
+from runbook.core.shared import _KNOWN, to_share
+from runbook.core.shared import uses as shared_uses
 from runbook.sections import patroni
 
 LEADER = {"name": "patroni_node01", "role": "leader", "state": "running", "host": "10.0.0.1", "timeline": 1}
@@ -109,8 +111,9 @@ def api(tls):
     a.httpd.shutdown()
 
 
-def run_rest(cmd: str, tls: dict, api: Api, client: str = "client") -> int:
-    """Run a rest_get command locally: its own script and verdict, this test's CA, client pair and server."""
+def run_rest(cmd: str, tls: dict, api: Api, client: str = "client", out: list | None = None) -> int:
+    """Run a rest_get command locally: its own script and verdict, this test's CA, client pair and server
+    (its stdout appended to `out`)."""
     argv = shlex.split(cmd)
     if argv[:2] == ["sudo", "-u"]:
         argv = argv[3:]
@@ -118,8 +121,19 @@ def run_rest(cmd: str, tls: dict, api: Api, client: str = "client") -> int:
     assert argv[:i] == ["python3", "-I", "-S"]  # the distribution's interpreter, isolated: no patronictl
     script, rest = argv[i + 1], argv[i + 2:]
     rest[:4] = [tls["ca"], *tls[client], api.address]
-    return subprocess.run([sys.executable, "-I", "-S", "-c", script, *rest], capture_output=True, text=True,
-                          timeout=30).returncode
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", script, *rest], capture_output=True, text=True, timeout=30)
+    if out is not None:
+        out.append(r.stdout)
+    return r.returncode
+
+
+def run_probe_check(check: str, tls: dict, api: Api) -> int:
+    """Run a check `<shared REST reader> | <filter>` locally: the reader as run_rest does, the filter on its
+    stdout (as a --verify batch or the check alone would)."""
+    (key,) = shared_uses(check)
+    reader, out = _KNOWN[key], []
+    run_rest(reader, tls, api, out=out)
+    return subprocess.run(["sh", "-c", check.rsplit(" | ", 1)[1]], input=out[0], text=True).returncode
 
 
 def test_rest_client_is_what_patronictl_presents(ctx, inv):
@@ -165,22 +179,44 @@ def test_member_check_fails_without_an_answer_or_with_a_foreign_certificate(ctx,
 def test_dynamic_check_compares_the_dcs_config_read_fresh(ctx, inv, tls, api):
     want = bootstrap_dcs(ctx.inventory, ctx.paths.log_dir)  # what the DCS holds once the cluster is created
     cmd = dynamic_check(ctx, inv.get("node01"))
-    assert "patronictl" not in cmd and cmd.startswith("sudo -u postgres ")
+    assert "patronictl" not in cmd and "sudo -u postgres " in cmd
     api.answers = {"/cluster": (200, {"members": [LEADER, SYNC]}), "/config": (200, want)}
     api.paths.clear()
-    assert run_rest(cmd, tls, api) == 0
+    assert run_probe_check(cmd, tls, api) == 0
     assert api.paths == ["/cluster", "/config"]  # /cluster first: Patroni reloads the cluster from the DCS
     drifted = json.loads(json.dumps(want))
     drifted["ttl"] = 99
     api.answers["/config"] = (200, drifted)
-    assert run_rest(cmd, tls, api) == 1
+    assert run_probe_check(cmd, tls, api) == 1
     extra = json.loads(json.dumps(want))
     extra["postgresql"]["parameters"]["work_mem"] = "1GB"  # not named by the inventory: EXACT removes it
     assert "postgresql.parameters" in EXACT
     api.answers["/config"] = (200, extra)
-    assert run_rest(cmd, tls, api) == 1
+    assert run_probe_check(cmd, tls, api) == 1
     api.answers["/config"] = (502, {})  # no config in the DCS
-    assert run_rest(cmd, tls, api) == 1
+    assert run_probe_check(cmd, tls, api) == 1
+
+
+def test_bootstrap_and_dynamic_read_one_rest_answer_each_verdict_its_own(ctx, inv, tls, api):
+    """patroni.bootstrap's and patroni.dynamic's checks share one reader (one GET of /cluster and /config in a
+    --verify batch); each passes or fails on its own verdict, as when each asked the API itself."""
+    node01 = inv.get("node01")
+    want = bootstrap_dcs(ctx.inventory, ctx.paths.log_dir)
+    boot = patroni._bootstrap_check(ctx, node01)
+    dyn = dynamic_check(ctx, node01)
+    assert to_share([boot, dyn])  # the same reader: asked once per batch
+    member = boot.split(" && ", 1)[1].rsplit(" && test ! -e", 1)[0]  # the REST part of the check
+    drifted = {**want, "ttl": 99}
+    for members, config, ok_member, ok_dynamic in (
+            ([LEADER, SYNC], (200, want), True, True),
+            ([LEADER, SYNC], (200, drifted), True, False),
+            ([LEADER, SYNC], (502, {}), True, False),  # no config: only the dynamic verdict fails
+            ([{**LEADER, "state": "stopped"}, SYNC], (200, want), False, True)):
+        api.answers = {"/cluster": (200, {"members": members}), "/config": config}
+        assert (run_probe_check(member, tls, api) == 0) is ok_member
+        assert (run_probe_check(dyn, tls, api) == 0) is ok_dynamic
+    api.answers = {"/cluster": (503, {}), "/config": (200, want)}
+    assert run_probe_check(member, tls, api) == 1 and run_probe_check(dyn, tls, api) == 1
 
 
 def test_leader_is_read_from_the_rest_api(ctx, inv):
