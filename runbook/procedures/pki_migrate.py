@@ -40,7 +40,7 @@ from runbook.cluster.render import etcd_context
 from runbook.core.step import Local, Put, Run, Section, Step, wait_for
 from runbook.credentials.purposes import PEER_CA, for_role
 from runbook.inventory import Host
-from runbook.sections.frontdoor import checks_held
+from runbook.sections.frontdoor import restart_patroni_held
 from runbook.sections.tls_files import SERVE_WAIT, SERVED_BY, leaf_actions, serve_new_cert
 
 OP = "pki-migrate"
@@ -179,9 +179,8 @@ def migrate_steps(ctx: Ctx) -> list[Step]:
         """Replicas first, the leader last: the final config.yml, Patroni restarted (PostgreSQL stays up: paused),
         the member back, the new REST API and PostgreSQL certificates proven served"""
         d = ctx.paths.patroni_tls_dir
-        hold, release = checks_held(ctx, h)
-        return [patroni_conf(ctx, h), *hold, Run("systemctl restart patroni", timeout=120),
-                Run(wait_for(member_ok(ctx, h), HEALTH_WAIT), timeout=HEALTH_WAIT + 30), *release,
+        back = Run(wait_for(member_ok(ctx, h), HEALTH_WAIT), timeout=HEALTH_WAIT + 30)
+        return [patroni_conf(ctx, h), *restart_patroni_held(ctx, h, back),
                 *[Run(serve_new_cert(h, f"{d}/{n}.crt", *SERVED_BY[n]), timeout=SERVE_WAIT + 60)
                   for n in ("rest-server", "pg-server")]]
 

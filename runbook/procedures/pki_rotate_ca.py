@@ -59,7 +59,7 @@ from runbook.procedures.membership_ops import operation_id, run_with_id
 from runbook.procedures.pki_migrate import HEALTH_WAIT, etcd_healthy_wait
 from runbook.procedures.pki_rotate import issued_marker, leader_last, rotate_steps
 from runbook.procedures.pki_status import tls_dir
-from runbook.sections.frontdoor import checks_held
+from runbook.sections.frontdoor import restart_patroni_held
 from runbook.sections.tls_files import host_purposes
 
 OP = "pki-rotate-ca"
@@ -193,10 +193,8 @@ def _phase(sec: Section, phase: str, cas: tuple[str, ...], op_id: str) -> list[S
 
     @sec.step(f"{phase}-patroni", role="postgres", kind="serial", host_order=leader_last)
     def patroni(ctx: Ctx, h: Host) -> list:
-        hold, release = checks_held(ctx, h)
-        acts: list = [*hold, Run("systemctl restart patroni", timeout=120),
-                      Run(wait_for(member_ok(ctx, h), HEALTH_WAIT), timeout=HEALTH_WAIT + 30),
-                      *release, Run("systemctl reload patroni", timeout=60)]
+        back = Run(wait_for(member_ok(ctx, h), HEALTH_WAIT), timeout=HEALTH_WAIT + 30)
+        acts: list = [*restart_patroni_held(ctx, h, back), Run("systemctl reload patroni", timeout=60)]
         if _has(ctx, h, "pgbouncer-server"):
             acts.append(Run("systemctl try-reload-or-restart pgbouncer", timeout=60))
         if _has(ctx, h, "pgbackrest"):

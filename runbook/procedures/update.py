@@ -40,7 +40,7 @@ from runbook.procedures.update_plan import (
     parse_patroni_version,
     plan_update,
 )
-from runbook.sections.frontdoor import checks_held
+from runbook.sections.frontdoor import restart_patroni_held
 from runbook.sections.bundle_files import CONFIGURE_PENDING, manifest, remote
 
 ORDER = 70
@@ -182,13 +182,10 @@ def patroni_step(sec: Section, ctx: Ctx, item: Item) -> Step:
                             f"grep -qF '{member_name(h)}: Patroni {version} '")
 
     def actions(ctx: Ctx, h: Host) -> list:
-        hold, release = checks_held(ctx, h)
+        back = Run(wait_for(f"{_as_postgres(member_ok(ctx, h))} && {running_version(h)}", 120, 2), timeout=180)
         return [Run(f"{_paused_sh(ctx)} || {{ echo 'the cluster is not paused: not restarting Patroni on {h.name} "
                     "(the pause step comes first)' >&2; exit 3; }"),
-                *wheels.actions_fn(ctx, h), *hold,
-                Run("systemctl restart patroni", timeout=180),
-                Run(wait_for(f"{_as_postgres(member_ok(ctx, h))} && {running_version(h)}", 120, 2), timeout=180),
-                *release]
+                *wheels.actions_fn(ctx, h), *restart_patroni_held(ctx, h, back, timeout=180)]
 
     def check(ctx: Ctx, h: Host) -> str:
         return (f"{ctx.paths.patroni_venv}/bin/patroni --version | grep -qx 'patroni {version}' && "

@@ -13,7 +13,7 @@ import yaml
 
 from runbook.cluster.context import Ctx
 from runbook.core.fsutil import write_atomic
-from runbook.core.step import Local
+from runbook.core.step import Local, Run
 from runbook.credentials.purposes import HAPROXY_CLIENT, HAPROXY_TLS_DIR
 from runbook.credentials.secrets import new_password, secrets_path
 from runbook.inventory import Host
@@ -183,3 +183,10 @@ def checks_held(ctx: Ctx, host: Host) -> tuple[list[Local], list[Local]]:
     release = Local(f"HAProxy checks {host.name} again (enable health)",
                     lambda: each(release_shell(host.name), "releasing the checks"), key=host.name)
     return [hold], [release]
+
+
+def restart_patroni_held(ctx: Ctx, host: Host, back: Run, timeout: int = 120) -> list:
+    """`systemctl restart patroni` on *host* (the cluster paused: PostgreSQL keeps running), then *back* (the
+    bounded wait for the member), with the member's health checks held on every balancer around the two."""
+    hold, release = checks_held(ctx, host)
+    return [*hold, Run("systemctl restart patroni", timeout=timeout), back, *release]
