@@ -187,6 +187,9 @@ def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, 
         why = refusal(ctx, command if "." in command else f"{command}.install")  # one certificate per host
         if why:
             raise Exit(f"error: {why}", code=1)
+        if verify:  # every host of these steps is asked at once: their handshakes overlap the run's set-up
+            asked = {h.name for s in steps if s.role != "local" for h in ctx.inventory.role(s.role)}
+            ctx.transport.warm([h for h in ctx.selected if h.name in asked])
         t0 = time.monotonic()
         report = apply(ctx, steps, ctx.selected)
         if dry:

@@ -74,3 +74,78 @@ def test_a_silent_sshd_is_tried_again_bounded_then_named(inv, tmp_path):
         srv.close()
         for c in accepted:
             c.close()
+
+
+def test_two_threads_that_need_one_host_share_one_handshake(inv, monkeypatch):
+    """A --verify batch and a lookup on the same host (the Patroni leader) at once: one connection."""
+    import threading
+    import time
+
+    opened = []
+
+    class Conn:
+        class client:  # noqa: N801 - the shape _conn reads
+            @staticmethod
+            def get_transport():
+                class T:
+                    def is_active(self):
+                        return True
+                return T()
+
+    def slow_open(self, host):
+        opened.append(host.name)
+        time.sleep(0.2)  # a handshake in flight while the other thread asks
+        with self._mu:
+            self._conns[host.name] = Conn()
+        return self._conns[host.name]
+
+    monkeypatch.setattr(SshTransport, "_open", slow_open)
+    t = SshTransport()
+    h, other = inv.get("node01"), inv.get("etcd01")
+    got = []
+    threads = [threading.Thread(target=lambda x=x: got.append(t._conn(x))) for x in (h, h, other)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert sorted(opened) == ["etcd01", "node01"] and len(got) == 3
+
+
+def test_warm_connects_in_the_background_and_a_failure_waits_for_the_first_command(inv, monkeypatch):
+    import threading
+
+    done = threading.Event()
+    seen = []
+
+    def refuse(self, host):
+        seen.append(host.name)
+        if len(seen) == 2:
+            done.set()
+        raise TransportError(f"{host.name}: unreachable (test)")
+
+    monkeypatch.setattr(SshTransport, "_open", refuse)
+    t = SshTransport()
+    t.warm([inv.get("etcd01"), inv.get("etcd02")])  # no exception here
+    assert done.wait(10)
+    with pytest.raises(TransportError, match="etcd02: unreachable"):  # reported by the host's first command
+        t.run(inv.get("etcd02"), "true")
+    assert sorted(seen) == ["etcd01", "etcd02"]  # and not opened again
+
+
+def test_the_ssh_socket_sends_without_nagle_delay():
+    """TCP_NODELAY on the connection's socket: a command's small packets go out at once."""
+    import socket
+
+    from runbook.core.transport import _tcp
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    try:
+        s = _tcp("127.0.0.1", srv.getsockname()[1], 5)
+        try:
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            s.close()
+    finally:
+        srv.close()
