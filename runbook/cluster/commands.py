@@ -51,16 +51,27 @@ def rest_client(ctx: Ctx, host: Host) -> tuple[str, str, str, str]:
 # where patronictl takes ~1 s (the venv's interpreter, patroni, click and a DCS client of its own). The answers
 # come from the DCS as patronictl's do: GET /cluster loads the cluster from the DCS, and a GET /config after it
 # reads the cluster that load left (on its own, /config may answer from Patroni's last loop, up to loop_wait old).
-_REST = """import http.client, json, ssl, sys
+#
+# Each answer is ACKed at once (TCP_QUICKACK once the request is sent and again once the headers are in):
+# Patroni's server writes its TLS session tickets, its headers and its body as separate small segments with
+# Nagle's algorithm on, so each one after the first waits for our ACK, which Linux delays ~40 ms. With it, a
+# GET takes ~3 ms instead of ~44 ms.
+_REST = """import http.client, json, socket, ssl, sys
 ca, cert, key, address, verdict = sys.argv[1:6]
 tls = ssl.create_default_context(cafile=ca)
 tls.load_cert_chain(cert, key)
 host, port = address.rsplit(":", 1)
 conn = http.client.HTTPSConnection(host, int(port), context=tls, timeout=10)
+def ack_now(s):
+    if s is not None and hasattr(socket, "TCP_QUICKACK"):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 got, failed = {}, []
 for path in sys.argv[6:]:
     conn.request("GET", path)
+    s = conn.sock
+    ack_now(s)
     r = conn.getresponse()
+    ack_now(s)
     body = r.read()
     if r.status != 200:
         failed.append(f"GET {path}: HTTP {r.status}")
