@@ -190,6 +190,43 @@ def test_the_batch_script_runs_in_a_real_shell(tmp_path):
     assert mid == (want or None)
 
 
+def test_a_check_that_does_not_parse_fails_alone(tmp_path):
+    from runbook.core.batch import batch_script, parse_batch
+    from runbook.core.transport import LocalTransport
+    from runbook.inventory import LOCAL
+
+    checks = ["true", "if then fi (", "x=1; [ \"$x\" = 1 ]", "false"]
+    r = LocalTransport().run(LOCAL, batch_script(checks, identity=False), timeout=60)
+    rcs = parse_batch(r.stdout, len(checks))[1]
+    assert rcs[0] == 0 and rcs[1] != 0 and rcs[2] == 0 and rcs[3] == 1
+
+
+def test_a_batch_that_outlives_its_budget_fails_the_checks_still_running(tmp_path, monkeypatch):
+    """The batch's one `timeout` ends the checks still running (its process group): those answer 124, as
+    a check that outlives its budget on its own does; the ones that ended keep their answer."""
+    import time
+
+    import runbook.core.batch as batch
+    from runbook.core.transport import LocalTransport
+    from runbook.inventory import LOCAL
+
+    monkeypatch.setattr(batch, "BATCH_TIMEOUT", 1)
+    pidf = tmp_path / "pid"
+    checks = ["true", f"sh -c 'echo $$ > {pidf}; exec sleep 30'", "exit 4"]
+    t0 = time.monotonic()
+    r = LocalTransport().run(LOCAL, batch.batch_script(checks, identity=False), timeout=60)
+    assert time.monotonic() - t0 < 10
+    assert batch.parse_batch(r.stdout, len(checks))[1] == {0: 0, 1: 124, 2: 4}
+    assert batch.parse_batch(r.stdout)[1] == {0: 0, 2: 4}  # count unknown: only what answered
+    pid = int(pidf.read_text())
+    for _ in range(50):  # bounded: 5 s
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the check's sleep (pid {pid}) outlived the batch")
+
+
 def _placed(asked: list):
     """`a` on the etcd hosts; `once` on the member the cluster names (asks a host), with its own check."""
     sec = Section("pl", 3, "")
