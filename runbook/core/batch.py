@@ -109,10 +109,21 @@ class CheckBatch:
     results: dict[tuple[str, str], bool] = field(default_factory=dict)
     stamp: int = -1
     execs: int = 0  # remote executions it made (bench, tests)
+    # (actions, fingerprint) of each (host, step) whose check was asked, rendered for the script at `stamp`:
+    # the step's decision at its turn takes them instead of rendering again (nothing has run since)
+    rendered: dict[tuple[str, str], tuple[list, str]] = field(default_factory=dict)
 
     def take(self, host: Host, step: Step) -> bool | None:
         """The batched answer for (host, step), once: None when there is none (ask the check itself)."""
         return self.results.pop((host.name, step.name), None)
+
+    def take_rendered(self, host: Host, step: Step) -> tuple[list, str] | None:
+        """(actions, fingerprint) of (host, step) as rendered for this batch, once; None: render them."""
+        return self.rendered.pop((host.name, step.name), None)
+
+    def answers(self, hosts: list[Host], step: Step) -> bool:
+        """Does the batch hold the answer and the rendering of `step` on every one of `hosts`?"""
+        return all((h.name, step.name) in self.results and (h.name, step.name) in self.rendered for h in hosts)
 
     def prepare(self, ctx: RunContext, steps: list[Step], selected: list[Host], stamp: int,
                 hosts_of: Callable[[Step], list[Host]] | None = None) -> list[str]:
@@ -121,7 +132,7 @@ class CheckBatch:
         turn). Returns the identity notices (a host that is a new machine)."""
         if stamp == self.stamp:
             return []
-        self.stamp, self.results = stamp, {}
+        self.stamp, self.results, self.rendered = stamp, {}, {}
         hosts_of = hosts_of or (lambda step: step.hosts(ctx, selected))
         todo: dict[str, tuple[Host, list[Step]]] = {}  # per host, the steps whose check it is asked
         recs = {(r.host, r.step): r for r in ctx.ledger.all()}
@@ -144,13 +155,16 @@ class CheckBatch:
                 hosts_of(step)
             return []
         asked = ctx.ledger.identities
+        rendered: dict[tuple[str, str], tuple[list, str]] = {}
 
         def checks_of(h: Host, host_steps: list[Step]) -> list[tuple[Step, str]]:
             out = []
             for step in host_steps:
                 actions = step.actions_fn(ctx, h)
+                fp = step.fingerprint(ctx, h, actions)
+                rendered[(h.name, step.name)] = (actions, fp)
                 rec = recs[(h.name, step.name)]
-                if rec.status == "done" and rec.fingerprint != step.fingerprint(ctx, h, actions):
+                if rec.status == "done" and rec.fingerprint != fp:
                     continue  # changed: runs without a check
                 probe = step.probe(ctx, h, actions)
                 if isinstance(probe, str):
@@ -182,6 +196,7 @@ class CheckBatch:
                 pool.submit(cluster_hosts, step)
             answers = list(pool.map(lambda hs: one(*hs), todo.values()))
         self.execs += sum(1 for _, _, _, checks, _ in answers if checks)
+        self.rendered = rendered
         found = []
         for h, mid, ident, checks, rcs in answers:
             if ident:

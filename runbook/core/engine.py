@@ -68,8 +68,12 @@ def evaluate_check(ctx: RunContext, step: Step, host: Host, actions: list[Action
 
 
 def decide(ctx: RunContext, step: Step, host: Host, checks: CheckBatch | None = None) -> Decision:
-    actions = step.actions_fn(ctx, host)
-    fp = step.fingerprint(ctx, host, actions)
+    got = checks.take_rendered(host, step) if checks is not None else None  # --verify: rendered for its batch
+    if got is None:
+        actions = step.actions_fn(ctx, host)
+        fp = step.fingerprint(ctx, host, actions)
+    else:
+        actions, fp = got
     rec = ctx.ledger.get(host.name, step.name)
 
     def d(run: bool, label: str, reason: str) -> Decision:
@@ -317,8 +321,8 @@ def _drop_superseded(ctx: RunContext, step: Step, targets: list[Host], selected:
 
 def _decide_all(ctx: RunContext, step: Step, hosts: list[Host], checks: CheckBatch | None) -> list[Decision]:
     """Decide for every host; checks are remote probes, so they run in parallel like the actions."""
-    if len(hosts) == 1:
-        return [decide(ctx, step, hosts[0], checks)]
+    if len(hosts) == 1 or (checks is not None and checks.answers(hosts, step)):  # nothing to ask: no threads
+        return [decide(ctx, step, h, checks) for h in hosts]
     with ThreadPoolExecutor(max_workers=max(1, min(ctx.options.parallel, len(hosts)))) as pool:
         return list(pool.map(lambda h: decide(ctx, step, h, checks), hosts))
 

@@ -131,6 +131,36 @@ def test_verify_asks_every_check_of_a_host_in_one_execution(ctx, inv):
     assert {d.reason for d in report.plan} == {"done and verified"}
 
 
+def test_verify_renders_each_step_once_for_its_batch_and_its_decision(ctx, inv):
+    """The (actions, fingerprint) rendered for a host's batch are the ones its decision takes (nothing ran in
+    between); after a step ran, the steps ahead are rendered again for the new batch."""
+    from collections import Counter
+
+    def counted(rendered: Counter):
+        sec = Section("vr", 3, "")
+        for name, role in (("first", "etcd"), ("second", "etcd")):
+            def act(ctx, h, n=name):
+                rendered[(h.name, n)] += 1
+                return [Run(f"echo {n} {h.name}")]
+            sec.step(name, role=role)(act).check(lambda ctx, h, n=name: f"check {n} {h.name}")
+        return sec.steps
+
+    apply(ctx, counted(Counter()), inv.hosts)
+    _fresh_run(ctx)
+    ctx.options.verify = True
+    once: Counter = Counter()
+    assert apply(ctx, counted(once), inv.hosts).executed == []
+    assert set(once.values()) == {1} and len(once) == 6
+    fixed = {"first": False}  # drifted: first runs there (which repairs it), then second is asked again
+    ctx.transport.on(r"^check first etcd02$", lambda h, c: 0 if fixed["first"] else 1)
+    ctx.transport.on(r"^echo first etcd02$", lambda h, c: fixed.update(first=True) or 0)
+    again: Counter = Counter()
+    report = apply(ctx, counted(again), inv.hosts)
+    assert report.executed == [("etcd02", "vr.first")]
+    assert again[("etcd02", "first")] == 1 and again[("etcd02", "second")] == 2  # before and after the change
+    assert again[("etcd01", "second")] == 2  # every host's steps ahead: the new batch renders them again
+
+
 def test_a_step_that_ran_makes_the_checks_ahead_be_taken_again(ctx, inv):
     """A check is never answered by a state an earlier step of this run has since changed: first drifted on
     etcd02 and its re-run breaks second's effect there; second is checked again and re-runs too."""
