@@ -15,7 +15,7 @@ from invoke.exceptions import Exit
 from runbook import console as ui
 from runbook.core.context import Options
 from runbook.errors import RunbookError
-from runbook.inventory import Host, Inventory, InventoryError, load_inventory
+from runbook.inventory import LOCAL, Host, Inventory, InventoryError, load_inventory
 from runbook.inventory.settings import Settings, SettingsError, env_problems, settings_of
 
 if TYPE_CHECKING:
@@ -170,9 +170,9 @@ def session(c, command: str, *, lock: bool = True, options: Options | None = Non
 
 def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, verify: bool,
               roles: Roles = None) -> None:
-    """Apply steps on the selected hosts with the operator modes; print plan or summary. `roles`: the
-    roles the section works on (a --hosts name without one of them is refused up front), or a function
-    that returns them (asked only when --hosts is given)."""
+    """Apply steps (a list, or a function that returns it) on the selected hosts with the operator modes;
+    print plan or summary. `roles`: the roles the section works on (a --hosts name without one of them is
+    refused up front), or a function that returns them (asked only when --hosts is given)."""
     from runbook.core.engine import apply
 
     opts = Options(dry=dry, step=step, verify=verify, parallel=settings(c).parallel)
@@ -182,14 +182,14 @@ def run_steps(c, command: str, steps, hosts: str | None, dry: bool, step: bool, 
         answers = iter(os.environ["RUNBOOK_STEP_ANSWERS"].split(","))
         opts.answer = lambda _name: next(answers, "quit")
     with session(c, command, lock=not dry, options=opts, hosts=hosts, roles=roles) as ctx:
+        if verify:  # every selected host is asked at once: their handshakes overlap the rest of the set-up
+            ctx.transport.warm([h for h in ctx.selected if h.name != LOCAL.name])
         from runbook.procedures.pki_migrate import refusal
 
+        steps = steps() if callable(steps) else steps
         why = refusal(ctx, command if "." in command else f"{command}.install")  # one certificate per host
         if why:
             raise Exit(f"error: {why}", code=1)
-        if verify:  # every host of these steps is asked at once: their handshakes overlap the run's set-up
-            asked = {h.name for s in steps if s.role != "local" for h in ctx.inventory.role(s.role)}
-            ctx.transport.warm([h for h in ctx.selected if h.name in asked])
         t0 = time.monotonic()
         report = apply(ctx, steps, ctx.selected)
         if dry:
@@ -216,7 +216,7 @@ def section_install(section_name: str, steps_fn, doc: str, roles: Roles = None):
     """An `install` task for one section (or `up` for the whole runbook); `roles`: see run_steps."""
 
     def install(c, hosts=None, dry=False, step=False, verify=False):
-        run_steps(c, f"{section_name}", steps_fn(), hosts, dry, step, verify, roles)
+        run_steps(c, f"{section_name}", steps_fn, hosts, dry, step, verify, roles)
 
     install.__doc__ = doc
     return task(help=RUN_HELP)(install)
