@@ -143,9 +143,16 @@ def test_the_ssh_socket_sends_without_nagle_delay():
     srv.listen(1)
     try:
         s = _tcp("127.0.0.1", srv.getsockname()[1], 5)
+        peer, _ = srv.accept()
         try:
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            if hasattr(socket, "TCP_QUICKACK"):  # Linux: what the host sends is ACKed at once, and still read
+                assert type(s).__name__ == "_AckingSocket"
+            peer.sendall(b"SSH-2.0-test\r\n")
+            assert s.recv(64) == b"SSH-2.0-test\r\n"
+            assert s.gettimeout() == 5
         finally:
             s.close()
+            peer.close()
     finally:
         srv.close()
