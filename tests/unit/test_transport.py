@@ -156,3 +156,36 @@ def test_the_ssh_socket_sends_without_nagle_delay():
             peer.close()
     finally:
         srv.close()
+
+
+def test_known_hosts_is_read_once_and_each_connection_trusts_its_own_host_keys(inv, tmp_path, monkeypatch):
+    """Parsed once per run (paramiko's own loading is quadratic in the file's lines); each connection gets the
+    keys recorded for its own address (port 22: the address; another port: [address]:port), nothing else."""
+    import socket
+
+    import paramiko
+
+    import runbook.core.transport as tr
+
+    keys = {name: paramiko.ECDSAKey.generate() for name in ("a", "b", "c")}
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"10.9.0.1 {keys['a'].get_name()} {keys['a'].get_base64()}\n"
+                  f"[10.9.0.2]:2222 {keys['b'].get_name()} {keys['b'].get_base64()}\n"
+                  f"10.9.0.3 {keys['c'].get_name()} {keys['c'].get_base64()}\n")
+    sshkey = tmp_path / "id"
+    sshkey.write_text("unused: the handshake is not made here")
+    base = inv.get("etcd01")
+    hosts = [base.model_copy(update=dict(name=n, address=a, port=p, key=sshkey, known_hosts=kh))
+             for n, a, p in (("x1", "10.9.0.1", 22), ("x2", "10.9.0.2", 2222), ("x4", "10.9.0.4", 22))]
+    reads = []
+    real = paramiko.HostKeys.load
+    monkeypatch.setattr(paramiko.HostKeys, "load", lambda self, f: reads.append(f) or real(self, f))
+    monkeypatch.setattr(tr, "_tcp", lambda address, port, timeout: socket.socketpair()[0])
+    monkeypatch.setattr(tr, "_open_with_banner_retries", lambda connection, host: connection())  # no handshake
+    t = tr.SshTransport()
+    trusted = {h.name: {(n, k.get_base64()) for n, e in t._open(h).client.get_host_keys().items()
+                        for k in e.values()} for h in hosts}
+    assert reads == [str(kh)]
+    assert trusted["x1"] == {("10.9.0.1", keys["a"].get_base64())}
+    assert trusted["x2"] == {("[10.9.0.2]:2222", keys["b"].get_base64())}
+    assert trusted["x4"] == set()  # unknown: refused at the handshake (RejectPolicy), as before
