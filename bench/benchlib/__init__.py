@@ -51,6 +51,7 @@ class InvRun:
     err: str
     wall: float
     maxrss_kb: int  # peak RSS of the inv process (os.wait4 rusage of that one child)
+    cpu: float = 0.0  # user + system CPU seconds of that one process (inv_rss only)
 
     @property
     def executed(self) -> int | None:
@@ -109,7 +110,7 @@ def inv_rss(inventory: Path, state: Path, *args: str, check: bool = True, timeou
         p.returncode = os.waitstatus_to_exitcode(status)
         fo.seek(0)
         fe.seek(0)
-        r = InvRun(list(args), p.returncode, fo.read(), fe.read(), wall, ru.ru_maxrss)
+        r = InvRun(list(args), p.returncode, fo.read(), fe.read(), wall, ru.ru_maxrss, ru.ru_utime + ru.ru_stime)
     if check and r.rc != 0:
         raise BenchFailed(f"inv {' '.join(args)} exited {r.rc}\n{r.out[-3000:]}\n{r.err[-2000:]}")
     return r
