@@ -46,10 +46,11 @@ def main() -> int:
             t = time.monotonic()
             res = build_bundle(opts, Quiet())
             rows.append((label, time.monotonic() - t, res))
-        print(f"{'run':5} {'total s':>8} {'etcd s':>7} {'debs s':>7} {'wheels s':>8}")
+        # the build's phases: the etcd release tarball, then per distribution its .deb files and wheelhouse
+        names = list(rows[0][2].phases)
+        print(f"{'run':5} {'total s':>8} " + " ".join(f"{n + ' s':>14}" for n in names))
         for label, secs, res in rows:
-            p = res.phases
-            print(f"{label:5} {secs:8.1f} {p['etcd']:7.1f} {p['packages']:7.1f} {p['wheels']:8.1f}")
+            print(f"{label:5} {secs:8.1f} " + " ".join(f"{res.phases.get(n, 0.0):14.1f}" for n in names))
         m = rows[-1][2].manifest
         for kind in ("etcd", "deb", "wheel", "meta"):
             es = m.of_kind(kind)
