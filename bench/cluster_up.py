@@ -18,7 +18,7 @@ probe       in-process: SSH round trips per no-op/--verify run, their latency, a
             always-checked steps (bundle.verify, bundle.push) cost on every run
 switchover  `inv patroni.switchover --force` and a plain `patronictl switchover --force` over ssh, each
             with a concurrent writer: longest write gap, time until the new leader took a write
-failover    `inv drill.failover` if runbook/drill.py exists, else a lab kill of the leader: same figures,
+failover    `inv drill.failover` (runbook/procedures/drill.py), then a lab kill of the leader: same figures,
             then the old leader is booted again and timed until it streams
 resume      lab recreated, cluster.up killed -9 mid-way (--kill-at), resumed: resumed wall time vs. the
             cost of the remaining steps in the uninterrupted `up` run
@@ -178,7 +178,7 @@ def phase_failover(a) -> list[str]:
 
     failures: list[str] = []
     ensure_table(a)
-    if (REPO / "runbook" / "drill.py").exists():
+    if (REPO / "runbook" / "procedures" / "drill.py").exists():
         lead, _, _ = wait_healthy(a)
         h = host_of(lead["Member"])[0]
         r = inv(a.inventory, a.state, "drill.failover", check=False, timeout=900)
@@ -213,6 +213,9 @@ def phase_failover(a) -> list[str]:
         return f"(lab kill {h}; {rep['Member']} leader after {p}; writes before the old leader was back: {early}; "\
                "then boot + repair)"
 
+    # a replica Patroni has not named sync standby yet (right after a switchover) may not take over under
+    # synchronous_mode_strict: the kill would measure that wait, not a failover
+    wait_sync_named(a)
     measure(a, "failover[lab kill]", do_fail, lambda lead, rep: None, budget=300)
     _, _, t = wait_healthy(a, budget=300)
     record("failover[lab kill]", "after the command: until both members healthy again", f"{t:.1f}s")

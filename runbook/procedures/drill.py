@@ -283,8 +283,15 @@ def writes_go_on(w: Writer, rows: int = 5, seconds: float = 10) -> None:
 
 def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str | None = None) -> dict:
     from runbook.lab import lab as labmod
+    from runbook.procedures.switchover import prechecks
 
     inv = ctx.inventory
+    # Under synchronous_mode_strict only the sync standby may take over: right after a switchover Patroni names
+    # it on its next cycle, and a leader killed before that has no successor (a drill that proves nothing).
+    if not wait(lambda: not prechecks(ctx, members(ctx), None)[2], 90, 2):
+        raise ProcedureFailed("failover drill: no sync standby with lag 0 (or etcd unhealthy) within 90 s; "
+                              "under synchronous_mode_strict only a sync standby may take over. Check "
+                              "`inv cluster.status`, then run the drill again", 1)
     lead = one_leader(members(ctx))
     old = host_of(ctx, lead.name)
     survivors = [h for h in inv.postgres if h.name != old.name]
