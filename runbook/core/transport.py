@@ -153,7 +153,7 @@ class SshTransport(Transport):
         self._failed: dict[str, TransportError] = {}  # a host that failed once fails fast for this run
         self._opening: dict[str, threading.Lock] = {}  # per host: held while its connection is opened
         self._config = None  # the Fabric configuration every connection shares (_fabric_config)
-        self._host_keys: dict[Path, object] = {}  # known_hosts files as parsed (_known_hosts)
+        self._host_keys: dict[Path, tuple] = {}  # known_hosts file -> (its stat, as parsed) (_known_hosts)
         self._mu = threading.Lock()
         self.bytes_sent = 0
 
@@ -193,14 +193,19 @@ class SshTransport(Transport):
             threading.Thread(target=open_one, args=(h,), name=f"connect-{h.name}", daemon=True).start()
 
     def _known_hosts(self, path: Path):
-        """The known_hosts file, parsed once per run: paramiko's own loading of it is quadratic in its lines
-        (each line is checked against every line before it), ~15 ms per connection for 30 hosts' keys."""
+        """The known_hosts file, parsed once while it stays the same (its size, mtime and inode): paramiko's
+        own loading of it is quadratic in its lines (each line is checked against every line before it), ~15 ms
+        per connection for 30 hosts' keys. A file rewritten since (a host re-created and its new key recorded,
+        e.g. by the lab) is parsed again."""
         import paramiko
 
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
         with self._mu:
-            if path not in self._host_keys:
-                self._host_keys[path] = paramiko.HostKeys(str(path))
-            return self._host_keys[path]
+            got = self._host_keys.get(path)
+            if got is None or got[0] != stamp:
+                got = self._host_keys[path] = (stamp, paramiko.HostKeys(str(path)))
+            return got[1]
 
     def _fabric_config(self):
         """One Fabric configuration (with ~/.ssh/config read once) for every connection of this run: a

@@ -189,3 +189,8 @@ def test_known_hosts_is_read_once_and_each_connection_trusts_its_own_host_keys(i
     assert trusted["x1"] == {("10.9.0.1", keys["a"].get_base64())}
     assert trusted["x2"] == {("[10.9.0.2]:2222", keys["b"].get_base64())}
     assert trusted["x4"] == set()  # unknown: refused at the handshake (RejectPolicy), as before
+    # a host re-created during the run (the lab, a replacement) and its new key recorded: the file is read again
+    new = paramiko.ECDSAKey.generate()
+    kh.write_text(f"10.9.0.1 {new.get_name()} {new.get_base64()}\n")
+    again = {k.get_base64() for e in t._open(hosts[0]).client.get_host_keys().values() for k in e.values()}
+    assert again == {new.get_base64()} and reads == [str(kh), str(kh)]
