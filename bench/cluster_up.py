@@ -181,7 +181,7 @@ def phase_failover(a) -> list[str]:
     if (REPO / "runbook" / "procedures" / "drill.py").exists():
         lead, _, _ = wait_healthy(a)
         h = host_of(lead["Member"])[0]
-        r = inv(a.inventory, a.state, "drill.failover", check=False, timeout=900)
+        r = inv(a.inventory, a.state, "drill.failover", check=False, timeout=900, lab=True)
         (a.state.parent / "drill-failover.txt").write_text(r.out + r.err)
         figs = re.findall(r"│ ([^│]*?) +│ +([^│]*?) │", r.out)
         keep = ("promoted", "writable", "gap", "streaming", "boot")

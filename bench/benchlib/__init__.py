@@ -69,10 +69,17 @@ def env(inventory: Path, state: Path) -> dict:
                 INVOKE_RUNBOOK_BUNDLE_DIR=str(REPO / "bundle"), COLUMNS="160")
 
 
-def inv(inventory: Path, state: Path, *args: str, check: bool = True, timeout: float = 1800) -> InvRun:
-    """Run `inv ARGS` from the repo like an operator; wall time and the peak RSS of that process."""
+def inv(inventory: Path, state: Path, *args: str, check: bool = True, timeout: float = 1800,
+        lab: bool = False) -> InvRun:
+    """Run `inv ARGS` from the repo like an operator; wall time and the peak RSS of that process. `lab`: a task
+    that powers lab hosts off and on (a drill) is told the lab directory lab_up used, as lab_down is."""
+    e = env(inventory, state)
+    if lab:
+        from runbook.lab.lab import lab_root
+
+        e["INVOKE_RUNBOOK_LAB_DIR"] = str(lab_root())
     t0 = time.monotonic()
-    p = subprocess.Popen([INV, *args], cwd=REPO, env=env(inventory, state), stdout=subprocess.PIPE,
+    p = subprocess.Popen([INV, *args], cwd=REPO, env=e, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
