@@ -242,7 +242,7 @@ class SshTransport(Transport):
             if not c.gateway:  # (a ProxyJump/ProxyCommand of ~/.ssh/config brings its own channel)
                 c.connect_kwargs["sock"] = _tcp(c.host, c.port, int(host.connect_timeout) + 2)
             c.client.set_missing_host_key_policy(paramiko.RejectPolicy())
-            if host.known_hosts is not None:  # this host's recorded keys, from the file read once per run
+            if host.known_hosts is not None:  # this host's recorded keys (_known_hosts: parsed once)
                 name = c.host if c.port == 22 else f"[{c.host}]:{c.port}"
                 for ktype, key in (self._known_hosts(host.known_hosts).lookup(name) or {}).items():
                     c.client.get_host_keys().add(name, ktype, key)

@@ -281,14 +281,21 @@ def writes_go_on(w: Writer, rows: int = 5, seconds: float = 10) -> None:
     wait(lambda: sum(at > t_mark for _, at in list(w.acked)) >= rows, seconds, 0.5)
 
 
+def sync_standby_ready(ctx: Ctx, budget: float = 90) -> bool:
+    """Until a switchover's prechecks pass (one leader, a sync standby streaming with lag 0, etcd healthy):
+    what both drills need before they take the leader away; False when `budget` seconds were not enough."""
+    from runbook.procedures.switchover import prechecks
+
+    return bool(wait(lambda: not prechecks(ctx, members(ctx), None)[2], budget, 2))
+
+
 def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str | None = None) -> dict:
     from runbook.lab import lab as labmod
-    from runbook.procedures.switchover import prechecks
 
     inv = ctx.inventory
     # Under synchronous_mode_strict only the sync standby may take over: right after a switchover Patroni names
     # it on its next cycle, and a leader killed before that has no successor (a drill that proves nothing).
-    if not wait(lambda: not prechecks(ctx, members(ctx), None)[2], 90, 2):
+    if not sync_standby_ready(ctx):
         raise ProcedureFailed("failover drill: no sync standby with lag 0 (or etcd unhealthy) within 90 s; "
                               "under synchronous_mode_strict only a sync standby may take over. Check "
                               "`inv cluster.status`, then run the drill again", 1)
@@ -352,7 +359,7 @@ def failover_drill(ctx: Ctx, write_wait: float, rejoin_timeout: float, dsn: str 
 
 # -- switchover ---------------------------------------------------------------------------------
 def switchover_drill(ctx: Ctx, count: int, dsn: str | None = None) -> dict:
-    from runbook.procedures.switchover import do_switchover, prechecks
+    from runbook.procedures.switchover import do_switchover
 
     lead = one_leader(members(ctx))
     prepare_table(ctx, host_of(ctx, lead.name))
@@ -360,7 +367,7 @@ def switchover_drill(ctx: Ctx, count: int, dsn: str | None = None) -> dict:
     rounds: list[dict] = []
     try:
         for i in range(count):
-            if not wait(lambda: not prechecks(ctx, members(ctx), None)[2], 90, 2):
+            if not sync_standby_ready(ctx):
                 raise ProcedureFailed(f"switchover {i + 1}: no sync standby with lag 0 (or etcd unhealthy) "
                                       "within 90 s", 1)
             t0 = time.monotonic()
