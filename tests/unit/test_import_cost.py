@@ -76,3 +76,15 @@ def test_the_ledger_reads_and_records_a_run_without_sqlite_utils(tmp_path):
     assert got["runs"] == [["noop", "ok"], ["first", "ok"]]
     assert got["evs"] == ["out"]
     assert got["after"] == {"a.b": ["done", "f2", got["rid"]], "c.d": ["running", None, got["rid"]]}
+
+
+def test_loading_the_tasks_leaves_the_collector_on_with_the_start_up_frozen():
+    """tasks.py loads the collection with the cyclic collector off, then moves what it loaded out of its sight
+    (gc.freeze) and turns it on again: a run's collections do not walk the start-up's objects, and nothing
+    is left with the collector off (a long task would grow without bound)."""
+    got = _fresh("import gc, json\n"
+                 "before = gc.get_freeze_count()\n"
+                 "import tasks\n"
+                 "print(json.dumps({'enabled': gc.isenabled(), 'before': before, 'frozen': gc.get_freeze_count()}))")
+    assert got["enabled"] is True
+    assert got["before"] == 0 and got["frozen"] > 20000, got
