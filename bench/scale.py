@@ -16,6 +16,8 @@ all 30 - same inventory, same ledger, same lab, only the number of selected host
 engine-only : the same engine in-process (runbook.engine.apply) on etcd.names alone (no hashing on the
               hosts): no-op (ledger only) and --verify (one `getent` chain per host over SSH)
 memory      : peak RSS of the inv process (os.wait4 rusage) for the no-op runs, 5 vs 30 hosts
+floor       : a fresh connection and one sudo'd `true` per host, 5 vs 30 hosts, in-process: what the extra hosts
+              cost before any check, and so the best 30 vs 5 --verify ratio this machine allows
 targets     : issue 16's (no-op 30 vs 5 hosts <= 1.3x, --verify <= 2x) as ratios next to them; never asserted
 Note: all lab hosts share this machine's CPUs, so per-host work (sha256sum of ~87 MB on every
 postgres host) is serialised here; on real hosts it would run in parallel.
@@ -88,6 +90,29 @@ def engine_only(a, names: list[str], verify: bool) -> tuple[float, int]:
     return dt, Counting.n
 
 
+def floor(a, names: list[str]) -> float:
+    """The least a --verify of `names` costs in this lab: a fresh transport, every host's connection opened
+    at once (as --verify's warm-up does) and one sudo'd `true` on each, in parallel; seconds. No check, no
+    ledger, no interpreter start: what is left is the hosts' sshd, sudo and shell and the client's handshakes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runbook.core.transport import SshTransport
+    from runbook.inventory import load_inventory
+
+    i = load_inventory(a.inventory)
+    hosts = [i.get(n) for n in names]
+    t = SshTransport()
+    t0 = time.monotonic()
+    t.warm(hosts)
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        bad = [h.name for h, r in zip(hosts, pool.map(lambda h: t.run(h, "true"), hosts), strict=True) if not r.ok]
+    dt = time.monotonic() - t0
+    t.close()
+    if bad:
+        raise BenchFailed(f"`sudo true` failed on {', '.join(bad)}")
+    return dt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--inventory", type=Path, default=BASE / "hosts.yml",
@@ -158,6 +183,15 @@ def main() -> int:
         for n in (lo, hi):
             record("memory", f"peak RSS of inv, no-op bundle.push on {n} hosts",
                    f"{max(rss[(n, 'no-op')]) / 1024:.1f} MiB (--verify {max(rss[(n, '--verify')]) / 1024:.1f} MiB)")
+        # What this lab allows at best: the extra hosts' connections and sudo alone, added to the small
+        # selection's --verify, against the target (all hosts' sshd and sudo share this machine's CPUs).
+        fl = {n: med([floor(a, names) for _ in range(a.rounds)]) for n, names in ((lo, small), (hi, allnames))}
+        v_lo = med(walls[(lo, "--verify")])
+        record("floor", f"a fresh connection and one sudo'd `true` per host, {lo} vs {hi} hosts (in-process)",
+               f"{fl[lo]:.2f}s vs {fl[hi]:.2f}s: the {hi - lo} extra hosts add {fl[hi] - fl[lo]:.2f}s on "
+               f"{os.cpu_count()} CPUs")
+        record("floor", f"best --verify {hi} vs {lo} hosts this lab allows: ({v_lo:.2f} + {fl[hi] - fl[lo]:.2f}) "
+               f"/ {v_lo:.2f}", f"{(v_lo + fl[hi] - fl[lo]) / v_lo:.2f}x (target <= 2.0x)")
         for verify in (False, True):
             label = "--verify" if verify else "no-op"
             got = {}
