@@ -19,8 +19,8 @@ memory      : peak RSS of the inv process (os.wait4 rusage) for the no-op runs, 
 floor       : a fresh connection and one sudo'd `true` per host, 5 vs 30 hosts, in-process: what the extra hosts
               cost before any check, and so the best 30 vs 5 --verify ratio this machine allows
 targets     : issue 16's (no-op 30 vs 5 hosts <= 1.3x, --verify <= 2x) as ratios next to them; never asserted
-Note: all lab hosts share this machine's CPUs, so per-host work (sha256sum of ~87 MB on every
-postgres host) is serialised here; on real hosts it would run in parallel.
+Note: all lab hosts share this machine's CPUs, so every host's own work (sshd, sudo, its checks) is
+serialised here; on real hosts it runs on each host, side by side (floor: what that costs before any check).
 """
 from __future__ import annotations
 
