@@ -73,6 +73,13 @@ def test_etcd_tls():
     assert "prove nothing" in a.check_etcd_tls(1, 1, 1)[0]  # etcd down: the refusals mean nothing
 
 
+def test_parse_refusals():
+    assert a.parse_refusals("plain=1 nocert=1\n") == (1, 1)
+    assert a.parse_refusals("noise\nplain=0 nocert=124\n") == (0, 124)
+    for bad in ("", "plain=1\n", "plain= nocert=1\n", "plain=1 nocert=x\n"):
+        assert a.parse_refusals(bad) is None, bad
+
+
 def test_etcd_config_client_cert_auth():
     assert a.check_etcd_config("2\n") == []
     assert a.check_etcd_config("1\n") == ["client-cert-auth: true on 1 of 2 transports (client, peer)"]
@@ -155,6 +162,7 @@ def _lab_answers(ctx, bad_mode: bool = False) -> None:
 
     t.on(r"^stat -c", stat)
     t.on(r"etcdctl .*get /runbook-audit-probe", 1)
+    t.on(r'echo "plain=\$\? nocert=\$n"', (0, "plain=1 nocert=1\n"))  # both refusal probes refused
     t.on(r"etcdctl --cacert=\S+ --cert=", (0, ""))
     t.on(r"grep -c '\^ \*client-cert-auth", (0, "2\n"))
     t.on(r"systemctl show -p User etcd", (0, "User=etcd\n"))
@@ -203,6 +211,9 @@ def test_run_audit_clean_on_fake_hosts(ctx):
     # local (+ backups), security + capacity per host, the certificates of each host and the local CAs, and
     # the three wrong-purpose probes
     assert len(checks) == 3 + 3 * (6 + 3) + 2 * (10 + 1) + 6 + 3
+    # audited side by side, listed as one after the other: local, then each host in the inventory's order
+    order = list(dict.fromkeys(c.host for c in checks))
+    assert order[:6] == ["local", "etcd01", "etcd02", "etcd03", "node01", "node02"]
     sent = " ".join(ctx.transport.commands())
     assert ctx.secrets["admin"]["password"] not in sent  # the log scan gets the secrets on stdin only
 
@@ -243,6 +254,17 @@ def test_run_audit_reports_a_slot_retaining_wal_and_an_etcd_alarm(ctx):
     assert found == {("node01", "no inactive slot retaining WAL", "slot leftover is inactive and retains 100 MB "
                                                                   "of WAL (reserved)"),
                      *((h, "etcd: no active alarm", "active alarm NOSPACE") for h in ("etcd01", "etcd02", "etcd03"))}
+
+
+def test_run_audit_reports_etcd_taking_plain_http_and_a_refusal_probe_without_answer(ctx):
+    _state(ctx)
+    _lab_answers(ctx)
+    ctx.transport.on(r'echo "plain=\$\? nocert=\$n"', lambda h, cmd: {
+        "etcd01": (0, "plain=0 nocert=1\n"), "etcd02": (0, "plain=1 nocert=0\n")}.get(h.name, (1, "")))
+    found = {(c.host, p.split(" (rc")[0]) for c in a.run_audit(ctx) for p in c.problems}
+    assert found == {("etcd01", "plain http on the client port was accepted"),
+                     ("etcd02", "a TLS client without a certificate was accepted (client-cert-auth off)"),
+                     ("etcd03", "the refusal probes gave no answer")}
 
 
 def test_run_audit_refuses_without_secrets(ctx):
