@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import tenacity
 
+    from runbook.core.transport import Result
+
 import json
 from dataclasses import dataclass
 
@@ -140,21 +142,35 @@ def parse_cluster(text: str) -> list[Member]:
 
 
 def etcd_status(ctx: Ctx) -> tuple[list[Endpoint], dict[str, str]]:
-    """Each etcd endpoint's status, asked from each etcd host about itself (a dead one shows as an error)."""
+    """Each etcd endpoint's status, asked from each etcd host about itself, all at once (a dead one shows as an
+    error); in the inventory's order."""
     from runbook.cluster.commands import etcdctl
 
     eps, errs = [], {}
-    for h in ctx.inventory.etcd:
-        try:
-            r = ctx.transport.run(h, etcdctl(ctx, h, "endpoint status -w json"), timeout=20)
-        except Exception as exc:
-            errs[h.name] = str(exc).splitlines()[0]
-            continue
-        if r.ok:
+    for h, r in each_etcd(ctx, lambda h: etcdctl(ctx, h, "endpoint status -w json")):
+        if isinstance(r, Exception):
+            errs[h.name] = str(r).splitlines()[0]
+        elif r.ok:
             eps += parse_endpoint_status(r.stdout)
         else:
             errs[h.name] = (r.stderr.strip().splitlines() or ["no answer"])[-1][:160]
     return eps, errs
+
+
+def each_etcd(ctx: Ctx, command) -> list[tuple[Host, "Result | Exception"]]:
+    """`command(host)` run on every etcd host at once (each asks its own member); (host, Result or the
+    exception that reaching it raised) in the inventory's order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(h: Host):
+        try:
+            return ctx.transport.run(h, command(h), timeout=20)
+        except Exception as exc:  # an unreachable host: reported, the others still asked
+            return exc
+
+    hosts = list(ctx.inventory.etcd)
+    with ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        return list(zip(hosts, pool.map(one, hosts), strict=True))
 
 
 def _expected() -> tuple[type[BaseException], ...]:

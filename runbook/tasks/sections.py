@@ -78,22 +78,21 @@ def etcd_status(c, json=False):
 def etcd_health(c):
     """Check the health of every etcd member over TLS; non-zero exit when any is unhealthy."""
     from runbook.cluster.commands import etcdctl
-    from runbook.cluster.readers import parse_endpoint_health
+    from runbook.cluster.readers import each_etcd, parse_endpoint_health
 
     with session(c, "etcd.health", lock=False) as ctx:
         bad = []
-        for h in ctx.inventory.etcd:
+        for h, r in each_etcd(ctx, lambda h: etcdctl(ctx, h, "endpoint health -w json")):
+            if isinstance(r, Exception):
+                ui.console.print(f"[red]✗[/] {h.name}: {r}")
+                bad.append(h.name)
+                continue
             try:
-                r = ctx.transport.run(h, etcdctl(ctx, h, "endpoint health -w json"), timeout=20)
-                health = parse_endpoint_health(r.stdout) if r.stdout.strip() else {}
-            except Exception as exc:
-                health = {}
-                r = None
-                ui.console.print(f"[red]✗[/] {h.name}: {exc}")
-            ok = any(v[0] for v in health.values())
-            if r is not None:
-                ui.console.print(f"{'[green]✓[/]' if ok else '[red]✗[/]'} {h.name}: "
-                                 f"{'healthy' if ok else (r.stderr.strip().splitlines() or ['unhealthy'])[-1]}")
+                ok = any(v[0] for v in (parse_endpoint_health(r.stdout) if r.stdout.strip() else {}).values())
+            except ValueError:  # not JSON: no verdict, so not healthy
+                ok = False
+            ui.console.print(f"{'[green]✓[/]' if ok else '[red]✗[/]'} {h.name}: "
+                             f"{'healthy' if ok else (r.stderr.strip().splitlines() or ['unhealthy'])[-1]}")
             if not ok:
                 bad.append(h.name)
         if bad:
@@ -106,12 +105,15 @@ def cluster_status(c, json=False):
     the front door: which balancer holds the VIP and which backend each HAProxy listener sends clients to."""
     from runbook.procedures.frontdoor import frontdoor_doc, frontdoor_table
 
-    with session(c, "cluster.status", lock=False) as ctx:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with session(c, "cluster.status", lock=False) as ctx, ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(members_doc, ctx)  # patronictl on a postgres host while etcd is asked
         doc: dict = {"cluster": ctx.inventory.cluster.name, "etcd": etcd_doc(ctx), "members": None, "error": None}
         if not json:
             ui.console.print(_etcd_table(doc["etcd"]))
         try:
-            doc["members"] = members_doc(ctx)
+            doc["members"] = asked.result()
         except RuntimeError as exc:
             doc["error"] = str(exc)
         doc["frontdoor"] = frontdoor_doc(ctx) if ctx.inventory.balancers else None

@@ -92,3 +92,21 @@ def test_runbook_status_json_from_the_cli(tmp_path, tmp_path_factory):
     doc = json.loads(r.stdout)
     assert doc["cluster"] == "corpus" and doc["checkpoints"] == [] and "etcd.config" in doc["steps"]
     assert not (tmp_path / "state").exists()
+
+
+def test_the_etcd_hosts_are_asked_at_once_and_listed_in_order(ctx):
+    """Each answer waits (bounded, 10 s) until all three hosts were asked: one after the other, the first would
+    time out and show as unreachable."""
+    import threading
+
+    captured = json.loads((DATA / "etcdctl-endpoint-status.json").read_text())
+    asked = threading.Barrier(3, timeout=10)
+
+    def answer(host, cmd):
+        asked.wait()
+        return 0, json.dumps([e for e in captured if f"//{host.name}:" in e["Endpoint"]])
+
+    ctx.transport.on(r"endpoint status", answer)
+    doc = etcd_doc(ctx)
+    assert doc["unreachable"] == []
+    assert [e["endpoint"] for e in doc["endpoints"]] == [f"https://etcd0{i}:2379" for i in (1, 2, 3)]
