@@ -166,9 +166,18 @@ SYNC = ("sync", "quorum")
 def settled_members(ctx: Ctx, ms: list[Member], bounds: Bounds = Bounds()) -> list[Member]:
     """The members once Patroni names a sync standby, when a replica streams but none is named yet (right after
     a switchover that did not settle: its leader names it on its next HA cycle, and Patroni switches over only
-    to a member it names). Bounded by `bounds.sync`; the pre-checks then judge what they see."""
-    if not ctx.inventory.cluster.patroni.synchronous_mode or any(m.role == "Sync Standby" for m in ms) \
-            or not any(m.streaming and not m.is_leader for m in ms):
+    to a member it names). Bounded by `bounds.sync`; the pre-checks then judge what they see.
+
+    A replica streams when Patroni's record says so or, before that record caught up (each member rewrites
+    its own on its next HA cycle: up to loop_wait after its PostgreSQL streams, e.g. "stopped" or "running"
+    right after it was demoted), when the leader's PostgreSQL has its walsender streaming. A replica that
+    does not stream in either view is refused at once: nothing is about to name it."""
+    if not ctx.inventory.cluster.patroni.synchronous_mode or any(m.role == "Sync Standby" for m in ms):
+        return ms
+    leaders = [m for m in ms if m.is_leader]
+    replicas = [m for m in ms if not m.is_leader]
+    if len(leaders) != 1 or not any(m.streaming or standby_state(ctx, leaders[0].name, m.name, bounds.try_s)[0]
+                                    == "streaming" for m in replicas):
         return ms
     ui.console.print("waiting for Patroni to name the streaming replica its sync standby (its leader's next HA "
                      f"cycle; at most {bounds.sync:.0f} s)")

@@ -128,6 +128,31 @@ def test_the_next_switchover_waits_until_patroni_names_the_sync_standby(ctx, fak
         do_switchover(ctx, None, FAST, settle=False)
 
 
+def test_the_next_switchover_waits_while_patronis_record_of_the_old_leader_lags(ctx, fake):
+    """Right after a switchover the old leader's PostgreSQL streams (the new leader's pg_stat_replication says
+    so) while its own Patroni record still says "stopped" or "running" (rewritten on its next HA cycle): the
+    pre-checks wait, bounded, for Patroni to name it. A replica that streams in neither view: refused at once."""
+    lagging = [member("node01", "Leader", "running"), member("node02", "Replica", "stopped")]
+    running = [member("node01", "Leader", "running"), member("node02", "Replica", "running")]
+    asked = []
+
+    def stream(host, cmd):
+        asked.append(host.name)
+        return 0, "streaming|sync"
+
+    fake.on(r"pg_stat_replication", stream)
+    lists = Cluster(lagging, running, BEFORE, SWITCHED, REJOINED)
+    fake.on(r"list -f json", lists)
+    assert do_switchover(ctx, None, FAST, settle=False)["to"] == "patroni_node02"
+    assert asked[0] == "node01"  # asked on the leader of the moment
+    fake.on(r"pg_stat_replication", (0, ""))  # no walsender for it: not streaming
+    lists = Cluster(lagging)
+    fake.on(r"list -f json", lists)
+    with pytest.raises(ProcedureFailed, match="no sync standby to switch over to"):
+        do_switchover(ctx, None, FAST, settle=False)
+    assert lists.i == 1  # refused without waiting
+
+
 def test_each_try_is_bounded_well_inside_its_wait(ctx, fake, monkeypatch):
     seen = []
     orig = fake.run
