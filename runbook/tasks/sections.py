@@ -103,9 +103,9 @@ def etcd_health(c):
 def cluster_status(c, json=False):
     """Show the etcd endpoint table, the Patroni members (role, state, timeline, lag) and, with cluster.vip,
     the front door: which balancer holds the VIP and which backend each HAProxy listener sends clients to."""
-    from runbook.procedures.frontdoor import frontdoor_doc, frontdoor_table
-
     from concurrent.futures import ThreadPoolExecutor
+
+    from runbook.procedures.frontdoor import frontdoor_doc, frontdoor_table
 
     with session(c, "cluster.status", lock=False) as ctx, ThreadPoolExecutor(1) as pool:
         asked = pool.submit(members_doc, ctx)  # patronictl on a postgres host while etcd is asked
