@@ -87,14 +87,19 @@ def ledger(state: Path, cluster: str = "") -> sqlite3.Connection:
 
 def kill_when(state: Path, args: list[str], sql: str, budget: float = 600) -> None:
     """Start `inv args`, SIGKILL its whole process group as soon as `sql` returns a row in the ledger."""
+    import tempfile
+
     args, sql = [T(a) for a in args], T(sql)
-    p = subprocess.Popen([INV, *args], cwd=REPO, env=env(state), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    out = tempfile.TemporaryFile()  # what it said, shown when it ends on its own before the kill point
+    p = subprocess.Popen([INV, *args], cwd=REPO, env=env(state), stdout=out, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + budget * SCALE
     try:
         while time.monotonic() < deadline:
             if p.poll() is not None:
-                raise AssertionError(f"inv {' '.join(args)} ended (rc {p.returncode}) before the kill point")
+                out.seek(0)
+                said = out.read().decode(errors="replace")[-3000:]
+                raise AssertionError(f"inv {' '.join(args)} ended (rc {p.returncode}) before the kill point:\n{said}")
             try:
                 with ledger(state) as db:
                     if db.execute(sql).fetchone():
@@ -108,6 +113,7 @@ def kill_when(state: Path, args: list[str], sql: str, budget: float = 600) -> No
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
+        out.close()
 
 
 def wait_for(fn, seconds: float, interval: float = 1.0):
