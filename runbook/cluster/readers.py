@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import tenacity
 
     from runbook.core.transport import Result
@@ -157,7 +159,7 @@ def etcd_status(ctx: Ctx) -> tuple[list[Endpoint], dict[str, str]]:
     return eps, errs
 
 
-def each_etcd(ctx: Ctx, command) -> list[tuple[Host, "Result | Exception"]]:
+def each_etcd(ctx: Ctx, command: Callable[[Host], str]) -> list[tuple[Host, "Result | Exception"]]:
     """`command(host)` run on every etcd host at once (each asks its own member); (host, Result or the
     exception that reaching it raised) in the inventory's order."""
     from concurrent.futures import ThreadPoolExecutor

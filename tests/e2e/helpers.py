@@ -6,6 +6,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,8 +88,6 @@ def ledger(state: Path, cluster: str = "") -> sqlite3.Connection:
 
 def kill_when(state: Path, args: list[str], sql: str, budget: float = 600) -> None:
     """Start `inv args`, SIGKILL its whole process group as soon as `sql` returns a row in the ledger."""
-    import tempfile
-
     args, sql = [T(a) for a in args], T(sql)
     out = tempfile.TemporaryFile()  # what it said, shown when it ends on its own before the kill point
     p = subprocess.Popen([INV, *args], cwd=REPO, env=env(state), stdout=out, stderr=subprocess.STDOUT,
